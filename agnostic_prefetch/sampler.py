@@ -1,0 +1,200 @@
+"""The order: which indices form batch k of epoch e on one shard (a pure function).
+
+Nothing here knows about processes, memory or frameworks. Every other part asks this
+module "what is batch k of epoch e?" and gets the same answer whatever the worker count,
+backend or timing.
+
+Rules, in the order they are applied:
+
+1. The epoch's global order. For a plain map-style source it is ``range(len(source))``,
+   permuted by ``numpy.random.default_rng([seed, epoch]).permutation(n)`` when
+   ``shuffle``. A source that defines :meth:`BatchOrderSource.batch_order` supplies the
+   epoch's global *batches* itself instead.
+2. Sharding. Items (or, for a batch-order source, whole batches) are split into
+   ``shard_count`` contiguous runs whose lengths differ by at most one: shard ``s`` takes
+   ``[s * n // shard_count, (s + 1) * n // shard_count)``. With ``drop_remainder`` every
+   shard is first cut to ``n // shard_count`` so all shards have the same length.
+3. Batching. A shard's items are cut into batches of ``batch_size``; ``drop_remainder``
+   drops the partial last batch. (A batch-order source's short batches are dropped
+   before sharding.)
+
+Each item also carries its *position*: its place in the epoch's global order (for a
+batch-order source, ``global_batch * batch_size + j``). The per-item random generator is
+seeded from ``(seed, epoch, position)``, so draws do not depend on the shard layout of
+the other items either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["BatchOrderSource", "Batch", "Sampler", "item_rng"]
+
+
+@runtime_checkable
+class BatchOrderSource(Protocol):
+    """A map-style source that decides the batches of each epoch itself.
+
+    Define ``batch_order`` on a source (for example a window sampler that draws a fixed
+    share of foreground windows into every batch) and :class:`~agnostic_prefetch.Loader`
+    uses it instead of its own shuffle. The loader still shards the returned batches,
+    applies ``drop_remainder``, derives each item's random generator from
+    ``(seed, epoch, position)`` and resumes exactly.
+
+    Indices in the returned batches are passed to ``__getitem__`` unchanged; they may
+    range over a larger index space than ``len(source)`` (for example window × flip),
+    as long as ``__getitem__`` is a pure function of the index.
+
+    Example:
+        >>> class Pairs:
+        ...     def __len__(self): return 6
+        ...     def __getitem__(self, i): return {"x": i}
+        ...     def batch_order(self, *, seed, epoch, batch_size):
+        ...         return [[0, 1], [2, 3], [4, 5]][::-1] if epoch % 2 else [[0, 1], [2, 3], [4, 5]]
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> Sequence[Sequence[int]]:
+        """All batches of ``epoch`` before sharding; a pure function of the arguments.
+
+        Batches may hold at most ``batch_size`` indices each.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of one epoch on this shard: what to read and where it sits in the epoch."""
+
+    epoch: int
+    number: int  # batch number within the epoch, on this shard
+    indices: np.ndarray  # int64 record indices, in batch order
+    positions: np.ndarray  # int64 positions in the epoch's global order (seed the item RNGs)
+
+
+def item_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    """The random generator for one item: a pure function of (seed, epoch, position)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, position])))
+
+
+def _split(n: int, shard_index: int, shard_count: int, equal: bool) -> tuple[int, int]:
+    if equal:
+        per = n // shard_count
+        return shard_index * per, (shard_index + 1) * per
+    return shard_index * n // shard_count, (shard_index + 1) * n // shard_count
+
+
+class Sampler:
+    """Batches of each epoch for one shard, computed on demand and cached per epoch.
+
+    Args:
+        source: the map-style source (only ``len`` and an optional ``batch_order`` are used).
+        batch_size: items per batch.
+        shuffle: permute items per epoch from ``(seed, epoch)``.
+        seed: the run's seed.
+        drop_remainder: every batch full and every shard the same length.
+        shard_index, shard_count: which contiguous part of each epoch this process reads.
+
+    Raises:
+        ValueError: on a bad batch size or shard, naming the numbers and the remedy.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_remainder: bool = False,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ) -> None:
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if shard_count < 1 or not 0 <= shard_index < shard_count:
+            raise ValueError(
+                f"shard_index must be in [0, shard_count); got shard_index={shard_index}, "
+                f"shard_count={shard_count}"
+            )
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_remainder = bool(drop_remainder)
+        self.shard_index = int(shard_index)
+        self.shard_count = int(shard_count)
+        self._source_len = len(source)
+        self._batch_order = getattr(source, "batch_order", None)
+        if self._batch_order is not None and not callable(self._batch_order):
+            self._batch_order = None
+        self._cache: tuple[int, list[Batch]] | None = None
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has no batches on shard {shard_index} of {shard_count}: the source "
+                f"has {self._source_len} records and batch_size={batch_size}"
+                f"{' with drop_remainder=True' if drop_remainder else ''}. Use a smaller "
+                "batch_size, fewer shards, or drop_remainder=False."
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches one epoch yields on this shard (the same for every epoch)."""
+        if self._batch_order is not None:
+            return len(self.epoch(0))
+        lo, hi = _split(self._source_len, self.shard_index, self.shard_count, self.drop_remainder)
+        n = hi - lo
+        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+
+    def batch(self, epoch: int, number: int) -> Batch:
+        """Batch ``number`` of ``epoch`` on this shard."""
+        return self.epoch(epoch)[number]
+
+    def epoch(self, epoch: int) -> list[Batch]:
+        """All batches of ``epoch`` on this shard (cached for the most recent epoch)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        batches = self._batches_from_source(epoch) if self._batch_order else self._batches(epoch)
+        self._cache = (epoch, batches)
+        return batches
+
+    def _batches(self, epoch: int) -> list[Batch]:
+        n = self._source_len
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        lo, hi = _split(n, self.shard_index, self.shard_count, self.drop_remainder)
+        bs = self.batch_size
+        end = lo + (hi - lo) // bs * bs if self.drop_remainder else hi
+        return [
+            Batch(epoch, k, order[start : min(start + bs, end)], np.arange(start, min(start + bs, end)))
+            for k, start in enumerate(range(lo, end, bs))
+        ]
+
+    def _batches_from_source(self, epoch: int) -> list[Batch]:
+        assert self._batch_order is not None
+        bs = self.batch_size
+        raw = self._batch_order(seed=self.seed, epoch=epoch, batch_size=bs)
+        batches = [np.asarray(b, dtype=np.int64).reshape(-1) for b in raw]
+        for k, b in enumerate(batches):
+            if len(b) > bs:
+                raise ValueError(
+                    f"batch_order() returned batch {k} of epoch {epoch} with {len(b)} indices; "
+                    f"batch_size is {bs}. Return batches of at most batch_size indices."
+                )
+        numbered = list(enumerate(batches))
+        if self.drop_remainder:  # drop short batches first, so every shard gets as many
+            numbered = [(g, b) for g, b in numbered if len(b) == bs]
+        lo, hi = _split(len(numbered), self.shard_index, self.shard_count, self.drop_remainder)
+        mine = numbered[lo:hi]
+        return [
+            Batch(epoch, k, b, g * bs + np.arange(len(b), dtype=np.int64))
+            for k, (g, b) in enumerate(mine)
+        ]
