@@ -1,0 +1,173 @@
+"""Slot layout: where each leaf of a batch lives inside one ring slot, and writing items there.
+
+A slot is a 256-byte header followed by one block per array leaf, each block 256-byte
+aligned (so DLPack consumers and page-locked copies see aligned buffers) and big enough
+for ``batch_size`` items. Leaves that are not arrays (strings, paths) do not live in the
+slot; they travel as short lists next to the "done" message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch._tree import TreeDef, flatten, key_paths
+from agnostic_prefetch.errors import LayoutError
+
+ALIGN = 256
+HEADER_BYTES = 256
+PAGE = 4096
+
+# Header fields (int64 each). The worker writes them; the parent checks them on delivery and
+# reads PROGRESS to name the record a hung worker is stuck on.
+H_MAGIC, H_EPOCH, H_NUMBER, H_COUNT, H_PROGRESS = range(5)
+MAGIC = 0x41505246  # "APRF"
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class ArrayLeaf:
+    """One array leaf: per-item shape and dtype, and its byte offset in the slot."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    from_scalar: bool  # the example gave a Python/numpy scalar: accept any same-kind scalar
+
+    @property
+    def item_bytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one batch of ``batch_size`` items is laid out in a slot."""
+
+    treedef: TreeDef
+    batch_size: int
+    kinds: tuple[str, ...]  # per leaf, in flatten order: "array" or "object"
+    arrays: tuple[ArrayLeaf, ...]
+    slot_bytes: int
+
+    @property
+    def object_paths(self) -> list[str]:
+        paths = key_paths(self.treedef)
+        return [p for p, k in zip(paths, self.kinds, strict=True) if k == "object"]
+
+    def describe(self) -> str:
+        parts = [f"{a.path}: {a.dtype}{list(a.shape)}" for a in self.arrays]
+        parts += [f"{p}: list" for p in self.object_paths]
+        return ", ".join(parts)
+
+
+def _is_array_leaf(x: Any) -> bool:
+    if isinstance(x, np.ndarray | np.generic):
+        return np.dtype(x.dtype).kind in "biufc"
+    return isinstance(x, bool | int | float | complex)
+
+
+def _spec_of(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype for an array leaf or an explicit spec leaf (anything with both)."""
+    if _is_array_leaf(x):
+        a = np.asarray(x)
+        return tuple(a.shape), a.dtype
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is not None and dtype is not None and not isinstance(x, np.ndarray):
+        return tuple(int(d) for d in shape), np.dtype(dtype)
+    return None
+
+
+def layout_from_example(example: Any, batch_size: int) -> Layout:
+    """Lay out a slot for batches of ``batch_size`` items shaped like ``example``.
+
+    Leaves may also be spec objects with ``shape`` and ``dtype`` (e.g.
+    ``jax.ShapeDtypeStruct``) for an explicit layout.
+    """
+    leaves, treedef = flatten(example)
+    paths = key_paths(treedef)
+    kinds: list[str] = []
+    arrays: list[ArrayLeaf] = []
+    offset = HEADER_BYTES
+    for path, leaf in zip(paths, leaves, strict=True):
+        spec = _spec_of(leaf)
+        if spec is None:
+            kinds.append("object")
+            continue
+        shape, dtype = spec
+        if dtype.hasobject:
+            raise LayoutError(f"leaf {path} has dtype {dtype}; the ring holds numeric arrays only")
+        kinds.append("array")
+        from_scalar = isinstance(leaf, np.generic | bool | int | float | complex)
+        leaf_spec = ArrayLeaf(path, shape, dtype, offset, from_scalar)
+        arrays.append(leaf_spec)
+        offset = _round_up(offset + leaf_spec.item_bytes * batch_size, ALIGN)
+    return Layout(treedef, batch_size, tuple(kinds), tuple(arrays), _round_up(offset, PAGE))
+
+
+class SlotWriter:
+    """Writes items of one batch straight into a slot's leaf arrays (used in workers)."""
+
+    def __init__(self, layout: Layout, slot_bytes: memoryview | np.ndarray) -> None:
+        buf = np.frombuffer(slot_bytes, dtype=np.uint8)
+        self.header = buf[:HEADER_BYTES].view(np.int64)
+        self.layout = layout
+        self.leaves = [
+            buf[a.offset : a.offset + a.item_bytes * layout.batch_size]
+            .view(a.dtype)
+            .reshape((layout.batch_size, *a.shape))
+            for a in layout.arrays
+        ]
+
+    def write(self, j: int, example: Any, index: int) -> list[Any]:
+        """Write ``example`` as item ``j``; return its non-array leaves.
+
+        Raises:
+            LayoutError: the example's structure, shape or dtype differs from the layout.
+        """
+        layout = self.layout
+        leaves, treedef = flatten(example)
+        if treedef != layout.treedef:
+            raise LayoutError(
+                f"record {index} has structure {_describe_tree(leaves, treedef)}, but the "
+                f"first example had {layout.describe()}. Every record must have the same "
+                "keys; make the source or transform return the same structure."
+            )
+        values = []
+        arrays = iter(layout.arrays)
+        objects = []
+        for kind, value in zip(layout.kinds, leaves, strict=True):
+            if kind == "object":
+                objects.append(value)
+                continue
+            spec = next(arrays)
+            a = np.asarray(value)
+            if a.shape != spec.shape or not _dtype_ok(a, spec):
+                raise LayoutError(
+                    f"record {index}: leaf {spec.path} is {a.dtype}{list(a.shape)} but the "
+                    f"first example's is {spec.dtype}{list(spec.shape)}. Batches need equal "
+                    "shapes and dtypes: crop, resize or pad in the transform (or the "
+                    "source) so every record matches, or cast to one dtype."
+                )
+            values.append(a)
+        for dest, a in zip(self.leaves, values, strict=True):
+            dest[j] = a
+        return objects
+
+
+def _dtype_ok(a: np.ndarray, spec: ArrayLeaf) -> bool:
+    if a.dtype == spec.dtype:
+        return True
+    # A scalar leaf (a label given as a Python int, then as np.int32) may vary in width but
+    # not in kind; arrays must match exactly, so nothing is ever silently truncated.
+    return spec.from_scalar and a.shape == () and np.can_cast(a.dtype, spec.dtype, "same_kind")
+
+
+def _describe_tree(leaves: list[Any], treedef: TreeDef) -> str:
+    paths = key_paths(treedef)
+    return "{" + ", ".join(paths) + "}" if paths else repr(type(leaves[0]).__name__)

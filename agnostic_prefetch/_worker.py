@@ -1,0 +1,199 @@
+"""The loop in each loader worker: take an order, fill its slot item by item, report.
+
+The same ``Filler`` runs in a worker process, in a worker thread, and in the caller when
+``workers=0``, so every backend produces the same bytes. Nothing here knows about ordering
+or frameworks.
+
+Messages, worker to parent (plain pickle of small tuples; array data never travels here):
+    ("done", order_id, count, objects, skipped, fill_seconds)
+    ("error", order_id, index, exception_or_None, description, traceback_text)
+    ("warn", text)
+Parent to worker: ("fill", order_id, slot, epoch, number, indices, positions); end of file
+on the order pipe means "exit".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, H_PROGRESS, MAGIC, Layout, SlotWriter
+from agnostic_prefetch.sampler import item_rng
+
+FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "TF_NUM_INTEROP_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+)
+
+
+@dataclass
+class Job:
+    """What a worker needs to fill slots: the source, the transform and the layout."""
+
+    source: Any
+    transform: Any
+    layout: Layout
+    seed: int
+    skip_errors: bool
+    worker_init: Any = None
+
+
+class Filler:
+    """Fills ring slots for one worker; keeps a writer per slot."""
+
+    def __init__(self, job: Job, slot_view: Any) -> None:
+        self.job = job
+        self._slot_view = slot_view
+        self._writers: dict[int, SlotWriter] = {}
+
+    def fill(self, order: tuple) -> tuple:
+        """Carry out one ``("fill", ...)`` order; return the message for the parent."""
+        _, order_id, slot, epoch, number, indices, positions = order
+        job = self.job
+        writer = self._writers.get(slot)
+        if writer is None:
+            writer = self._writers[slot] = SlotWriter(job.layout, self._slot_view(slot))
+        header = writer.header
+        header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
+        header[H_COUNT] = header[H_PROGRESS] = 0
+        started = time.perf_counter()
+        objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
+        skipped: list[tuple[int, str]] = []
+        count = 0
+        for step, (index, position) in enumerate(zip(indices.tolist(), positions.tolist(), strict=True)):
+            header[H_PROGRESS] = step
+            try:
+                example = job.source[index]
+                if job.transform is not None:
+                    example = job.transform(example, item_rng(job.seed, epoch, position))
+                item_objects = writer.write(count, example, index)
+            except Exception as exc:  # a bad record: report it, or skip and count it
+                if job.skip_errors:
+                    skipped.append((index, f"{type(exc).__name__}: {exc}"))
+                    continue
+                return ("error", order_id, index, _picklable(exc), f"{type(exc).__name__}: {exc}",
+                        traceback.format_exc())
+            for column, value in zip(objects, item_objects, strict=True):
+                column.append(value)
+            count += 1
+        header[H_PROGRESS] = len(indices)
+        header[H_COUNT] = count
+        return ("done", order_id, count, objects, skipped, time.perf_counter() - started)
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return None
+
+
+def serve(filler: Filler, orders: Connection, results: Connection, worker_id: int) -> None:
+    """Run ``worker_init``, then answer orders until the order pipe closes (any backend)."""
+    if filler.job.worker_init is not None:
+        try:
+            filler.job.worker_init(worker_id)
+        except BaseException as exc:
+            results.send(("error", -1, None, _picklable(exc),
+                          f"worker_init failed: {type(exc).__name__}: {exc}", traceback.format_exc()))
+            return
+    warned = False
+    while True:
+        try:
+            order = orders.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            message = filler.fill(order)
+        except BaseException as exc:  # a failure outside any record (e.g. a broken writer)
+            message = ("error", order[1], None, _picklable(exc), f"{type(exc).__name__}: {exc}",
+                       traceback.format_exc())
+        try:
+            results.send(message)
+        except (BrokenPipeError, OSError):
+            return
+        if not warned and threading.current_thread() is not threading.main_thread():
+            warned = True  # thread workers share the caller's modules: nothing to check
+        elif not warned:
+            warned = True
+            loaded = [name for name in FRAMEWORKS if name in sys.modules]
+            if loaded:
+                results.send(("warn", f"worker pid {os.getpid()}: the source or transform imported "
+                              f"{', '.join(loaded)}; loader workers are meant to stay free of "
+                              "frameworks (memory, start-up time, threads). Import them lazily "
+                              "outside the code the workers run."))
+
+
+# ---------------------------------------------------------------------------------------
+# Process entry point: python -m agnostic_prefetch._worker_entry <fds...>
+
+
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+    # PDEATHSIG follows the *thread* that started us, and is not everywhere; poll as well.
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one worker process; the arguments are inherited descriptors and the parent pid."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
+    args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
+    order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
+    _die_with_parent(parent_pid, bool(use_pdeathsig))
+    faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)
+    orders = Connection(order_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    try:
+        sys_path, cwd = orders.recv()
+        sys.path[:] = sys_path
+        os.chdir(cwd)
+        job = _load_job(orders.recv_bytes())
+    except (EOFError, OSError):
+        return
+    except BaseException as exc:
+        results.send(("error", -1, None, _picklable(exc),
+                      f"could not unpickle the source/transform: {type(exc).__name__}: {exc}",
+                      traceback.format_exc()))
+        return
+    import mmap
+
+    ring = mmap.mmap(ring_fd, ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    os.close(ring_fd)
+    slot_bytes = job.layout.slot_bytes
+    view = memoryview(ring)
+
+    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes])
+    serve(filler, orders, results, int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0")))
+
+
+def _load_job(payload: bytes) -> Job:
+    import cloudpickle  # noqa: F401  (cloudpickle payloads unpickle with plain pickle once imported)
+
+    return pickle.loads(payload)

@@ -1,0 +1,596 @@
+"""Orchestration: orders to idle workers, results back in order, leases, resume, shutdown.
+
+The loader owns its workers and its ring, like a scope: leaving it by any path (``close``,
+``with``, an exception it raises, garbage collection, interpreter exit) stops both. It
+never decodes anything itself (except with ``workers=0``, where the caller is the worker).
+
+Slot states: free -> ordered (a worker fills it) -> ready (waiting its turn) -> leased (the
+caller holds arrays viewing it) -> free when the last such array dies. If the caller holds
+so many batches that the workers would have no slot left, further batches are copied out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch import _pool
+from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, H_PROGRESS, HEADER_BYTES, MAGIC, Layout, layout_from_example
+from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._tree import unflatten
+from agnostic_prefetch._worker import Filler, Job
+from agnostic_prefetch.errors import LoaderError, LoaderTimeoutError, WorkerDiedError, WorkerError
+from agnostic_prefetch.sampler import Sampler, item_rng
+
+log = logging.getLogger("agnostic_prefetch")
+
+_STATE_VERSION = 1
+_ORDERS_PER_WORKER = 2  # one being filled, one queued: no idle gap while the parent is busy
+
+
+@dataclass
+class _Order:
+    seq: int  # global batch sequence number: epoch * batches_per_epoch + number
+    slot: int
+    worker: _pool.WorkerHandle | None
+    indices: np.ndarray
+    stale: bool = False  # issued before load_state_dict(): its result is thrown away
+    progress: int = -1
+    progress_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Ready:
+    slot: int | None
+    count: int
+    objects: list[list[Any]]
+
+
+class _SlotBook:
+    """Which slots are free. Finalizers of delivered arrays release slots from any thread."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = list(range(slots - 1, -1, -1))
+        self.leased: set[int] = set()
+        self.released: list[int] = []  # appended by finalizers, drained by the loader's thread
+        self.lock = threading.Lock()
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.released.append(slot)
+
+    def reclaim(self) -> None:
+        with self.lock:
+            released, self.released = self.released, []
+        for slot in released:
+            self.leased.discard(slot)
+            self.free.append(slot)
+
+
+class _Resources:
+    """What must be let go at shutdown; holds no reference to the Loader (so GC can run)."""
+
+    def __init__(self) -> None:
+        self.workers: list[_pool.WorkerHandle] = []
+        self.ring: Ring | None = None
+
+    def close(self) -> None:
+        workers, self.workers = self.workers, []
+        _pool.stop(workers)
+        if self.ring is not None:
+            self.ring.close()
+
+
+class Loader:
+    """Loads batches in worker processes into a shared-memory ring and hands out views.
+
+    Batches have the tree structure of one example, each array leaf with a leading batch
+    axis; arrays are writable numpy views into the ring (no copy), valid for as long as you
+    hold them. Non-array leaves (strings, paths) arrive as lists.
+
+    Args:
+        source: a map-style source: ``len(source)`` and ``source[i]`` returning a pytree
+            (dicts, lists, tuples) of arrays and scalars. Sent to workers with cloudpickle;
+            it should open files lazily. It may define ``batch_order`` (see
+            :class:`~agnostic_prefetch.BatchOrderSource`).
+        batch_size: items per batch.
+        workers: worker count; 0 loads in the calling thread (for debugging).
+        backend: ``"process"`` (fresh processes, off the GIL) or ``"thread"``.
+        slots: ring slots; default ``workers + 4`` (room for the workers, a device stage
+            holding 2-3 batches, and the batch your step holds).
+        shuffle, seed: permute items per epoch from ``(seed, epoch)``.
+        epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
+        drop_remainder: every batch full and every shard the same length.
+        transform: ``transform(example, rng) -> example``, run in the workers; ``rng`` is a
+            ``numpy.random.Generator`` seeded from ``(seed, epoch, position)``.
+        ordered: ``False`` delivers batches as they complete; contents stay the same.
+        shard_index, shard_count: this process's part of every epoch.
+        on_error: ``"raise"`` or ``"skip"`` (bad records are left out, counted, logged).
+        timeout: seconds a worker may go without progress before it is reported as hung.
+        worker_init: ``worker_init(worker_id)`` run once in each worker.
+        spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
+            for the slot layout instead of reading one example in the parent.
+
+    Raises:
+        ValueError: bad arguments, naming the remedy.
+        RingTooLargeError: the ring does not fit in memory.
+
+    Example:
+        >>> import numpy as np, agnostic_prefetch as ap
+        >>> source = ap.ArraySource({"x": np.arange(10.0), "y": np.arange(10)})
+        >>> with ap.Loader(source, batch_size=4, workers=0) as loader:
+        ...     [b["y"].tolist() for b in loader]
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        batch_size: int,
+        *,
+        workers: int = 2,
+        backend: str = "process",
+        slots: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        epochs: int | None = 1,
+        drop_remainder: bool = False,
+        transform: Callable[[Any, np.random.Generator], Any] | None = None,
+        ordered: bool = True,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        on_error: str = "raise",
+        timeout: float | None = None,
+        worker_init: Callable[[int], None] | None = None,
+        spec: Any = None,
+    ) -> None:
+        self._resources = _Resources()
+        self._finalizer = weakref.finalize(self, self._resources.close)
+        try:
+            self._setup(source, batch_size, workers, backend, slots, shuffle, seed, epochs,
+                        drop_remainder, transform, ordered, shard_index, shard_count, on_error,
+                        timeout, worker_init, spec)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, source: Any, batch_size: int, workers: int, backend: str, slots: int | None,
+               shuffle: bool, seed: int, epochs: int | None, drop_remainder: bool,
+               transform: Any, ordered: bool, shard_index: int, shard_count: int,
+               on_error: str, timeout: float | None, worker_init: Any, spec: Any) -> None:
+        if backend not in ("process", "thread"):
+            raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        self._sampler = Sampler(source, batch_size, shuffle=shuffle, seed=seed,
+                                drop_remainder=drop_remainder, shard_index=shard_index,
+                                shard_count=shard_count)
+        self._bpe = self._sampler.batches_per_epoch
+        self.workers = workers
+        self.backend = backend
+        self.epochs = epochs
+        self.ordered = ordered
+        self.timeout = timeout
+        self.slots = workers + 4 if slots is None else int(slots)
+        if self.slots < max(2, workers + 1):
+            raise ValueError(
+                f"slots={self.slots} is too few for {workers} workers: need at least "
+                f"{max(2, workers + 1)} (one per worker plus one for the batch you hold)."
+            )
+        # Slots the caller may hold before batches are copied out instead: keep one per worker.
+        self._max_leased = self.slots - max(1, min(workers, self.slots - 1))
+        self._skip = on_error == "skip"
+
+        example = spec if spec is not None else self._read_example(source, transform)
+        self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
+        ring = Ring(self.slots, self.layout.slot_bytes)
+        self._resources.ring = ring
+        self._ring = ring
+        job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init)
+        self._book = _SlotBook(self.slots)
+        self._orders: dict[int, _Order] = {}
+        self._order_ids = itertools.count()
+        self._ready: dict[int, _Ready] = {}
+        self._failed: dict[int, WorkerError] = {}
+        self._filler: Filler | None = None
+        if workers == 0:
+            self._filler = Filler(job, ring.slot_view)
+            if worker_init is not None:
+                worker_init(0)
+        elif backend == "thread":
+            self._resources.workers = _pool.start_threads(workers, job, ring)
+        else:
+            self._resources.workers = _pool.start_processes(workers, job, ring)
+        self._workers = self._resources.workers
+
+        self._next_seq = 0  # lowest batch not yet delivered to the caller
+        self._delivered_ahead: set[int] = set()  # delivered out of order (ordered=False)
+        self._dispatch_seq = 0  # next batch to order from a worker
+        self._iterator_generation = 0
+        self._warned_copy = False
+        self._warned_frameworks = False
+        self._stats = {"batches": 0, "items": 0, "wait_s": 0.0, "fill_s": 0.0, "skipped": 0, "copied_out": 0}
+
+    # ---- public surface ---------------------------------------------------------------
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches one epoch yields on this shard."""
+        return self._bpe
+
+    def __len__(self) -> int:
+        """Batches the next iteration yields (from the current position)."""
+        if self.epochs is None:
+            raise TypeError("a Loader with epochs=None never ends and has no length")
+        return self._iteration_end() - self._next_seq - len(self._delivered_ahead)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._check_open()
+        self._iterator_generation += 1
+        return self._iterate(self._iterator_generation, self._iteration_end())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the batches delivered so far: small and JSON-able."""
+        epoch, number = divmod(self._next_seq, self._bpe)
+        return {
+            "version": _STATE_VERSION,
+            "seed": self._sampler.seed,
+            "epoch": epoch,
+            "batch": number,
+            "delivered_ahead": [list(divmod(s, self._bpe)) for s in sorted(self._delivered_ahead)],
+            "batch_size": self._sampler.batch_size,
+            "batches_per_epoch": self._bpe,
+            "shard_index": self._sampler.shard_index,
+            "shard_count": self._sampler.shard_count,
+            "shuffle": self._sampler.shuffle,
+            "drop_remainder": self._sampler.drop_remainder,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next batches are exactly those not yet delivered.
+
+        Raises:
+            ValueError: the state was taken with another seed, batch size, shard or
+                shuffle setting (the batches would differ), naming both values.
+        """
+        self._check_open()
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unknown state version {state.get('version')!r}; expected {_STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "batch_size", "batches_per_epoch", "shard_index", "shard_count", "shuffle", "drop_remainder"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"state_dict was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={mine[key]!r}; build the loader with the same settings to resume."
+                )
+        for order in self._orders.values():
+            order.stale = True
+        for ready in self._ready.values():
+            if ready.slot is not None:
+                self._book.free.append(ready.slot)
+        self._ready.clear()
+        self._failed.clear()
+        self._next_seq = state["epoch"] * self._bpe + state["batch"]
+        self._delivered_ahead = {e * self._bpe + b for e, b in state["delivered_ahead"]}
+        self._dispatch_seq = self._next_seq
+        self._iterator_generation += 1  # an iterator from before the reload stops
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: batches, items, wait_s (caller waited), fill_s (worker time), ring_bytes,
+        skipped, copied_out, slots, workers."""
+        return {**self._stats, "ring_bytes": self._ring.nbytes, "slots": self.slots, "workers": self.workers}
+
+    def close(self) -> None:
+        """Stop the workers and release the ring (views you hold stay valid)."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # weakref.finalize does the work; this only keeps a half-built Loader quiet.
+        pass
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader(batch_size={self._sampler.batch_size}, batches_per_epoch={self._bpe}, "
+            f"workers={self.workers}, backend={self.backend!r}, ring={self.slots} slots x "
+            f"{self.layout.slot_bytes:,} B = {self._ring.nbytes:,} B [{self.layout.describe()}]"
+            f"{', closed' if self.closed else ''})"
+        )
+
+    # ---- iteration ----------------------------------------------------------------------
+
+    def _iteration_end(self) -> int:
+        if self.epochs is None:
+            return 1 << 62
+        first_epoch = self._next_seq // self._bpe
+        return (first_epoch + self.epochs) * self._bpe
+
+    def _iterate(self, generation: int, end: int) -> Iterator[Any]:
+        while True:
+            if generation != self._iterator_generation:
+                raise RuntimeError("this iterator was superseded by a newer iter() or load_state_dict()")
+            while self._next_seq < end and self._next_seq in self._delivered_ahead:
+                self._delivered_ahead.discard(self._next_seq)
+                self._next_seq += 1
+            if self._next_seq >= end:
+                return
+            started = time.perf_counter()
+            try:
+                seq, ready = self._await_batch(end)
+            except BaseException as exc:
+                if isinstance(exc, LoaderError):
+                    self.close()  # a failed pipeline stops with its error: nothing left running
+                raise
+            finally:
+                self._stats["wait_s"] += time.perf_counter() - started
+            if seq == self._next_seq:
+                self._next_seq += 1
+            else:
+                self._delivered_ahead.add(seq)
+            if ready.count == 0:  # every record of this batch was skipped
+                continue
+            self._stats["batches"] += 1
+            self._stats["items"] += ready.count
+            yield self._deliver(ready)
+
+    def _await_batch(self, end: int) -> tuple[int, _Ready]:
+        self._check_open()
+        while True:
+            self._book.reclaim()
+            found = self._take_ready(end)
+            if found is not None:
+                return found
+            self._dispatch(end)
+            found = self._take_ready(end)
+            if found is not None:
+                return found
+            if not self._orders:
+                raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
+            self._wait()
+
+    def _take_ready(self, end: int) -> tuple[int, _Ready] | None:
+        candidates = [self._next_seq] if self.ordered else sorted(
+            s for s in itertools.chain(self._ready, self._failed) if self._next_seq <= s < end
+        )
+        for seq in candidates:
+            if seq in self._failed:
+                raise self._failed.pop(seq)
+            if seq in self._ready:
+                return seq, self._ready.pop(seq)
+        return None
+
+    def _dispatch(self, end: int) -> None:
+        """Order batches, lowest first, while a slot is free and a worker has room."""
+        while self._book.free:
+            seq = self._dispatch_seq
+            if self.epochs is not None and seq >= end + self.slots:  # a little past: no drain
+                return
+            if seq in self._delivered_ahead:
+                self._dispatch_seq += 1
+                continue
+            if self._filler is not None:
+                if self._ready or self._failed:
+                    return  # workers=0: fill only what the caller is waiting for
+                self._dispatch_seq += 1
+                self._order(seq, None)
+                continue
+            worker = min(self._workers, key=lambda w: len(w.outstanding))
+            if len(worker.outstanding) >= _ORDERS_PER_WORKER:
+                return
+            self._dispatch_seq += 1
+            self._order(seq, worker)
+
+    def _order(self, seq: int, worker: _pool.WorkerHandle | None) -> None:
+        epoch, number = divmod(seq, self._bpe)
+        batch = self._sampler.batch(epoch, number)
+        slot = self._book.free.pop()
+        order_id = next(self._order_ids)
+        self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
+        message = ("fill", order_id, slot, epoch, number, batch.indices, batch.positions)
+        if worker is None:
+            assert self._filler is not None
+            self._on_message(None, self._filler.fill(message))
+            return
+        worker.outstanding.append(order_id)
+        try:
+            worker.orders.send(message)
+        except (BrokenPipeError, OSError):
+            self._raise_died(worker)
+
+    def _wait(self) -> None:
+        handles = {}
+        for w in self._workers:
+            handles[w.results] = w
+            if w.sentinel is not None:
+                handles[w.sentinel] = w
+        wait_s = None
+        if self.timeout is not None:
+            wait_s = min(self.timeout, 1.0)
+        elif any(w.sentinel is None and w.process is not None for w in self._workers):
+            wait_s = 0.1  # no pidfd on this OS: poll for dead workers
+        ready = wait_for(list(handles), wait_s)
+        for obj in ready:
+            worker = handles[obj]
+            if obj is worker.results:
+                try:
+                    message = worker.results.recv()
+                except (EOFError, OSError):
+                    self._raise_died(worker)
+                self._on_message(worker, message)
+        for obj in ready:
+            worker = handles[obj]
+            if obj is not worker.results and worker.exit_reason() is not None:
+                self._raise_died(worker)
+        if self.timeout is not None:
+            self._check_progress()
+        if wait_s is not None and not ready:
+            for w in self._workers:
+                if w.exit_reason() is not None:
+                    self._raise_died(w)
+
+    def _on_message(self, worker: _pool.WorkerHandle | None, message: tuple) -> None:
+        kind = message[0]
+        if kind == "warn":
+            if not self._warned_frameworks:
+                self._warned_frameworks = True
+                log.warning(message[1])
+            return
+        order_id = message[1]
+        if order_id == -1:  # the worker could not start
+            _, _, _, exc, description, tb = message
+            error = WorkerError(
+                f"{worker.describe() if worker else 'worker'} failed to start: {description}\n\n"
+                f"Worker traceback:\n{tb}", index=None, epoch=-1, batch=-1, worker_traceback=tb)
+            error.__cause__ = exc
+            raise error
+        order = self._orders.pop(order_id)
+        if worker is not None:
+            worker.outstanding.remove(order_id)
+        if kind == "done":
+            _, _, count, objects, skipped, fill_s = message
+            self._stats["fill_s"] += fill_s
+            self._check_header(order, count)
+            if order.stale:
+                self._book.free.append(order.slot)
+                return
+            for index, reason in skipped:
+                log.warning("skipped record %d (on_error='skip'): %s", index, reason)
+            self._stats["skipped"] += len(skipped)
+            self._ready[order.seq] = _Ready(order.slot, count, objects)
+            return
+        _, _, index, exc, description, tb = message
+        self._book.free.append(order.slot)
+        if order.stale:
+            return
+        epoch, number = divmod(order.seq, self._bpe)
+        where = f"record {index}" if index is not None else "a batch"
+        who = worker.describe() if worker is not None else "the caller (workers=0)"
+        error = WorkerError(
+            f"{where} (epoch {epoch}, batch {number}) failed in {who}: {description}\n\n"
+            f"Worker traceback:\n{tb}\nUse on_error='skip' to leave bad records out (they are "
+            "counted in stats()['skipped']).", index=index, epoch=epoch, batch=number, worker_traceback=tb)
+        if exc is not None:
+            error.__cause__ = exc
+        self._failed[order.seq] = error
+
+    def _check_header(self, order: _Order, count: int) -> None:
+        header = self._ring.slot_array(order.slot)[:HEADER_BYTES].view(np.int64)
+        epoch, number = divmod(order.seq, self._bpe)
+        if (header[H_MAGIC], header[H_EPOCH], header[H_NUMBER], header[H_COUNT]) != (MAGIC, epoch, number, count):
+            raise LoaderError(  # pragma: no cover - guards the slot protocol itself
+                f"slot {order.slot} header {header[:5].tolist()} does not match batch {number} of "
+                f"epoch {epoch} with {count} items: the ring was written out of turn"
+            )
+
+    def _check_progress(self) -> None:
+        assert self.timeout is not None
+        now = time.monotonic()
+        for order in self._orders.values():
+            if order.worker is None or not order.worker.outstanding or order.worker.outstanding[0] is None:
+                continue
+            if self._orders.get(order.worker.outstanding[0]) is not order:
+                continue  # queued behind another order: not started yet
+            progress = int(self._ring.slot_array(order.slot)[:HEADER_BYTES].view(np.int64)[H_PROGRESS])
+            if progress != order.progress:
+                order.progress, order.progress_at = progress, now
+                continue
+            if now - order.progress_at >= self.timeout:
+                worker = order.worker
+                epoch, number = divmod(order.seq, self._bpe)
+                index = int(order.indices[min(progress, len(order.indices) - 1)])
+                stack = worker.stack()
+                raise LoaderTimeoutError(
+                    f"{worker.describe()} made no progress for {now - order.progress_at:.1f} s "
+                    f"(timeout={self.timeout}) on record {index} of batch {number}, epoch {epoch}. "
+                    f"Its stack:\n{stack}\nRaise timeout= if records are this slow, or fix "
+                    "the source where it blocks."
+                )
+
+    def _raise_died(self, worker: _pool.WorkerHandle) -> None:
+        reason = worker.exit_reason()
+        if worker.process is not None and reason is None:
+            try:
+                worker.process.wait(1.0)
+            except Exception:
+                pass
+            reason = worker.exit_reason() or "closed its pipe"
+        raise WorkerDiedError(
+            f"{worker.describe()} {reason} unexpectedly while loading. The loader has stopped; "
+            "build a new one to continue (load_state_dict resumes exactly)."
+        )
+
+    def _deliver(self, ready: _Ready) -> Any:
+        assert ready.slot is not None
+        slot, count = ready.slot, ready.count
+        base = self._ring.slot_array(slot)
+        views = [
+            base[a.offset : a.offset + a.item_bytes * count].view(a.dtype).reshape((count, *a.shape))
+            for a in self.layout.arrays
+        ]
+        if len(self._book.leased) >= self._max_leased:
+            views = [v.copy() for v in views]
+            del base
+            self._book.free.append(slot)
+            self._stats["copied_out"] += 1
+            if not self._warned_copy:
+                self._warned_copy = True
+                log.warning(
+                    "the caller holds %d of %d ring slots, so the workers would starve; further "
+                    "batches are copied out of the ring until batches are released (raise slots= "
+                    "or hold fewer batches).", len(self._book.leased), self.slots)
+        else:
+            self._book.leased.add(slot)
+            weakref.finalize(base, self._book.release, slot)
+        arrays = iter(views)
+        objects = iter(ready.objects)
+        leaves = [next(arrays) if kind == "array" else next(objects) for kind in self.layout.kinds]
+        return unflatten(self.layout.treedef, leaves)
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise LoaderError("this Loader is closed; build a new one (load_state_dict resumes exactly)")
+
+    def _read_example(self, source: Any, transform: Any) -> Any:
+        first = self._sampler.batch(0, 0)
+        errors = []
+        for index, position in zip(first.indices.tolist(), first.positions.tolist(), strict=True):
+            try:
+                example = source[index]
+                if transform is not None:
+                    example = transform(example, item_rng(self._sampler.seed, 0, position))
+                return example
+            except Exception as exc:
+                if not self._skip:
+                    raise LoaderError(
+                        f"reading record {index} in the parent to lay out the ring failed: "
+                        f"{type(exc).__name__}: {exc}. Fix the record, pass on_error='skip', or "
+                        "give spec= explicitly."
+                    ) from exc
+                errors.append(f"record {index}: {exc}")
+        raise LoaderError("every record of the first batch failed; cannot lay out the ring:\n" + "\n".join(errors))
