@@ -1,0 +1,103 @@
+"""Image decoding with Pillow: file or bytes in, H×W×C uint8 (RGB or gray) out, errors naming the image.
+
+Pillow's decompression-bomb guard only *warns* between ``Image.MAX_IMAGE_PIXELS`` and twice
+that (~89–179 megapixels by default) and raises above. A loader decoding millions of
+images must not let a 150-megapixel file through with a warning nobody sees, so both
+cases become :class:`ImageTooLargeError` naming the image; the limit itself stays
+Pillow's (raise ``PIL.Image.MAX_IMAGE_PIXELS`` deliberately to admit bigger images).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "load_image", "probe_image"]
+
+# Pillow modes whose natural decoding is one channel (OpenCV's IMREAD_ANYCOLOR keeps them gray).
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, or not an image)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image above Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)."""
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    # catch_warnings changes process-wide filters for its duration; the only warning we
+    # turn into an error here is Pillow's bomb warning, raised inside Image.open.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageTooLargeError(
+                f"{name} is too large to decode safely: {exc} Remedy: downscale the image, "
+                "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the data."
+            ) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageDecodeError(f"cannot decode {name}: {exc}") from None
+
+
+def probe_image(data: bytes, *, name: str) -> tuple[int, int, int]:
+    """(height, width, channels) that :func:`decode_image` with ``color=None`` would return, header only."""
+    img = _open(data, name)
+    return img.height, img.width, 1 if img.mode in _GRAY_MODES else 3
+
+
+def decode_image(data: bytes, *, name: str, color: bool | None = None) -> np.ndarray:
+    """Decode encoded image bytes to an H×W×C uint8 array, channels in RGB order.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, BMP, ... anything Pillow reads).
+        name: how errors refer to the image (a path, or a record key).
+        color: True forces 3 channels, False forces 1 (luma), None keeps the image's own
+            (gray stays 1 channel, anything else becomes RGB; alpha is dropped), as Caffe's
+            ``DecodeDatumNative`` does.
+
+    Raises:
+        ImageDecodeError: not decodable; ImageTooLargeError: above Pillow's pixel limit.
+    """
+    img = _open(data, name)
+    try:
+        img.load()
+        if color is None:
+            color = img.mode not in _GRAY_MODES
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # 16-bit gray: keep the high byte, as OpenCV does when it reads to 8 bits
+            arr16 = np.asarray(img, dtype=np.int64)
+            shift = 8 if img.mode.startswith("I;16") else 0
+            gray = Image.fromarray(np.clip(arr16 >> shift, 0, 255).astype(np.uint8))
+            img = gray
+        target = "RGB" if color else "L"
+        if img.mode != target:
+            img = img.convert(target)
+        arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"cannot decode {name}: {exc}") from None
+    finally:
+        img.close()
+    return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def load_image(path: str, *, color: bool | None = None) -> np.ndarray:
+    """Read and decode the image file at ``path`` (see :func:`decode_image`).
+
+    Raises:
+        FileNotFoundError: no file at ``path``; ImageDecodeError: not decodable.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path!r}") from None
+    except IsADirectoryError:
+        raise ImageDecodeError(f"cannot decode {path!r}: it is a directory") from None
+    return decode_image(data, name=repr(os.fspath(path)), color=color)
