@@ -1,0 +1,136 @@
+"""CaffeTransform: Caffe's DataTransformer per item — crop, mirror, mean, scale, layout — drawing only from the item's rng."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch.sources._mean import describe_mean, mean_for, resolve_mean
+
+__all__ = ["CaffeTransform"]
+
+
+class CaffeTransform:
+    """Caffe's ``TransformationParameter`` applied to ``example["image"]`` (H×W×C); other keys pass through.
+
+    In order, as Caffe's DataTransformer does it:
+
+    1. Crop to ``crop_size``×``crop_size``: a random offset in training
+       (``rng.integers(0, H - c + 1)`` then the same for W), the centre
+       ``((H - c) // 2, (W - c) // 2)`` otherwise. ``crop_size=0`` keeps the whole image.
+    2. Subtract the mean: one value, one per channel, or a mean image of the *uncropped*
+       image's size, cropped with the same offsets.
+    3. Multiply by ``scale``.
+    4. Mirror horizontally with probability 1/2 when ``mirror`` — in training and in
+       testing, as in Caffe. The mean image is subtracted at the source pixel before the
+       flip (Caffe indexes the mean by the unflipped position).
+    5. Lay out as ``"HWC"`` or ``"CHW"`` and cast to ``dtype``.
+
+    Random draws, all from ``rng``: the mirror coin first (when ``mirror``), then the crop
+    offsets (when training with a crop) — Caffe's order.
+
+    Args:
+        crop_size: side of the square crop; 0 for none.
+        mirror: random horizontal flips.
+        mean: a number, one value per channel (in ``channel_order``), or an H×W×C array.
+        mean_file: a Caffe ``.binaryproto`` (BGR C×H×W, converted) or a ``.npy`` (H×W×C in
+            ``channel_order``). Not together with ``mean``.
+        scale: multiplier after mean subtraction (e.g. 1/255 or 0.017).
+        train: random crop (True) or centre crop (False).
+        layout: ``"HWC"`` or ``"CHW"``.
+        dtype: output dtype. With no mean and ``scale=1`` the pixels are only cropped and
+            flipped, so ``dtype=np.uint8`` keeps batches four times smaller.
+        channel_order: the channel order of the images this transform receives.
+
+    Raises:
+        ValueError: bad arguments at construction; at call time, an image smaller than
+            ``crop_size`` or a mean image of another size, with both sizes.
+
+    Example:
+        >>> t = CaffeTransform(crop_size=224, mirror=True, mean=(123.68, 116.78, 103.94))
+        >>> out = t({"image": np.zeros((256, 256, 3), np.uint8), "label": 3}, np.random.default_rng(0))
+        >>> out["image"].shape, out["image"].dtype, out["label"]
+        ((224, 224, 3), dtype('float32'), 3)
+    """
+
+    def __init__(
+        self,
+        crop_size: int = 0,
+        mirror: bool = False,
+        mean: float | Sequence[float] | np.ndarray | None = None,
+        mean_file: str | os.PathLike[str] | None = None,
+        scale: float = 1.0,
+        train: bool = True,
+        layout: str = "HWC",
+        dtype: Any = np.float32,
+        channel_order: str = "rgb",
+    ) -> None:
+        if crop_size < 0:
+            raise ValueError(f"crop_size must be >= 0, got {crop_size}")
+        if layout not in ("HWC", "CHW"):
+            raise ValueError(f"layout must be 'HWC' or 'CHW', got {layout!r}")
+        if channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        self.crop_size = int(crop_size)
+        self.mirror = bool(mirror)
+        self.mean = resolve_mean(mean, mean_file, channel_order)
+        self.mean_file = None if mean_file is None else os.fspath(mean_file)
+        self.scale = float(scale)
+        self.train = bool(train)
+        self.layout = layout
+        self.dtype = np.dtype(dtype)
+        self.channel_order = channel_order
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = np.asarray(example["image"])
+        if image.ndim != 3:
+            raise ValueError(f"CaffeTransform expects an H×W×C image, got shape {image.shape}")
+        h, w, c = image.shape
+        do_mirror = self.mirror and bool(rng.integers(0, 2))
+        top = left = 0
+        size_h, size_w = h, w
+        if self.crop_size:
+            size_h = size_w = self.crop_size
+            if h < size_h or w < size_w:
+                raise ValueError(
+                    f"image of {h}×{w} is smaller than crop_size={self.crop_size}; resize when "
+                    "converting (--resize-height/--resize-width) or use a smaller crop_size"
+                )
+            if self.train:
+                top = int(rng.integers(0, h - size_h + 1))
+                left = int(rng.integers(0, w - size_w + 1))
+            else:
+                top, left = (h - size_h) // 2, (w - size_w) // 2
+        out = image[top : top + size_h, left : left + size_w]
+        if self.mean is not None or self.scale != 1.0:
+            out = out.astype(np.float32)
+            if self.mean is not None:
+                mean = mean_for(self.mean, c, f"the {h}×{w}×{c} image")
+                if mean.ndim == 3:
+                    if mean.shape[:2] != (h, w):
+                        raise ValueError(
+                            f"the mean image is {mean.shape[0]}×{mean.shape[1]} but the image is "
+                            f"{h}×{w}; as in Caffe the mean must have the stored images' size "
+                            "(it is cropped with them)"
+                        )
+                    mean = mean[top : top + size_h, left : left + size_w]
+                out -= mean
+            if self.scale != 1.0:
+                out *= np.float32(self.scale)
+        if do_mirror:
+            out = out[:, ::-1]
+        if self.layout == "CHW":
+            out = out.transpose(2, 0, 1)
+        out = np.ascontiguousarray(out, dtype=self.dtype)
+        return {**example, "image": out}
+
+    def __repr__(self) -> str:
+        mean = f"mean_file={self.mean_file!r}" if self.mean_file else f"mean={describe_mean(self.mean)}"
+        return (
+            f"CaffeTransform(crop_size={self.crop_size}, mirror={self.mirror}, {mean}, "
+            f"scale={self.scale:g}, train={self.train}, layout={self.layout!r}, "
+            f"dtype={self.dtype.name}, channel_order={self.channel_order!r})"
+        )
