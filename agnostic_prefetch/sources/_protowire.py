@@ -7,7 +7,6 @@ stay zero-copy views into LMDB's memory map until the caller decodes them.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
 import numpy as np
@@ -156,7 +155,7 @@ def encode_unpacked_floats(number: int, values: np.ndarray) -> bytes:
 
 def decode_floats(buf: memoryview, wire_type: int, a: int, b: int, dtype: str = "<f4") -> np.ndarray:
     """The values of one occurrence of a repeated float/double field (packed or single)."""
-    itemsize = struct.calcsize(dtype[1:])
+    itemsize = np.dtype(dtype).itemsize
     if wire_type == LEN and (b - a) % itemsize:
         raise WireError(f"packed field of {b - a} bytes is not a multiple of {itemsize}")
     return np.frombuffer(buf[a:b], dtype=dtype)
