@@ -241,10 +241,9 @@ class LMDBSource:
         if datum.encoded:
             h, w, c = probe_image(bytes(datum.data), name=self._describe(index))
             return "datum (encoded)", {"image": ((h, w, c), "|u1"), "label": ((), "<i4")}
-        dtype = "<f4" if datum.float_data is not None and not len(datum.data) else "|u1"
-        kind = "datum (float)" if dtype == "<f4" else "datum (raw)"
-        shape = (datum.height, datum.width, datum.channels)
-        return kind, {"image": (shape, dtype), "label": ((), "<i4")}
+        image, _ = self._datum_item(value, index)  # raw pixels: cheap, and checks the lengths
+        kind = "datum (float)" if image.dtype == np.float32 else "datum (raw)"
+        return kind, {"image": (image.shape, image.dtype.str), "label": ((), "<i4")}
 
     def _check_sizes(self) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]]:
         n = len(self)

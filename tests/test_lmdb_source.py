@@ -1,0 +1,226 @@
+"""LMDBSource: Caffe Datum databases (raw, encoded, float) and our array records, read lazily per process."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import cloudpickle
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+from test_datum import caffe_messages
+
+from agnostic_prefetch.sources._records import RecordError, decode_record, encode_record
+from agnostic_prefetch.sources.lmdb import LMDBSource, write_array_records
+from agnostic_prefetch.transforms import CaffeTransform
+
+
+def rgb_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def raw_datum(image: np.ndarray, label: int) -> bytes:
+    """A raw Datum as Caffe writes it (BGR C×H×W), built by the protobuf runtime."""
+    h, w, c = image.shape
+    chw = np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))
+    return caffe_messages()["Datum"](channels=c, height=h, width=w, data=chw.tobytes(), label=label, encoded=False).SerializeToString()
+
+
+def encoded_datum(image: np.ndarray, label: int, fmt: str = "PNG", **save: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format=fmt, **save)
+    return caffe_messages()["Datum"](data=buf.getvalue(), label=label, encoded=True).SerializeToString()
+
+
+def write_db(path, values: list[bytes], *, subdir: bool = True) -> str:
+    env = lmdb.open(str(path), map_size=1 << 26, subdir=subdir)
+    with env.begin(write=True) as txn:
+        for i, value in enumerate(values):
+            txn.put(b"%08d_img%d.jpg" % (i, i), value)
+    env.close()
+    return str(path)
+
+
+@pytest.fixture
+def images():
+    return [rgb_image(6, 5, seed=i) for i in range(10)]
+
+
+def test_raw_datum_yields_rgb_hwc_uint8_and_int32_label(tmp_path, images):
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    item = source[3]
+    assert item["image"].dtype == np.uint8 and item["image"].shape == (6, 5, 3)
+    np.testing.assert_array_equal(item["image"], images[3])
+    assert item["label"] == 3 and item["label"].dtype == np.int32
+    assert source.kind == "datum (raw)" and len(source) == 10
+
+
+def test_bgr_channel_order_gives_caffes_stored_order(tmp_path, images):
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, 0) for im in images]), channel_order="bgr")
+    np.testing.assert_array_equal(source[0]["image"], images[0][:, :, ::-1])
+
+
+def test_png_encoded_and_raw_datums_give_identical_pixels(tmp_path, images):
+    raw = LMDBSource(write_db(tmp_path / "raw", [raw_datum(im, i) for i, im in enumerate(images)]))
+    png = LMDBSource(write_db(tmp_path / "png", [encoded_datum(im, i) for i, im in enumerate(images)]))
+    assert png.kind == "datum (encoded)"
+    for i in range(len(images)):
+        np.testing.assert_array_equal(raw[i]["image"], png[i]["image"])
+        assert raw[i]["label"] == png[i]["label"]
+
+
+def test_jpeg_encoded_datum_within_jpeg_tolerance_of_raw(tmp_path):
+    import skimage.data
+
+    photo = np.ascontiguousarray(skimage.data.astronaut()[:128, 100:228])
+    raw = LMDBSource(write_db(tmp_path / "raw", [raw_datum(photo, 1)]))
+    jpg = LMDBSource(write_db(tmp_path / "jpg", [encoded_datum(photo, 1, "JPEG", quality=95)]))
+    diff = raw[0]["image"].astype(np.float64) - jpg[0]["image"]
+    psnr = 10 * np.log10(255.0**2 / np.mean(diff**2))
+    # measured on scikit-image photographs at quality 95: mean |diff| 1.6-2.4, PSNR 37-40 dB
+    assert np.mean(np.abs(diff)) < 3.0 and psnr > 33.0
+
+
+def test_gray_encoded_datum_decodes_to_one_channel(tmp_path):
+    gray = rgb_image(4, 4)[:, :, :1]
+    source = LMDBSource(write_db(tmp_path / "db", [encoded_datum(gray, 0)]))
+    np.testing.assert_array_equal(source[0]["image"], gray)
+
+
+def test_float_datum_yields_float32(tmp_path):
+    values = np.arange(2 * 3 * 4, dtype=np.float32)  # C×H×W, BGR
+    msg = caffe_messages()["Datum"](channels=2, height=3, width=4, float_data=values.tolist(), label=9)
+    source = LMDBSource(write_db(tmp_path / "db", [msg.SerializeToString()]))
+    item = source[0]
+    assert item["image"].dtype == np.float32 and item["image"].shape == (3, 4, 2)
+    np.testing.assert_array_equal(item["image"], values.reshape(2, 3, 4).transpose(1, 2, 0)[:, :, ::-1])
+
+
+def test_missing_path_is_file_not_found_and_nothing_is_created(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        LMDBSource(missing)
+    assert not missing.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="data.mdb"):
+        LMDBSource(empty)
+    assert list(empty.iterdir()) == []
+
+
+def test_reading_creates_no_lock_file(tmp_path, images):
+    path = write_db(tmp_path / "db", [raw_datum(im, 0) for im in images])
+    os.remove(os.path.join(path, "lock.mdb"))
+    LMDBSource(path)[0]
+    assert sorted(os.listdir(path)) == ["data.mdb"]
+
+
+def test_single_file_database_is_detected(tmp_path, images):
+    path = write_db(tmp_path / "db.mdb", [raw_datum(im, i) for i, im in enumerate(images)], subdir=False)
+    assert LMDBSource(path)[2]["label"] == 2
+
+
+def test_images_of_different_sizes_fail_at_construction_with_the_remedy(tmp_path):
+    values = [raw_datum(rgb_image(6, 5), 0), raw_datum(rgb_image(7, 5), 1)]
+    path = write_db(tmp_path / "db", values)
+    with pytest.raises(ValueError, match=r"different sizes.*record 1.*crop_size"):
+        LMDBSource(path)
+    source = LMDBSource(path, allow_varying_sizes=True)
+    assert source[1]["image"].shape == (7, 5, 3)
+
+
+def test_odd_size_missed_by_the_sample_fails_when_read(tmp_path):
+    values = [raw_datum(rgb_image(4, 4), 0) for _ in range(200)]
+    values[5] = raw_datum(rgb_image(5, 4), 0)  # not among the 64 sampled records
+    source = LMDBSource(write_db(tmp_path / "db", values))
+    source[4]
+    with pytest.raises(ValueError, match=r"different sizes.*record 5 "):
+        source[5]
+
+
+def test_sequential_and_random_reads_agree(tmp_path, images):
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    sequential = [source[i]["label"] for i in range(10)]
+    shuffled = {int(i): source[int(i)]["label"] for i in np.random.default_rng(0).permutation(10)}
+    assert sequential == list(range(10)) and shuffled == {i: i for i in range(10)}
+
+
+def test_pickles_small_without_an_open_environment_and_reads_after(tmp_path, images):
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    source[0]
+    blob = cloudpickle.dumps(source)
+    assert len(blob) < 4000  # keys and a few attributes, no handles, no pixels
+    copy = pickle.loads(blob)
+    np.testing.assert_array_equal(copy[7]["image"], source[7]["image"])
+
+
+def test_corrupt_datum_names_the_record(tmp_path):
+    values = [raw_datum(rgb_image(2, 2), 0)] * 200
+    values[5] = b"\x22\x50short"  # not among the records checked at construction
+    source = LMDBSource(write_db(tmp_path / "db", values))
+    with pytest.raises(ValueError, match=r"record 5 \(key b'00000005_img5.jpg'\) .* not a valid Caffe Datum"):
+        source[5]
+    values[0] = values[5]
+    with pytest.raises(ValueError, match=r"record 0 .* not a valid Caffe Datum"):
+        LMDBSource(write_db(tmp_path / "db2", values))
+
+
+def test_raw_datum_with_wrong_data_length_names_the_record(tmp_path):
+    bad = caffe_messages()["Datum"](channels=3, height=2, width=2, data=b"123", label=0).SerializeToString()
+    with pytest.raises(ValueError, match=r"record 0 .*3 data bytes"):
+        LMDBSource(write_db(tmp_path / "db", [bad]))
+
+
+def test_array_records_round_trip(tmp_path):
+    records = [{"x": np.full((2, 3), i, np.float32), "y": np.int64(i), "mask": np.array([True, False])} for i in range(1500)]
+    assert write_array_records(tmp_path / "db", records) == 1500
+    source = LMDBSource(tmp_path / "db")
+    assert source.kind == "array" and len(source) == 1500
+    got = source[1234]
+    assert set(got) == {"x", "y", "mask"}
+    np.testing.assert_array_equal(got["x"], records[1234]["x"])
+    assert got["y"].shape == () and got["y"] == 1234 and got["mask"].dtype == np.bool_
+
+
+def test_array_records_refuse_objects_and_strings():
+    with pytest.raises(RecordError, match="numeric"):
+        encode_record({"s": np.array(["a"])})
+    with pytest.raises(RecordError, match="numeric"):
+        encode_record({"o": np.array([{}], dtype=object)})
+
+
+def test_array_record_header_cannot_smuggle_an_object_dtype():
+    raw = encode_record({"x": np.zeros(2, np.int64)}).replace(b'"<i8"', b'"|O8"')
+    with pytest.raises(RecordError, match="numeric|O"):
+        decode_record(raw)
+
+
+def test_write_array_records_refuses_an_existing_database(tmp_path):
+    write_array_records(tmp_path / "db", [{"x": np.zeros(1)}])
+    with pytest.raises(FileExistsError, match="db"):
+        write_array_records(tmp_path / "db", [{"x": np.zeros(1)}])
+
+
+def test_repr_says_what_it_reads(tmp_path, images):
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, 0) for im in images]))
+    assert "records=10" in repr(source) and "datum (raw)" in repr(source) and "6×5×3" in repr(source)
+
+
+def test_loader_reads_shuffled_batches_with_two_workers(tmp_path):
+    from agnostic_prefetch.loader import Loader
+
+    images = [rgb_image(8, 8, seed=i) for i in range(20)]
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    transform = CaffeTransform(crop_size=6, mirror=True, mean=(10.0, 20.0, 30.0))
+    with Loader(source, batch_size=8, workers=2, shuffle=True, seed=3, transform=transform) as loader:
+        batches = [{k: np.array(v) for k, v in b.items()} for b in loader]
+    labels = np.concatenate([b["label"] for b in batches])
+    assert sorted(labels.tolist()) == list(range(20)) and labels.tolist() != list(range(20))
+    assert batches[0]["image"].shape == (8, 6, 6, 3) and batches[0]["image"].dtype == np.float32
+    with Loader(source, batch_size=8, workers=0, shuffle=True, seed=3, transform=transform) as loader:
+        again = [np.array(b["image"]) for b in loader]
+    for a, b in zip(batches, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b)  # same draws in workers and in the caller
