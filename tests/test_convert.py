@@ -1,0 +1,175 @@
+"""The convert / inspect / compute-mean commands (Caffe convert_imageset semantics)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+from test_datum import caffe_messages
+
+from agnostic_prefetch._convert import add_commands, compute_mean, convert_imageset, inspect_db
+from agnostic_prefetch.sources.lmdb import LMDBSource
+
+
+@pytest.fixture
+def image_set(tmp_path):
+    """Five 6×8 PNGs (one gray) in imgs/, a list with labels, and the pixels (RGB)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "sub dir").mkdir(parents=True)
+    names, pixels = [], []
+    for i in range(5):
+        img = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        name = f"sub dir/img {i}.png"
+        if i == 4:
+            img = np.repeat(img[:, :, :1], 3, axis=2)
+            Image.fromarray(img[:, :, 0]).save(tmp_path / "imgs" / name)
+        else:
+            Image.fromarray(img).save(tmp_path / "imgs" / name)
+        names.append(name)
+        pixels.append(img)
+    (tmp_path / "list.txt").write_text("".join(f"{n} {i + 10}\n" for i, n in enumerate(names)))
+    return tmp_path, names, pixels
+
+
+def read_raw(db: str) -> list[tuple[bytes, object]]:
+    """Every (key, Datum) of a database, parsed by the protobuf runtime (independent of our reader)."""
+    env = lmdb.open(db, readonly=True, lock=False)
+    with env.begin() as txn:
+        out = [(bytes(k), caffe_messages()["Datum"].FromString(bytes(v))) for k, v in txn.cursor()]
+    env.close()
+    return out
+
+
+def test_raw_datums_are_bgr_chw_with_caffes_keys(image_set):
+    tmp, names, pixels = image_set
+    result = convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", progress=False)
+    assert result["written"] == 5 and result["skipped"] == 0 and result["shape"] == (6, 8, 3)
+    records = read_raw(str(tmp / "db"))
+    assert [k for k, _ in records] == [f"{i:08d}_{n}".encode() for i, n in enumerate(names)]
+    for (_, datum), img, label in zip(records, pixels, range(10, 15), strict=True):
+        assert (datum.channels, datum.height, datum.width, datum.label, datum.encoded) == (3, 6, 8, label, False)
+        np.testing.assert_array_equal(np.frombuffer(datum.data, np.uint8).reshape(3, 6, 8), img[:, :, ::-1].transpose(2, 0, 1))
+    source = LMDBSource(tmp / "db")
+    np.testing.assert_array_equal(source[2]["image"], pixels[2])
+
+
+def test_shuffle_numbers_keys_after_a_seeded_permutation(image_set):
+    tmp, names, _ = image_set
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "a", shuffle=True, seed=3, progress=False)
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "b", shuffle=True, seed=3, progress=False)
+    keys = [k.decode() for k, _ in read_raw(str(tmp / "a"))]
+    assert keys == [k.decode() for k, _ in read_raw(str(tmp / "b"))]
+    assert [k[:8] for k in keys] == [f"{i:08d}" for i in range(5)]
+    order = [names[i] for i in np.random.default_rng(3).permutation(5)]
+    assert [k[9:] for k in keys] == order
+
+
+def test_resize_and_gray(image_set):
+    tmp, *_ = image_set
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", resize_height=3, resize_width=4, gray=True, progress=False)
+    datum = read_raw(str(tmp / "db"))[0][1]
+    assert (datum.channels, datum.height, datum.width) == (1, 3, 4)
+    assert LMDBSource(tmp / "db")[0]["image"].shape == (3, 4, 1)
+
+
+def test_only_one_resize_size_is_an_error(image_set):
+    tmp, *_ = image_set
+    with pytest.raises(ValueError, match="both"):
+        convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", resize_height=3)
+
+
+def test_encoded_keeps_matching_files_as_they_are_and_reencodes_others(image_set):
+    tmp, names, pixels = image_set
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "png", encoded=True, progress=False)
+    records = read_raw(str(tmp / "png"))
+    assert records[0][1].encoded and records[0][1].data == (tmp / "imgs" / names[0]).read_bytes()
+    # a gray file in a colour database is re-encoded, so every record decodes to 3 channels
+    assert records[4][1].data != (tmp / "imgs" / names[4]).read_bytes()
+    source = LMDBSource(tmp / "png")
+    for i in range(5):
+        np.testing.assert_array_equal(source[i]["image"], pixels[i])
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "jpg", encoded=True, encode_type="jpg", progress=False)
+    assert read_raw(str(tmp / "jpg"))[0][1].data[:2] == b"\xff\xd8"  # a JPEG now
+    assert LMDBSource(tmp / "jpg")[0]["image"].shape == (6, 8, 3)
+
+
+def test_unreadable_images_are_skipped_with_a_warning_and_counted(image_set, caplog):
+    tmp, *_ = image_set
+    (tmp / "imgs" / "bad.png").write_bytes(b"garbage")
+    (tmp / "list.txt").write_text((tmp / "list.txt").read_text() + "bad.png 1\nmissing.png 2\n")
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch.convert"):
+        result = convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", progress=False)
+    assert result["written"] == 5 and result["skipped"] == 2
+    assert "bad.png" in caplog.text and "missing.png" in caplog.text and "skipped 2 of 7" in caplog.text
+
+
+def test_check_size_stops_at_a_different_size(image_set):
+    tmp, *_ = image_set
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp / "imgs" / "small.png")
+    (tmp / "list.txt").write_text((tmp / "list.txt").read_text() + "small.png 1\n")
+    with pytest.raises(ValueError, match=r"small.png.*5×5×3.*6×8×3.*incomplete"):
+        convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", check_size=True, progress=False)
+
+
+def test_refuses_an_existing_database(image_set):
+    tmp, *_ = image_set
+    (tmp / "db").mkdir()
+    (tmp / "db" / "data.mdb").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="db"):
+        convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", progress=False)
+
+
+def test_map_grows_when_full(image_set):
+    tmp, *_ = image_set
+    (tmp / "list.txt").write_text((tmp / "list.txt").read_text() * 40)
+    result = convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", map_size=32 * 1024, progress=False)
+    assert result["written"] == 200 and len(LMDBSource(tmp / "db")) == 200
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="agnostic-prefetch")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_convert_inspect_compute_mean(image_set, capsys):
+    tmp, _, pixels = image_set
+    assert run_cli("convert", str(tmp / "imgs") + "/", str(tmp / "list.txt"), str(tmp / "db"), "--quiet") == 0
+    assert "wrote 5 records" in capsys.readouterr().out
+    assert run_cli("inspect", str(tmp / "db"), "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "5 records (5 raw)" in out and "00000000_sub dir/img 0.png" in out and "10: 1, 11: 1" in out and "6×8×3 uint8" in out
+    assert run_cli("compute-mean", str(tmp / "db"), str(tmp / "mean.npy"), "--quiet") == 0
+    mean = np.load(tmp / "mean.npy")
+    assert mean.dtype == np.float32 and mean.shape == (6, 8, 3)
+    np.testing.assert_allclose(mean, np.mean(pixels, axis=0), rtol=1e-6)
+    assert "per channel: R " in capsys.readouterr().out
+    assert run_cli("compute-mean", str(tmp / "db"), str(tmp / "bgr.npy"), "--bgr", "--quiet") == 0
+    np.testing.assert_allclose(np.load(tmp / "bgr.npy"), mean[:, :, ::-1])
+
+
+def test_compute_mean_writes_a_caffe_binaryproto(image_set):
+    tmp, _, pixels = image_set
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", progress=False)
+    compute_mean(tmp / "db", tmp / "mean.binaryproto", progress=False)
+    blob = caffe_messages()["BlobProto"].FromString((tmp / "mean.binaryproto").read_bytes())
+    assert (blob.num, blob.channels, blob.height, blob.width) == (1, 3, 6, 8)
+    expected = np.mean(pixels, axis=0)[:, :, ::-1].transpose(2, 0, 1)  # Caffe: BGR C×H×W
+    np.testing.assert_allclose(np.array(blob.data).reshape(3, 6, 8), expected, rtol=1e-6)
+
+
+def test_cli_errors_are_a_message_and_exit_code_one(tmp_path, capsys):
+    assert run_cli("inspect", str(tmp_path / "nope"), "--quiet") == 1
+    assert "nope" in capsys.readouterr().out
+
+
+def test_inspect_counts_labels_without_decoding(image_set):
+    tmp, *_ = image_set
+    convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", encoded=True, progress=False)
+    info = inspect_db(tmp / "db")
+    assert info["count"] == 5 and info["kinds"] == {"encoded": 5} and info["labels"] == {i: 1 for i in range(10, 15)}
