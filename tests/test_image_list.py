@@ -138,3 +138,16 @@ def test_pickles_small_and_repr_says_what_it_reads(folder):
     source = ImageListSource(tmp_path / "list.txt", root_folder="r/")
     assert len(cloudpickle.dumps(source)) < 2000
     assert "images=3" in repr(source) and "list.txt" in repr(source)
+
+
+def test_loader_skips_a_missing_image_with_on_error_skip(folder, caplog):
+    from agnostic_prefetch.loader import Loader
+
+    tmp_path, colour, _ = folder
+    (tmp_path / "list2.txt").write_text("colour one.png 3\nmissing.png 1\ngray.png 5\n")
+    source = ImageListSource(tmp_path / "list2.txt", root_folder=str(tmp_path / "imgs") + "/")
+    with Loader(source, batch_size=3, workers=2, on_error="skip") as loader:
+        batches = [{k: np.array(v) for k, v in b.items()} for b in loader]
+        assert loader.stats()["skipped"] == 1
+    assert batches[0]["label"].tolist() == [3, 5]
+    assert "missing.png" in caplog.text

@@ -10,6 +10,8 @@ import cloudpickle
 import lmdb
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from test_datum import caffe_messages
 
@@ -224,3 +226,38 @@ def test_loader_reads_shuffled_batches_with_two_workers(tmp_path):
         again = [np.array(b["image"]) for b in loader]
     for a, b in zip(batches, again, strict=True):
         np.testing.assert_array_equal(a["image"], b)  # same draws in workers and in the caller
+
+
+def test_thread_backend_readers_each_get_their_own_cursor(tmp_path):
+    from agnostic_prefetch.loader import Loader
+
+    images = [rgb_image(4, 4, seed=i) for i in range(64)]
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    with Loader(source, batch_size=4, workers=2, backend="thread", shuffle=True) as loader:
+        got = {int(label): np.array(image) for b in loader for label, image in zip(b["label"], b["image"], strict=True)}
+    assert sorted(got) == list(range(64))
+    for i, im in enumerate(images):
+        np.testing.assert_array_equal(got[i], im)
+
+
+numeric_dtypes = st.sampled_from(["<u1", "<i2", ">i4", "<i8", "<f2", "<f4", ">f8", "|b1", "<c8"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fields=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.tuples(numeric_dtypes, st.lists(st.integers(0, 4), max_size=3)),
+        min_size=1,
+        max_size=4,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_every_array_record_decodes_to_equal_arrays(fields, seed):
+    rng = np.random.default_rng(seed)
+    record = {name: rng.integers(0, 100, size=shape).astype(dtype) for name, (dtype, shape) in fields.items()}
+    decoded = decode_record(encode_record(record))
+    assert list(decoded) == list(record)
+    for name, arr in record.items():
+        assert decoded[name].dtype == arr.dtype and decoded[name].shape == arr.shape
+        np.testing.assert_array_equal(decoded[name], arr)
