@@ -261,3 +261,24 @@ def test_every_array_record_decodes_to_equal_arrays(fields, seed):
     for name, arr in record.items():
         assert decoded[name].dtype == arr.dtype and decoded[name].shape == arr.shape
         np.testing.assert_array_equal(decoded[name], arr)
+
+
+def _read_label_in_child(source, index, queue):
+    queue.put(int(source[index]["label"]))
+
+
+def test_forked_child_reopens_after_the_parent_read(tmp_path, images):
+    import multiprocessing
+
+    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
+    source[0]  # the parent holds an open environment when it forks (as torch's DataLoader does)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_label_in_child, args=(source, 7, queue))
+    child.start()
+    try:
+        assert queue.get(timeout=20) == 7
+    finally:
+        child.join(timeout=20)
+    assert child.exitcode == 0
+    assert source[8]["label"] == 8  # the parent's environment is untouched

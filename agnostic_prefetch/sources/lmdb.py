@@ -79,8 +79,8 @@ def _acquire_env(path: str, *, subdir: bool, readahead: bool) -> Any:
         return entry[0]
 
 
-def _release_env(path: str) -> None:
-    key = (os.getpid(), os.path.realpath(path))
+def _release_env(path: str, pid: int) -> None:
+    key = (pid, os.path.realpath(path))
     with _envs_lock:
         entry = _envs.get(key)
         if entry is None:
@@ -89,6 +89,27 @@ def _release_env(path: str) -> None:
         if entry[1] <= 0:
             del _envs[key]
             entry[0].close()  # also invalidates any transaction still open on it
+
+
+def _close_inherited_envs() -> None:
+    """In a forked child: close the parent's environments (LMDB handles must not cross a fork).
+
+    py-lmdb would otherwise refuse to open the same path again in the child, and the lock
+    may have been held by another parent thread at the moment of the fork.
+    """
+    global _envs_lock
+    _envs_lock = threading.Lock()
+    inherited = [env for env, _ in _envs.values()]
+    _envs.clear()
+    for env in inherited:
+        try:
+            env.close()  # read-only and lock=False: unmaps the child's copy, parent unaffected
+        except lmdb.Error:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_envs)
 
 
 class LMDBSource:
@@ -163,7 +184,7 @@ class LMDBSource:
             self._pid = os.getpid()
             self._local = threading.local()
             # released when the source is closed or garbage-collected in this process
-            self._finalizer = weakref.finalize(self, _release_env, self.path)
+            self._finalizer = weakref.finalize(self, _release_env, self.path, self._pid)
         # One long read transaction per thread: the database is read-only, so the snapshot it
         # pins never goes stale, and buffers=True hands out views instead of copies.
         txn = self._env.begin(buffers=True)
