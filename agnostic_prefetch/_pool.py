@@ -163,8 +163,12 @@ def start_threads(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     return handles
 
 
-def stop(handles: list[WorkerHandle], grace: float = 2.0) -> None:
-    """Stop workers: close their order pipes (end of file means exit), then kill stragglers."""
+def stop(handles: list[WorkerHandle], grace: float = 0.5) -> None:
+    """Stop workers: close their order pipes (end of file means exit), then kill stragglers.
+
+    An idle worker exits within milliseconds of end of file; one busy in a record cannot
+    notice it, and holds nothing worth waiting for, so it is killed after ``grace``.
+    """
     for h in handles:
         _close_quietly(h.orders)
     deadline = time.monotonic() + grace

@@ -53,6 +53,7 @@ class _Ready:
     slot: int | None
     count: int
     objects: list[list[Any]]
+    skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
 
 
 class _SlotBook:
@@ -82,10 +83,11 @@ class _Resources:
     def __init__(self) -> None:
         self.workers: list[_pool.WorkerHandle] = []
         self.ring: Ring | None = None
+        self.grace = 0.5  # seconds an idle worker gets to exit on end of file
 
     def close(self) -> None:
         workers, self.workers = self.workers, []
-        _pool.stop(workers)
+        _pool.stop(workers, self.grace)
         if self.ring is not None:
             self.ring.close()
 
@@ -106,7 +108,9 @@ class Loader:
         workers: worker count; 0 loads in the calling thread (for debugging).
         backend: ``"process"`` (fresh processes, off the GIL) or ``"thread"``.
         slots: ring slots; default ``workers + 4`` (room for the workers, a device stage
-            holding 2-3 batches, and the batch your step holds).
+            holding 2-3 batches, and the batch your step holds). At least ``workers + 1``;
+            a plain ``for`` loop is zero-copy from ``max(workers, 1) + 2`` on (the loop
+            still holds the previous batch while the next one is handed over).
         shuffle, seed: permute items per epoch from ``(seed, epoch)``.
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
         drop_remainder: every batch full and every shard the same length.
@@ -221,6 +225,7 @@ class Loader:
         self._next_seq = 0  # lowest batch not yet delivered to the caller
         self._delivered_ahead: set[int] = set()  # delivered out of order (ordered=False)
         self._dispatch_seq = 0  # next batch to order from a worker
+        self._open_end: int | None = None  # end of an iteration begun and not finished
         self._iterator_generation = 0
         self._warned_copy = False
         self._warned_frameworks = False
@@ -242,7 +247,8 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         self._check_open()
         self._iterator_generation += 1
-        return self._iterate(self._iterator_generation, self._iteration_end())
+        self._open_end = self._iteration_end()
+        return self._iterate(self._iterator_generation, self._open_end)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches delivered so far: small and JSON-able."""
@@ -253,6 +259,8 @@ class Loader:
             "epoch": epoch,
             "batch": number,
             "delivered_ahead": [list(divmod(s, self._bpe)) for s in sorted(self._delivered_ahead)],
+            # An interrupted iteration (epochs > 1, or a break) resumes up to its own end.
+            "end_epoch": None if self._open_end is None or self.epochs is None else self._open_end // self._bpe,
             "batch_size": self._sampler.batch_size,
             "batches_per_epoch": self._bpe,
             "shard_index": self._sampler.shard_index,
@@ -288,6 +296,8 @@ class Loader:
         self._next_seq = state["epoch"] * self._bpe + state["batch"]
         self._delivered_ahead = {e * self._bpe + b for e, b in state["delivered_ahead"]}
         self._dispatch_seq = self._next_seq
+        end_epoch = state.get("end_epoch")
+        self._open_end = None if end_epoch is None else end_epoch * self._bpe
         self._iterator_generation += 1  # an iterator from before the reload stops
 
     def stats(self) -> dict[str, Any]:
@@ -324,8 +334,11 @@ class Loader:
     # ---- iteration ----------------------------------------------------------------------
 
     def _iteration_end(self) -> int:
+        """Where the next iteration stops: the end of an interrupted one, else ``epochs`` on."""
         if self.epochs is None:
             return 1 << 62
+        if self._open_end is not None and self._open_end > self._next_seq:
+            return self._open_end
         first_epoch = self._next_seq // self._bpe
         return (first_epoch + self.epochs) * self._bpe
 
@@ -337,13 +350,16 @@ class Loader:
                 self._delivered_ahead.discard(self._next_seq)
                 self._next_seq += 1
             if self._next_seq >= end:
+                self._open_end = None
                 return
             started = time.perf_counter()
             try:
                 seq, ready = self._await_batch(end)
             except BaseException as exc:
                 if isinstance(exc, LoaderError):
-                    self.close()  # a failed pipeline stops with its error: nothing left running
+                    # A failed pipeline stops with its error, at once: nothing left running.
+                    self._resources.grace = 0.0
+                    self.close()
                 raise
             finally:
                 self._stats["wait_s"] += time.perf_counter() - started
@@ -351,7 +367,12 @@ class Loader:
                 self._next_seq += 1
             else:
                 self._delivered_ahead.add(seq)
+            for index, reason in ready.skipped:
+                log.warning("skipped record %d (on_error='skip'): %s", index, reason)
+            self._stats["skipped"] += len(ready.skipped)
             if ready.count == 0:  # every record of this batch was skipped
+                assert ready.slot is not None
+                self._book.free.append(ready.slot)
                 continue
             self._stats["batches"] += 1
             self._stats["items"] += ready.count
@@ -477,10 +498,7 @@ class Loader:
             if order.stale:
                 self._book.free.append(order.slot)
                 return
-            for index, reason in skipped:
-                log.warning("skipped record %d (on_error='skip'): %s", index, reason)
-            self._stats["skipped"] += len(skipped)
-            self._ready[order.seq] = _Ready(order.slot, count, objects)
+            self._ready[order.seq] = _Ready(order.slot, count, objects, skipped)
             return
         _, _, index, exc, description, tb = message
         self._book.free.append(order.slot)

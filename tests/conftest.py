@@ -1,0 +1,49 @@
+"""Shared fixtures: every test must leave no worker process and no /dev/shm entry behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+
+import pytest
+
+
+def worker_pids() -> list[int]:
+    """Live loader worker processes started by this test process (direct children)."""
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[1] != me or fields[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"agnostic_prefetch._worker_entry" in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if "agnostic_prefetch" in n}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    before = shm_entries()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while worker_pids() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert not worker_pids(), f"worker processes left running: {worker_pids()}"
+    assert shm_entries() <= before, f"left in /dev/shm: {shm_entries() - before}"

@@ -1,0 +1,81 @@
+"""Small sources for the tests; importable by workers (no test framework imports here)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+class Counting:
+    """Record i is {"x": i repeated in a (3, 2) float32 array, "i": i}.
+
+    Records in ``slow`` take ``delay`` seconds, except in the process that built the source
+    (the parent reads one example there to lay out the ring).
+    """
+
+    def __init__(self, n, slow=None, delay=0.0):
+        self.n, self.slow, self.delay = n, set(slow or ()), delay
+        self.owner = os.getpid()
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i in self.slow and os.getpid() != self.owner:
+            time.sleep(self.delay)
+        return {"x": np.full((3, 2), i, np.float32), "i": i}
+
+
+class Failing(Counting):
+    """Raises on the given record indices."""
+
+    def __init__(self, n, bad):
+        super().__init__(n)
+        self.bad = set(bad)
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise KeyError(f"record {i} is corrupt")
+        return super().__getitem__(i)
+
+
+class Env:
+    """Reports what the worker process sees: its env, pid and SIGINT disposition."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import signal
+
+        return {"omp": os.environ.get("OMP_NUM_THREADS", ""), "pid": os.getpid(),
+                "sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN, "i": i}
+
+
+class Hanging(Counting):
+    def __getitem__(self, i):
+        if i == 5:
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
+class Dying(Counting):
+    def __getitem__(self, i):
+        if i == 3:
+            os._exit(7)
+        return super().__getitem__(i)
+
+
+class ImportsFramework(Counting):
+    def __getitem__(self, i):
+        import sys
+        import types
+
+        sys.modules.setdefault("cupy", types.ModuleType("cupy"))  # stands in for a real import
+        return super().__getitem__(i)
+
+
+def add_noise(example, rng):
+    return {**example, "noise": rng.standard_normal(2).astype(np.float32)}

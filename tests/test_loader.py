@@ -1,0 +1,208 @@
+"""Loader behaviour: batches, structure, length, epochs, state, stats, repr."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from sources_for_tests import Counting, add_noise
+
+import agnostic_prefetch as ap
+
+
+def ids(batches):
+    return [b["i"].tolist() for b in batches]
+
+
+@pytest.mark.parametrize("workers,backend", [(0, "process"), (2, "thread"), (2, "process")])
+def test_batches_have_the_example_tree_with_a_leading_batch_axis(workers, backend):
+    with ap.Loader(Counting(10), 4, workers=workers, backend=backend) as loader:
+        batches = list(loader)
+    assert ids(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batches[0]["x"].shape == (4, 3, 2) and batches[0]["x"].dtype == np.float32
+    assert batches[2]["x"].shape == (2, 3, 2)
+    np.testing.assert_array_equal(batches[1]["x"][:, 0, 0], [4, 5, 6, 7])
+
+
+def test_non_array_leaves_arrive_as_lists_and_tuples_keep_their_shape():
+    class Mixed(Counting):
+        def __getitem__(self, i):
+            return ({"path": f"img_{i}.jpg", "label": i}, np.float32(i) * 2)
+
+    with ap.Loader(Mixed(5), 2, workers=1) as loader:
+        first = next(iter(loader))
+    assert isinstance(first, tuple)
+    assert first[0]["path"] == ["img_0.jpg", "img_1.jpg"]
+    assert first[0]["label"].tolist() == [0, 1]
+    assert first[1].dtype == np.float32 and first[1].tolist() == [0.0, 2.0]
+
+
+def test_ragged_arrays_are_an_error_naming_key_index_shapes_and_remedy():
+    class Ragged(Counting):
+        def __getitem__(self, i):
+            return {"image": np.zeros((4, 4 + (i == 3), 3), np.uint8)}
+
+    with ap.Loader(Ragged(6), 2, workers=1) as loader:
+        with pytest.raises(ap.WorkerError) as info:
+            list(loader)
+    message = str(info.value)
+    assert "record 3" in message and "['image']" in message
+    assert "uint8[4, 5, 3]" in message and "uint8[4, 4, 3]" in message
+    assert "crop, resize or pad" in message
+    assert isinstance(info.value.__cause__, ap.LayoutError)
+
+
+def test_len_and_batches_per_epoch():
+    loader = ap.Loader(Counting(10), 4, workers=0, epochs=3)
+    assert loader.batches_per_epoch == 3 and len(loader) == 9
+    assert len(list(loader)) == 9
+    assert len(ap.Loader(Counting(10), 4, workers=0, drop_remainder=True)) == 2
+    with pytest.raises(TypeError, match="epochs=None"):
+        len(ap.Loader(Counting(10), 4, workers=0, epochs=None))
+
+
+def test_iterating_again_continues_with_the_next_epoch_reshuffled():
+    with ap.Loader(Counting(12), 12, workers=2, shuffle=True, seed=1) as loader:
+        first, second = ids(loader), ids(loader)
+    assert sorted(first[0]) == sorted(second[0]) == list(range(12))
+    assert first != second
+    assert first[0] == np.random.default_rng([1, 0]).permutation(12).tolist()
+    assert second[0] == np.random.default_rng([1, 1]).permutation(12).tolist()
+
+
+def test_break_leaves_the_position_where_the_caller_stopped():
+    with ap.Loader(Counting(10), 2, workers=2) as loader:
+        for batch in loader:
+            if batch["i"][0] == 4:
+                break
+        assert len(loader) == 2
+        assert ids(loader) == [[6, 7], [8, 9]]
+        assert ids(loader)[0] == [0, 1]  # next epoch
+
+
+def test_endless_epochs_run_on_without_a_drain():
+    with ap.Loader(Counting(5), 2, workers=2, epochs=None) as loader:
+        it = iter(loader)
+        got = [next(it)["i"].tolist() for _ in range(7)]
+    assert got == [[0, 1], [2, 3], [4], [0, 1], [2, 3], [4], [0, 1]]
+
+
+def test_state_dict_is_small_json_and_resumes_exactly():
+    with ap.Loader(Counting(20), 3, workers=2, shuffle=True, seed=7, epochs=2) as a:
+        it = iter(a)
+        head = [next(it)["i"].tolist() for _ in range(9)]
+        state = json.loads(json.dumps(a.state_dict()))
+        rest = ids(it)
+    with ap.Loader(Counting(20), 3, workers=1, shuffle=True, seed=7, epochs=2) as b:
+        b.load_state_dict(state)
+        assert ids(b) == rest
+    assert len(head) + len(rest) == 14
+
+
+def test_load_state_dict_rejects_other_settings():
+    state = ap.Loader(Counting(20), 3, workers=0, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed=1"):
+        ap.Loader(Counting(20), 3, workers=0, seed=2).load_state_dict(state)
+
+
+def test_transform_rng_depends_only_on_seed_epoch_position():
+    def run(**kw):
+        with ap.Loader(Counting(9), 4, transform=add_noise, shuffle=True, seed=3, **kw) as loader:
+            return [b["noise"].copy() for b in loader]
+
+    ref = run(workers=0)
+    for kw in ({"workers": 2}, {"workers": 3, "backend": "thread"}, {"workers": 2, "ordered": False}):
+        got = run(**kw)
+        order = sorted(range(len(got)), key=lambda k: got[k][0, 0]) if not kw.get("ordered", True) else None
+        if order is not None:  # unordered: same batches, any order
+            got = sorted(got, key=lambda a: a[0, 0])
+            ref_sorted = sorted(ref, key=lambda a: a[0, 0])
+            for g, r in zip(got, ref_sorted, strict=True):
+                np.testing.assert_array_equal(g, r)
+        else:
+            for g, r in zip(got, ref, strict=True):
+                np.testing.assert_array_equal(g, r)
+
+
+def test_stats_and_repr_show_the_memory_bill():
+    with ap.Loader(Counting(10), 4, workers=1, slots=3) as loader:
+        for _ in loader:  # streaming: each batch is dropped before the next arrives
+            pass
+        stats = loader.stats()
+        text = repr(loader)
+    assert {"batches", "wait_s", "fill_s", "ring_bytes", "skipped", "copied_out"} <= set(stats)
+    assert stats["batches"] == 3 and stats["skipped"] == 0 and stats["copied_out"] == 0
+    assert stats["ring_bytes"] == 3 * loader.layout.slot_bytes
+    assert f"{stats['ring_bytes']:,} B" in text and "3 slots" in text
+
+
+def test_explicit_spec_lays_out_the_ring_without_reading_an_example():
+    class Shape:
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = shape, dtype
+
+    spec = {"x": Shape((3, 2), np.float32), "i": Shape((), np.int64)}
+    with ap.Loader(Counting(4), 2, workers=1, spec=spec) as loader:
+        assert ids(loader) == [[0, 1], [2, 3]]
+
+
+def test_batch_order_source_drives_the_loader():
+    class Reversed(Counting):
+        def batch_order(self, *, seed, epoch, batch_size):
+            order = list(range(self.n))[::-1]
+            return [order[k:k + batch_size] for k in range(0, self.n, batch_size)]
+
+    with ap.Loader(Reversed(5), 2, workers=2) as loader:
+        assert ids(loader) == [[4, 3], [2, 1], [0]]
+
+
+def test_worker_init_runs_once_in_each_worker(tmp_path):
+    marker = tmp_path / "init"
+
+    def init(worker_id):
+        with open(marker, "a") as f:
+            f.write(f"{worker_id}\n")
+
+    with ap.Loader(Counting(8), 2, workers=2, worker_init=init) as loader:
+        list(loader)
+    assert sorted(marker.read_text().split()) == ["0", "1"]
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="backend"):
+        ap.Loader(Counting(4), 2, backend="fork")
+    with pytest.raises(ValueError, match="on_error"):
+        ap.Loader(Counting(4), 2, on_error="ignore")
+    with pytest.raises(ValueError, match="slots=2 is too few"):
+        ap.Loader(Counting(4), 2, workers=2, slots=2)
+
+
+def test_closed_loader_refuses_to_iterate():
+    loader = ap.Loader(Counting(4), 2, workers=1)
+    loader.close()
+    loader.close()  # idempotent
+    with pytest.raises(ap.LoaderError, match="closed"):
+        iter(loader)
+
+
+def test_framework_import_in_a_worker_is_warned_once(caplog):
+    from sources_for_tests import ImportsFramework
+
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(ImportsFramework(8), 2, workers=2) as loader:
+            list(loader)
+    warnings = [r for r in caplog.records if "cupy" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_resume_after_the_last_batch_starts_the_next_epoch_like_the_original():
+    with ap.Loader(Counting(4), 2, workers=1) as a:
+        it = iter(a)
+        next(it), next(it)  # every batch taken; StopIteration not yet seen
+        state = a.state_dict()
+        original_next = ids(a)
+    with ap.Loader(Counting(4), 2, workers=1) as b:
+        b.load_state_dict(state)
+        assert ids(b) == original_next == [[0, 1], [2, 3]]

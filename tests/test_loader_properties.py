@@ -1,0 +1,106 @@
+"""Invariants of the loader, over random settings, checked against the independent oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import shard_batches
+from sources_for_tests import Counting
+
+import agnostic_prefetch as ap
+
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def configs(draw):
+    n = draw(st.integers(1, 40))
+    shard_count = draw(st.integers(1, 3))
+    drop_remainder = draw(st.booleans())
+    per_shard = n // shard_count
+    if per_shard < 1:
+        shard_count, per_shard = 1, n
+    batch_size = draw(st.integers(1, max(1, per_shard if drop_remainder else n)))
+    workers = draw(st.integers(0, 3))
+    return {
+        "n": n,
+        "batch_size": batch_size,
+        "workers": workers,
+        "backend": draw(st.sampled_from(["process", "thread"])),
+        "shuffle": draw(st.booleans()),
+        "seed": draw(st.integers(0, 1000)),
+        "drop_remainder": drop_remainder,
+        "shard_count": shard_count,
+        "shard_index": draw(st.integers(0, shard_count - 1)),
+        "epochs": draw(st.integers(1, 2)),
+        "slots": draw(st.sampled_from([None, workers + 1 if workers else 2, workers + 2])),
+    }
+
+
+def expected(c, epochs):
+    return [b for e in epochs for b in shard_batches(
+        c["n"], c["batch_size"], shuffle=c["shuffle"], seed=c["seed"], epoch=e,
+        drop_remainder=c["drop_remainder"], shard_index=c["shard_index"], shard_count=c["shard_count"])]
+
+
+def make(c, **overrides):
+    kw = {k: c[k] for k in ("workers", "backend", "shuffle", "seed", "drop_remainder",
+                            "shard_count", "shard_index", "epochs", "slots")}
+    kw.update(overrides)
+    return ap.Loader(Counting(c["n"]), c["batch_size"], **kw)
+
+
+def check_batch(batch, want):
+    assert batch["i"].tolist() == want
+    np.testing.assert_array_equal(batch["x"][:, 0, 0], np.asarray(want, np.float32))
+
+
+@SETTINGS
+@given(configs(), st.booleans())
+def test_batches_equal_the_oracle_for_any_workers_backend_and_order(c, ordered):
+    want = expected(c, range(c["epochs"]))
+    with make(c, ordered=ordered) as loader:
+        got = [b["i"].tolist() for b in loader]
+        assert len(got) == len(want) == c["epochs"] * loader.batches_per_epoch
+    if ordered:
+        assert got == want
+    else:
+        assert sorted(got) == sorted(want)
+
+
+@SETTINGS
+@given(configs(), st.data())
+def test_resume_yields_exactly_the_remainder(c, data):
+    want = expected(c, range(c["epochs"]))
+    stop = data.draw(st.integers(0, len(want) - 1))  # the boundary: test_loader.py
+    ordered = data.draw(st.booleans())
+    with make(c, ordered=ordered) as first:
+        it = iter(first)
+        head = [next(it)["i"].tolist() for _ in range(stop)]
+        state = first.state_dict()
+    other = data.draw(st.sampled_from([(0, "process"), (1, "thread"), (2, "process")]))
+    with make(c, workers=other[0], backend=other[1], slots=None, ordered=ordered) as second:
+        second.load_state_dict(state)
+        assert len(second) == len(want) - stop
+        rest = [b["i"].tolist() for b in second]
+    if ordered:
+        assert head + rest == want
+    else:
+        assert sorted(head + rest) == sorted(want)
+
+
+@SETTINGS
+@given(configs(), st.data())
+def test_arrays_a_caller_holds_never_change_after_the_loader_moves_on(c, data):
+    want = expected(c, range(3))
+    keep = data.draw(st.sets(st.integers(0, len(want) - 1), max_size=4))
+    held = {}
+    with make(c, epochs=3, slots=(c["workers"] + 1) if c["workers"] else 2) as loader:
+        for k, batch in enumerate(loader):
+            if k in keep:
+                held[k] = batch
+            for j, b in held.items():
+                check_batch(b, want[j])
+    for j, b in held.items():  # and after close() too
+        check_batch(b, want[j])

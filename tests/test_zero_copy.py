@@ -1,0 +1,105 @@
+"""One copy at most: batches are views of the ring, and a slot lives as long as its views."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import numpy as np
+import pytest
+from sources_for_tests import Counting
+
+import agnostic_prefetch as ap
+
+
+class Images:
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return {"image": np.full((16, 16, 3), i % 256, np.uint8), "label": i}
+
+
+def inside_ring(loader, array):
+    ring = loader._ring
+    return ring.address <= array.ctypes.data < ring.address + ring.nbytes
+
+
+def test_delivered_arrays_point_into_the_ring_and_nothing_is_copied_while_streaming():
+    with ap.Loader(Images(), 8, workers=2, epochs=3) as loader:
+        for batch in loader:
+            assert inside_ring(loader, batch["image"]) and inside_ring(loader, batch["label"])
+            assert batch["image"].flags.writeable
+            assert batch["image"].ctypes.data % 256 == 0  # leaves start 256-byte aligned
+        assert loader.stats()["copied_out"] == 0
+
+
+def test_a_held_view_keeps_its_slot_and_the_mapping_outlives_close():
+    with ap.Loader(Images(), 4, workers=1, slots=2, epochs=5) as loader:
+        it = iter(loader)
+        held = next(it)["image"][1:3, 2]  # a view of a view: still keeps the slot
+        gc.collect()
+        for _ in it:
+            pass
+    gc.collect()
+    assert held.shape == (2, 16, 3) and (held[0] == 1).all() and (held[1] == 2).all()
+    held[:] = 9  # still mapped and writable after close()
+
+
+def test_holding_too_many_batches_copies_out_instead_of_deadlocking(caplog):
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(Images(), 4, workers=2, slots=3) as loader:
+            batches = list(loader)  # holds every batch: the ring alone could not
+            stats = loader.stats()
+    assert [b["label"][0] for b in batches] == list(range(0, 40, 4))
+    assert stats["copied_out"] == 10 - 1  # 3 slots, 2 kept for the workers
+    assert sum("copied out" in r.getMessage() for r in caplog.records) == 1
+    assert not inside_ring(loader, batches[-1]["image"])
+
+
+def test_slots_are_reused_once_the_caller_lets_go():
+    # A for-loop still holds the previous batch while next() runs: workers + 2 slots suffice.
+    with ap.Loader(Images(), 4, workers=1, slots=3, epochs=3) as loader:
+        seen = {b["image"].ctypes.data for b in loader}
+        assert len(seen) <= 3 and loader.stats()["copied_out"] == 0
+
+
+def test_jax_array_aliasing_a_batch_keeps_the_slot_alive():
+    jax = pytest.importorskip("jax")
+    with ap.Loader(Images(), 4, workers=1, slots=2, epochs=4) as loader:
+        it = iter(loader)
+        batch = next(it)
+        on_device = jax.device_put(batch["image"])
+        aliased = on_device.unsafe_buffer_pointer() == batch["image"].ctypes.data
+        del batch
+        gc.collect()
+        for _ in it:
+            pass
+        assert int(on_device[3, 0, 0, 0]) == 3 and int(on_device.sum()) == 16 * 16 * 3 * 6
+    if not aliased:
+        pytest.skip("this jax build copied on device_put; the slot lease was not exercised")
+
+
+def test_torch_tensor_from_dlpack_keeps_the_slot_alive():
+    torch = pytest.importorskip("torch")
+    with ap.Loader(Images(), 4, workers=1, slots=2, epochs=4) as loader:
+        it = iter(loader)
+        batch = next(it)
+        tensor = torch.from_dlpack(batch["image"])
+        assert tensor.data_ptr() == batch["image"].ctypes.data  # zero copy
+        del batch
+        gc.collect()
+        for _ in it:
+            pass
+    assert tensor[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_copied_out_batch_counts_in_stats_when_a_consumer_hoards_then_streams():
+    with ap.Loader(Counting(30), 3, workers=1, slots=2) as loader:
+        it = iter(loader)
+        hoard = [next(it) for _ in range(3)]
+        assert loader.stats()["copied_out"] == 2
+        del hoard
+        gc.collect()
+        rest = [b["i"].tolist() for b in it]
+        assert rest[0] == [9, 10, 11] and loader.stats()["copied_out"] >= 2
