@@ -253,7 +253,7 @@ class LMDBSource:
         return cursor.value()
 
     def _shape_of(self, index: int) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]]:
-        """(kind, {leaf: (shape, dtype)}) of one record without decoding its pixels."""
+        """(kind, {leaf: (shape, dtype)}) of one record; encoded images are probed, not decoded."""
         value = self._value(index)
         if is_array_record(value):
             arrays = decode_record(value)
