@@ -3,7 +3,8 @@
 Pillow's bilinear filter widens its support when it shrinks an image (antialiasing), so
 it does not give what Caffe's ``cv::resize(..., INTER_LINEAR)`` gives. This is the plain
 two-tap version: half-pixel centres, edge samples clamped, uint8 results rounded half up.
-It matches OpenCV to within 1 grey level (OpenCV interpolates in 11-bit fixed point).
+OpenCV interpolates uint8 in 11-bit fixed point, so results may differ from it by a grey
+level; this has not been checked against OpenCV itself (it is not a dependency).
 """
 
 from __future__ import annotations
