@@ -5,6 +5,11 @@ numpy views of it (no copy). JAX, PyTorch and CuPy are imported only by the part
 hand batches to them, never by ``import agnostic_prefetch`` nor by a worker.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from agnostic_prefetch.errors import (
     LayoutError,
     LoaderError,
@@ -17,9 +22,17 @@ from agnostic_prefetch.loader import Loader
 from agnostic_prefetch.sampler import BatchOrderSource
 from agnostic_prefetch.sources import ArraySource
 
+if TYPE_CHECKING:
+    from agnostic_prefetch.sources import ImageListSource, LMDBSource, WindowSource
+    from agnostic_prefetch.transforms import CaffeTransform
+
 __all__ = [
     "ArraySource",
     "BatchOrderSource",
+    "CaffeTransform",
+    "ImageListSource",
+    "LMDBSource",
+    "WindowSource",
     "LayoutError",
     "Loader",
     "LoaderError",
@@ -27,5 +40,22 @@ __all__ = [
     "RingTooLargeError",
     "WorkerDiedError",
     "WorkerError",
+    "prefetch_to_device",
 ]
 __version__ = "0.1.0"
+
+# Imported on first use: Pillow, lmdb and the frameworks stay out of workers that never
+# need them (start-up time), and out of `import agnostic_prefetch`.
+_LAZY = {
+    "ImageListSource": "agnostic_prefetch.sources",
+    "LMDBSource": "agnostic_prefetch.sources",
+    "WindowSource": "agnostic_prefetch.sources",
+    "CaffeTransform": "agnostic_prefetch.transforms",
+    "prefetch_to_device": "agnostic_prefetch.device",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, H_PROGRESS, MAGIC, Layout, SlotWriter
+from agnostic_prefetch._layout import (
+    H_COUNT,
+    H_EPOCH,
+    H_MAGIC,
+    H_NUMBER,
+    H_PROGRESS,
+    MAGIC,
+    Layout,
+    SlotWriter,
+)
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")

@@ -24,7 +24,17 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch import _pool
-from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, H_PROGRESS, HEADER_BYTES, MAGIC, Layout, layout_from_example
+from agnostic_prefetch._layout import (
+    H_COUNT,
+    H_EPOCH,
+    H_MAGIC,
+    H_NUMBER,
+    H_PROGRESS,
+    HEADER_BYTES,
+    MAGIC,
+    Layout,
+    layout_from_example,
+)
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch._worker import Filler, Job
@@ -295,6 +305,7 @@ class Loader:
         self._failed.clear()
         self._next_seq = state["epoch"] * self._bpe + state["batch"]
         self._delivered_ahead = {e * self._bpe + b for e, b in state["delivered_ahead"]}
+        self._advance()
         self._dispatch_seq = self._next_seq
         end_epoch = state.get("end_epoch")
         self._open_end = None if end_epoch is None else end_epoch * self._bpe
@@ -346,9 +357,7 @@ class Loader:
         while True:
             if generation != self._iterator_generation:
                 raise RuntimeError("this iterator was superseded by a newer iter() or load_state_dict()")
-            while self._next_seq < end and self._next_seq in self._delivered_ahead:
-                self._delivered_ahead.discard(self._next_seq)
-                self._next_seq += 1
+            self._advance()
             if self._next_seq >= end:
                 self._open_end = None
                 return
@@ -363,10 +372,8 @@ class Loader:
                 raise
             finally:
                 self._stats["wait_s"] += time.perf_counter() - started
-            if seq == self._next_seq:
-                self._next_seq += 1
-            else:
-                self._delivered_ahead.add(seq)
+            self._delivered_ahead.add(seq)
+            self._advance()
             for index, reason in ready.skipped:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)
@@ -377,6 +384,12 @@ class Loader:
             self._stats["batches"] += 1
             self._stats["items"] += ready.count
             yield self._deliver(ready)
+
+    def _advance(self) -> None:
+        """Move the frontier over batches already delivered: it never points at one."""
+        while self._next_seq in self._delivered_ahead:
+            self._delivered_ahead.discard(self._next_seq)
+            self._next_seq += 1
 
     def _await_batch(self, end: int) -> tuple[int, _Ready]:
         self._check_open()
@@ -406,6 +419,7 @@ class Loader:
 
     def _dispatch(self, end: int) -> None:
         """Order batches, lowest first, while a slot is free and a worker has room."""
+        self._dispatch_seq = max(self._dispatch_seq, self._next_seq)
         while self._book.free:
             seq = self._dispatch_seq
             if self.epochs is not None and seq >= end + self.slots:  # a little past: no drain

@@ -206,3 +206,22 @@ def test_resume_after_the_last_batch_starts_the_next_epoch_like_the_original():
     with ap.Loader(Counting(4), 2, workers=1) as b:
         b.load_state_dict(state)
         assert ids(b) == original_next == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unordered_resume_from_a_state_whose_frontier_was_delivered_ahead(workers):
+    # Batch 1 came before batch 0: the frontier (1) is itself in delivered_ahead.
+    state = {**ap.Loader(Counting(16), 1, workers=0, ordered=False).state_dict(),
+             "batch": 1, "delivered_ahead": [[0, 1]], "end_epoch": 1}
+    with ap.Loader(Counting(16), 1, workers=workers, ordered=False) as loader:
+        loader.load_state_dict(state)
+        assert len(loader) == 14
+        assert sorted(b["i"][0] for b in loader) == list(range(2, 16))
+
+
+def test_unordered_delivers_a_slow_first_batch_last_with_the_same_contents():
+    source = Counting(12, slow={0}, delay=1.0)
+    with ap.Loader(source, 3, workers=2, ordered=False) as loader:
+        got = [b["i"].tolist() for b in loader]
+    assert got[-1] == [0, 1, 2]
+    assert sorted(got) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
