@@ -223,5 +223,5 @@ def test_unordered_delivers_a_slow_first_batch_last_with_the_same_contents():
     source = Counting(12, slow={0}, delay=1.0)
     with ap.Loader(source, 3, workers=2, ordered=False) as loader:
         got = [b["i"].tolist() for b in loader]
-    assert got[-1] == [0, 1, 2]
+    assert got.index([0, 1, 2]) >= 2  # the batches of the other worker did not wait for it
     assert sorted(got) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
