@@ -1,0 +1,57 @@
+"""What a worker process is: fresh, quiet on Ctrl-C, single-threaded maths, never a fork."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+from sources_for_tests import Env
+
+import agnostic_prefetch as ap
+
+
+def test_workers_are_fresh_processes_with_capped_threads_that_ignore_sigint(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with ap.Loader(Env(), 2, workers=2) as loader:
+        batches = list(loader)
+        worker_pids = {w.process.pid for w in loader._workers}
+    pids = {p for b in batches for p in b["pid"].tolist()}
+    assert pids <= worker_pids and os.getpid() not in pids
+    assert all(v == "1" for b in batches for v in b["omp"])
+    assert all(b["sigint_ignored"].all() for b in batches)
+
+
+def test_user_thread_settings_are_kept(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with ap.Loader(Env(), 2, workers=1) as loader:
+        assert {v for b in loader for v in b["omp"]} == {"3"}
+
+
+def test_workers_are_not_forks_of_the_parent():
+    with ap.Loader(Env(), 2, workers=1) as loader:
+        next(iter(loader))  # the worker has exec'd and answered
+        pid = loader._workers[0].process.pid
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    assert b"agnostic_prefetch._worker_entry" in argv  # its own entry point, a fresh exec
+
+
+def test_memmap_arrays_are_not_copied_into_workers(tmp_path):
+    path = tmp_path / "big.npy"
+    data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(1000, 256))
+    data[:] = np.arange(1000, dtype=np.float32)[:, None]
+    data.flush()
+    source = ap.ArraySource({"x": np.load(path, mmap_mode="r"), "y": np.arange(1000)})
+    assert len(pickle.dumps(source)) < 20_000 < data.nbytes  # the file name travels, not the data
+    with ap.Loader(source, 100, workers=2, shuffle=True) as loader:
+        batches = [(b["x"][:, 0].copy(), b["y"].copy()) for b in loader]
+    for x, y in batches:
+        np.testing.assert_array_equal(x, y.astype(np.float32))
+
+
+def test_array_source_rejects_unequal_lengths():
+    import pytest
+
+    with pytest.raises(ValueError, match="first dimension"):
+        ap.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
