@@ -39,10 +39,7 @@ class ArrayLeaf:
     dtype: np.dtype
     offset: int
     from_scalar: bool  # the example gave a Python/numpy scalar: accept any same-kind scalar
-
-    @property
-    def item_bytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    item_bytes: int  # bytes of one item (computed once: it is used per batch)
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,8 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
             raise LayoutError(f"leaf {path} has dtype {dtype}; the ring holds numeric arrays only")
         kinds.append("array")
         from_scalar = isinstance(leaf, np.generic | bool | int | float | complex)
-        leaf_spec = ArrayLeaf(path, shape, dtype, offset, from_scalar)
+        item_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        leaf_spec = ArrayLeaf(path, shape, dtype, offset, from_scalar, item_bytes)
         arrays.append(leaf_spec)
         offset = _round_up(offset + leaf_spec.item_bytes * batch_size, ALIGN)
     return Layout(treedef, batch_size, tuple(kinds), tuple(arrays), _round_up(offset, PAGE))

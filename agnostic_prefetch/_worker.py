@@ -8,8 +8,9 @@ Messages, worker to parent (plain pickle of small tuples; array data never trave
     ("done", order_id, count, objects, skipped, fill_seconds)
     ("error", order_id, index, exception_or_None, description, traceback_text)
     ("warn", text)
-Parent to worker: ("fill", order_id, slot, epoch, number, indices, positions); end of file
-on the order pipe means "exit".
+Parent to worker: one or more orders packed as bytes by ``pack_orders`` (a fixed header
+and the int64 indices and positions: no pickling on the per-batch path, and several orders
+per write, since each write wakes the worker); end of file on the order pipe means "exit".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import faulthandler
 import os
 import pickle
 import signal
+import struct
 import sys
 import threading
 import time
@@ -26,6 +28,8 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+import numpy as np
 
 from agnostic_prefetch._layout import (
     H_COUNT,
@@ -45,6 +49,43 @@ THREAD_ENV_VARS = (
     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "TF_NUM_INTEROP_THREADS",
     "TF_NUM_INTRAOP_THREADS",
 )
+
+
+_ORDER_HEADER = struct.Struct("<6q")  # order_id, slot, epoch, number, item count, reserved
+
+
+@dataclass(frozen=True)
+class Order:
+    """Fill ``slot`` with batch ``number`` of ``epoch``: these records, at these positions."""
+
+    order_id: int
+    slot: int
+    epoch: int
+    number: int
+    indices: np.ndarray
+    positions: np.ndarray
+
+
+def pack_orders(orders: list[Order]) -> bytes:
+    """Orders as one message: header, indices and positions for each, back to back."""
+    parts = []
+    for o in orders:
+        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, len(o.indices), 0))
+        parts.append(o.indices.astype(np.int64, copy=False).tobytes())
+        parts.append(o.positions.astype(np.int64, copy=False).tobytes())
+    return b"".join(parts)
+
+
+def unpack_orders(message: bytes) -> list[Order]:
+    """The inverse of :func:`pack_orders`."""
+    orders, offset = [], 0
+    while offset < len(message):
+        order_id, slot, epoch, number, n, _ = _ORDER_HEADER.unpack_from(message, offset)
+        offset += _ORDER_HEADER.size
+        arrays = np.frombuffer(message, np.int64, 2 * n, offset)
+        offset += 16 * n
+        orders.append(Order(order_id, slot, epoch, number, arrays[:n], arrays[n:]))
+    return orders
 
 
 @dataclass
@@ -67,9 +108,10 @@ class Filler:
         self._slot_view = slot_view
         self._writers: dict[int, SlotWriter] = {}
 
-    def fill(self, order: tuple) -> tuple:
-        """Carry out one ``("fill", ...)`` order; return the message for the parent."""
-        _, order_id, slot, epoch, number, indices, positions = order
+    def fill(self, order: Order) -> tuple:
+        """Carry out one order; return the message for the parent."""
+        order_id, slot, epoch, number = order.order_id, order.slot, order.epoch, order.number
+        indices, positions = order.indices, order.positions
         job = self.job
         writer = self._writers.get(slot)
         if writer is None:
@@ -122,18 +164,19 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
     warned = False
     while True:
         try:
-            order = orders.recv()
+            batch_of_orders = unpack_orders(orders.recv_bytes())
         except (EOFError, OSError):
             return
-        try:
-            message = filler.fill(order)
-        except BaseException as exc:  # a failure outside any record (e.g. a broken writer)
-            message = ("error", order[1], None, _picklable(exc), f"{type(exc).__name__}: {exc}",
-                       traceback.format_exc())
-        try:
-            results.send(message)
-        except (BrokenPipeError, OSError):
-            return
+        for order in batch_of_orders:
+            try:
+                message = filler.fill(order)
+            except BaseException as exc:  # a failure outside any record (e.g. a broken writer)
+                message = ("error", order.order_id, None, _picklable(exc),
+                           f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            try:
+                results.send(message)
+            except (BrokenPipeError, OSError):
+                return
         if not warned and threading.current_thread() is not threading.main_thread():
             warned = True  # thread workers share the caller's modules: nothing to check
         elif not warned:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import selectors
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 import numpy as np
@@ -37,14 +37,14 @@ from agnostic_prefetch._layout import (
 )
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._tree import unflatten
-from agnostic_prefetch._worker import Filler, Job
+from agnostic_prefetch._worker import Filler, Job, Order, pack_orders
 from agnostic_prefetch.errors import LoaderError, LoaderTimeoutError, WorkerDiedError, WorkerError
 from agnostic_prefetch.sampler import Sampler, item_rng
 
 log = logging.getLogger("agnostic_prefetch")
 
 _STATE_VERSION = 1
-_ORDERS_PER_WORKER = 2  # one being filled, one queued: no idle gap while the parent is busy
+_SMALL_SLOT = 64 << 10  # slots this small get more of them: the per-batch cost is the pipe
 
 
 @dataclass
@@ -93,11 +93,15 @@ class _Resources:
     def __init__(self) -> None:
         self.workers: list[_pool.WorkerHandle] = []
         self.ring: Ring | None = None
+        self.headers: np.ndarray | None = None  # int64 header fields of every slot
+        self.selector = selectors.DefaultSelector()
         self.grace = 0.5  # seconds an idle worker gets to exit on end of file
 
     def close(self) -> None:
         workers, self.workers = self.workers, []
         _pool.stop(workers, self.grace)
+        self.selector.close()
+        self.headers = None  # our own view of the ring: drop it so the mapping can close
         if self.ring is not None:
             self.ring.close()
 
@@ -200,7 +204,15 @@ class Loader:
         self.epochs = epochs
         self.ordered = ordered
         self.timeout = timeout
-        self.slots = workers + 4 if slots is None else int(slots)
+        self._skip = on_error == "skip"
+        example = spec if spec is not None else self._read_example(source, transform)
+        self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
+        if slots is None:
+            # Small slots cost little, and more of them let each worker take several orders
+            # per pipe write (tiny batches are bound by those writes, not by the copying).
+            per_worker = 8 if self.layout.slot_bytes <= _SMALL_SLOT else 1
+            slots = workers * per_worker + 4
+        self.slots = int(slots)
         if self.slots < max(2, workers + 1):
             raise ValueError(
                 f"slots={self.slots} is too few for {workers} workers: need at least "
@@ -208,13 +220,14 @@ class Loader:
             )
         # Slots the caller may hold before batches are copied out instead: keep one per worker.
         self._max_leased = self.slots - max(1, min(workers, self.slots - 1))
-        self._skip = on_error == "skip"
+        # Orders a worker holds at once (one filling, the rest queued), topped up in one write.
+        self._per_worker = max(2, min(8, (self.slots - 4) // max(1, workers)))
 
-        example = spec if spec is not None else self._read_example(source, transform)
-        self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
         ring = Ring(self.slots, self.layout.slot_bytes)
         self._resources.ring = ring
         self._ring = ring
+        self._resources.headers = np.frombuffer(ring.map, np.int64, ring.nbytes // 8).reshape(
+            self.slots, -1)[:, : HEADER_BYTES // 8]
         job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init)
         self._book = _SlotBook(self.slots)
         self._orders: dict[int, _Order] = {}
@@ -231,6 +244,10 @@ class Loader:
         else:
             self._resources.workers = _pool.start_processes(workers, job, ring)
         self._workers = self._resources.workers
+        for w in self._workers:
+            self._resources.selector.register(w.results, selectors.EVENT_READ, (w, "results"))
+            if w.sentinel is not None:
+                self._resources.selector.register(w.sentinel, selectors.EVENT_READ, (w, "sentinel"))
 
         self._next_seq = 0  # lowest batch not yet delivered to the caller
         self._delivered_ahead: set[int] = set()  # delivered out of order (ordered=False)
@@ -418,71 +435,71 @@ class Loader:
         return None
 
     def _dispatch(self, end: int) -> None:
-        """Order batches, lowest first, while a slot is free and a worker has room."""
+        """Order batches, lowest first, while a slot is free and a worker has room.
+
+        A worker is topped up to ``_per_worker`` orders in one write once it is down to half
+        of that: each write wakes a sleeping worker, which costs more than a tiny batch.
+        """
         self._dispatch_seq = max(self._dispatch_seq, self._next_seq)
+        pending: dict[_pool.WorkerHandle, list[Order]] = {}
         while self._book.free:
             seq = self._dispatch_seq
             if self.epochs is not None and seq >= end + self.slots:  # a little past: no drain
-                return
+                break
             if seq in self._delivered_ahead:
                 self._dispatch_seq += 1
                 continue
             if self._filler is not None:
                 if self._ready or self._failed:
-                    return  # workers=0: fill only what the caller is waiting for
+                    break  # workers=0: fill only what the caller is waiting for
                 self._dispatch_seq += 1
-                self._order(seq, None)
+                self._on_message(None, self._filler.fill(self._order(seq, None)))
                 continue
             worker = min(self._workers, key=lambda w: len(w.outstanding))
-            if len(worker.outstanding) >= _ORDERS_PER_WORKER:
-                return
+            load = len(worker.outstanding)
+            if load >= self._per_worker or (worker not in pending and load > self._per_worker // 2):
+                break
             self._dispatch_seq += 1
-            self._order(seq, worker)
+            pending.setdefault(worker, []).append(self._order(seq, worker))
+        for worker, orders in pending.items():
+            try:
+                worker.orders.send_bytes(pack_orders(orders))
+            except (BrokenPipeError, OSError):
+                self._raise_died(worker)
 
-    def _order(self, seq: int, worker: _pool.WorkerHandle | None) -> None:
+    def _order(self, seq: int, worker: _pool.WorkerHandle | None) -> Order:
         epoch, number = divmod(seq, self._bpe)
         batch = self._sampler.batch(epoch, number)
         slot = self._book.free.pop()
         order_id = next(self._order_ids)
         self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
-        message = ("fill", order_id, slot, epoch, number, batch.indices, batch.positions)
-        if worker is None:
-            assert self._filler is not None
-            self._on_message(None, self._filler.fill(message))
-            return
-        worker.outstanding.append(order_id)
-        try:
-            worker.orders.send(message)
-        except (BrokenPipeError, OSError):
-            self._raise_died(worker)
+        if worker is not None:
+            worker.outstanding.append(order_id)
+        return Order(order_id, slot, epoch, number, batch.indices, batch.positions)
 
     def _wait(self) -> None:
-        handles = {}
-        for w in self._workers:
-            handles[w.results] = w
-            if w.sentinel is not None:
-                handles[w.sentinel] = w
+        """Block (using no CPU) until a worker reports, dies, or it is time to check progress."""
         wait_s = None
         if self.timeout is not None:
             wait_s = min(self.timeout, 1.0)
         elif any(w.sentinel is None and w.process is not None for w in self._workers):
             wait_s = 0.1  # no pidfd on this OS: poll for dead workers
-        ready = wait_for(list(handles), wait_s)
-        for obj in ready:
-            worker = handles[obj]
-            if obj is worker.results:
+        events = self._resources.selector.select(wait_s)
+        for key, _ in events:
+            worker, kind = key.data
+            if kind == "results":
                 try:
                     message = worker.results.recv()
                 except (EOFError, OSError):
                     self._raise_died(worker)
                 self._on_message(worker, message)
-        for obj in ready:
-            worker = handles[obj]
-            if obj is not worker.results and worker.exit_reason() is not None:
+        for key, _ in events:
+            worker, kind = key.data
+            if kind == "sentinel" and worker.exit_reason() is not None:
                 self._raise_died(worker)
         if self.timeout is not None:
             self._check_progress()
-        if wait_s is not None and not ready:
+        if wait_s is not None and not events:
             for w in self._workers:
                 if w.exit_reason() is not None:
                     self._raise_died(w)
@@ -530,7 +547,7 @@ class Loader:
         self._failed[order.seq] = error
 
     def _check_header(self, order: _Order, count: int) -> None:
-        header = self._ring.slot_array(order.slot)[:HEADER_BYTES].view(np.int64)
+        header = self._resources.headers[order.slot]
         epoch, number = divmod(order.seq, self._bpe)
         if (header[H_MAGIC], header[H_EPOCH], header[H_NUMBER], header[H_COUNT]) != (MAGIC, epoch, number, count):
             raise LoaderError(  # pragma: no cover - guards the slot protocol itself
@@ -546,7 +563,7 @@ class Loader:
                 continue
             if self._orders.get(order.worker.outstanding[0]) is not order:
                 continue  # queued behind another order: not started yet
-            progress = int(self._ring.slot_array(order.slot)[:HEADER_BYTES].view(np.int64)[H_PROGRESS])
+            progress = int(self._resources.headers[order.slot, H_PROGRESS])
             if progress != order.progress:
                 order.progress, order.progress_at = progress, now
                 continue

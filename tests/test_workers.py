@@ -55,3 +55,35 @@ def test_array_source_rejects_unequal_lengths():
 
     with pytest.raises(ValueError, match="first dimension"):
         ap.ArraySource({"a": np.zeros(3), "b": np.zeros(4)})
+
+
+def test_orders_round_trip_through_their_byte_format():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agnostic_prefetch._worker import Order, pack_orders, unpack_orders
+
+    ints = st.integers(-(2**62), 2**62)
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.tuples(ints, ints, ints, ints, st.lists(ints, max_size=20)), max_size=5))
+    def check(raw):
+        orders = [Order(a, b, c, d, np.array(idx, np.int64), np.array(idx[::-1], np.int64))
+                  for a, b, c, d, idx in raw]
+        back = unpack_orders(pack_orders(orders))
+        assert len(back) == len(orders)
+        for o, p in zip(orders, back, strict=True):
+            assert (o.order_id, o.slot, o.epoch, o.number) == (p.order_id, p.slot, p.epoch, p.number)
+            assert o.indices.tolist() == p.indices.tolist() and o.positions.tolist() == p.positions.tolist()
+
+    check()
+
+
+def test_small_slots_get_more_of_them_so_workers_take_several_orders_per_write():
+    from sources_for_tests import Counting
+
+    with ap.Loader(Counting(100), 1, workers=2) as small:
+        assert small.slots == 2 * 8 + 4 and small._per_worker == 8
+    big = {"x": np.zeros((256, 256), np.float32)}
+    with ap.Loader(Counting(100), 8, workers=2, spec=big) as large:
+        assert large.slots == 2 + 4 and large._per_worker == 2
