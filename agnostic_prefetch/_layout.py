@@ -63,20 +63,27 @@ class Layout:
         return ", ".join(parts)
 
 
-def _is_array_leaf(x: Any) -> bool:
-    if isinstance(x, np.ndarray | np.generic):
-        return np.dtype(x.dtype).kind in "biufc"
-    return isinstance(x, bool | int | float | complex)
-
-
 def _spec_of(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
-    """Shape and dtype for an array leaf or an explicit spec leaf (anything with both)."""
-    if _is_array_leaf(x):
+    """Shape and dtype of an array leaf, or ``None`` for a leaf that travels as a list.
+
+    Numeric numpy arrays and scalars and Python numbers are arrays; so is anything numpy
+    can convert (``__array__``: a torch tensor, say) and a spec with ``shape`` and ``dtype``
+    (``jax.ShapeDtypeStruct``). Strings, bytes, paths and numpy strings are not.
+    """
+    if isinstance(x, bool | int | float | complex):
         a = np.asarray(x)
-        return tuple(a.shape), a.dtype
+        return (), a.dtype
+    if isinstance(x, str | bytes | np.ndarray | np.generic) or hasattr(x, "__array__"):
+        dtype = np.asarray(x).dtype if not isinstance(x, np.ndarray | np.generic) else x.dtype
+        if isinstance(x, str | bytes) or dtype.kind not in "biufc":
+            return None
+        return tuple(np.shape(x)), np.dtype(dtype)
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    if shape is not None and dtype is not None and not isinstance(x, np.ndarray):
-        return tuple(int(d) for d in shape), np.dtype(dtype)
+    if shape is not None and dtype is not None:
+        try:
+            return tuple(int(d) for d in shape), np.dtype(dtype)
+        except TypeError:
+            return None
     return None
 
 
@@ -97,8 +104,6 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
             kinds.append("object")
             continue
         shape, dtype = spec
-        if dtype.hasobject:
-            raise LayoutError(f"leaf {path} has dtype {dtype}; the ring holds numeric arrays only")
         kinds.append("array")
         from_scalar = isinstance(leaf, np.generic | bool | int | float | complex)
         item_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

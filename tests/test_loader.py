@@ -225,3 +225,16 @@ def test_unordered_delivers_a_slow_first_batch_last_with_the_same_contents():
         got = [b["i"].tolist() for b in loader]
     assert got.index([0, 1, 2]) >= 2  # the batches of the other worker did not wait for it
     assert sorted(got) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_numpy_strings_travel_as_lists_and_framework_tensors_as_arrays():
+    torch = pytest.importorskip("torch")
+
+    class Mixed(Counting):
+        def __getitem__(self, i):
+            return {"name": np.str_(f"n{i}"), "blob": b"\x00" * i, "t": torch.full((2,), float(i))}
+
+    with ap.Loader(Mixed(4), 2, workers=0) as loader:
+        first = next(iter(loader))
+    assert first["name"] == ["n0", "n1"] and first["blob"] == [b"", b"\x00"]
+    assert isinstance(first["t"], np.ndarray) and first["t"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
