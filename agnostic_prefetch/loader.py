@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import selectors
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from agnostic_prefetch._layout import (
     Layout,
     layout_from_example,
 )
+from agnostic_prefetch._lease import Leases
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch._worker import Filler, Job, Order, pack_orders
@@ -64,27 +64,6 @@ class _Ready:
     count: int
     objects: list[list[Any]]
     skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
-
-
-class _SlotBook:
-    """Which slots are free. Finalizers of delivered arrays release slots from any thread."""
-
-    def __init__(self, slots: int) -> None:
-        self.free = list(range(slots - 1, -1, -1))
-        self.leased: set[int] = set()
-        self.released: list[int] = []  # appended by finalizers, drained by the loader's thread
-        self.lock = threading.Lock()
-
-    def release(self, slot: int) -> None:
-        with self.lock:
-            self.released.append(slot)
-
-    def reclaim(self) -> None:
-        with self.lock:
-            released, self.released = self.released, []
-        for slot in released:
-            self.leased.discard(slot)
-            self.free.append(slot)
 
 
 class _Resources:
@@ -219,7 +198,6 @@ class Loader:
                 f"{max(2, workers + 1)} (one per worker plus one for the batch you hold)."
             )
         # Slots the caller may hold before batches are copied out instead: keep one per worker.
-        self._max_leased = self.slots - max(1, min(workers, self.slots - 1))
         # Orders a worker holds at once (one filling, the rest queued), topped up in one write.
         self._per_worker = max(2, min(8, (self.slots - 4) // max(1, workers)))
 
@@ -229,7 +207,8 @@ class Loader:
         self._resources.headers = np.frombuffer(ring.map, np.int64, ring.nbytes // 8).reshape(
             self.slots, -1)[:, : HEADER_BYTES // 8]
         job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init)
-        self._book = _SlotBook(self.slots)
+        # The caller may hold all but one slot per worker before batches are copied out.
+        self._book = Leases(self.slots, self.slots - max(1, min(workers, self.slots - 1)))
         self._orders: dict[int, _Order] = {}
         self._order_ids = itertools.count()
         self._ready: dict[int, _Ready] = {}
@@ -346,10 +325,6 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        # weakref.finalize does the work; this only keeps a half-built Loader quiet.
-        pass
 
     def __repr__(self) -> str:
         return (
@@ -594,16 +569,8 @@ class Loader:
 
     def _deliver(self, ready: _Ready) -> Any:
         assert ready.slot is not None
-        slot, count = ready.slot, ready.count
-        base = self._ring.slot_array(slot)
-        views = [
-            base[a.offset : a.offset + a.item_bytes * count].view(a.dtype).reshape((count, *a.shape))
-            for a in self.layout.arrays
-        ]
-        if len(self._book.leased) >= self._max_leased:
-            views = [v.copy() for v in views]
-            del base
-            self._book.free.append(slot)
+        arrays, copied = self._book.hand_out(self._ring, self.layout, ready.slot, ready.count)
+        if copied:
             self._stats["copied_out"] += 1
             if not self._warned_copy:
                 self._warned_copy = True
@@ -611,12 +578,9 @@ class Loader:
                     "the caller holds %d of %d ring slots, so the workers would starve; further "
                     "batches are copied out of the ring until batches are released (raise slots= "
                     "or hold fewer batches).", len(self._book.leased), self.slots)
-        else:
-            self._book.leased.add(slot)
-            weakref.finalize(base, self._book.release, slot)
-        arrays = iter(views)
+        array_leaves = iter(arrays)
         objects = iter(ready.objects)
-        leaves = [next(arrays) if kind == "array" else next(objects) for kind in self.layout.kinds]
+        leaves = [next(array_leaves) if kind == "array" else next(objects) for kind in self.layout.kinds]
         return unflatten(self.layout.treedef, leaves)
 
     # ---- helpers ------------------------------------------------------------------------
