@@ -1,0 +1,239 @@
+"""prefetch_to_device: placement, how far it reads ahead, resume, and batches that never change."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import agnostic_prefetch as ap  # noqa: E402
+from agnostic_prefetch.device import prefetch_to_device  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def batches(n: int, rows: int = 4):
+    for i in range(n):
+        yield {"x": np.full((rows, 3), i, np.float32), "y": np.arange(rows, dtype=np.int32) + i}
+
+
+class CountingSource:
+    """An iterable that records how many batches were pulled from it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.pulled = 0
+
+    def __iter__(self):
+        for batch in batches(self.n):
+            self.pulled += 1
+            yield batch
+
+
+def feeder_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "agnostic_prefetch-device"]
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_yields_jax_arrays_with_the_same_values_on_the_first_local_device(thread):
+    out = list(prefetch_to_device(batches(5), size=2, thread=thread))
+    assert len(out) == 5
+    for i, b in enumerate(out):
+        assert isinstance(b["x"], jax.Array) and isinstance(b["y"], jax.Array)
+        assert b["x"].devices() == {jax.local_devices()[0]}
+        np.testing.assert_array_equal(np.asarray(b["x"]), np.full((4, 3), i, np.float32))
+        assert b["y"].dtype == np.int32
+
+
+@pytest.mark.parametrize("thread", [False, True])
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_never_pulls_more_than_size_plus_one_ahead_of_the_caller(size, thread):
+    source = CountingSource(12)
+    received = 0
+    for _ in prefetch_to_device(source, size=size, thread=thread):
+        received += 1
+        ahead = source.pulled - received
+        assert 0 <= ahead <= size + 1, (size, source.pulled, received)
+    assert received == 12
+
+
+def test_keeps_size_batches_in_flight_when_not_threaded():
+    source = CountingSource(10)
+    it = prefetch_to_device(source, size=3)
+    assert source.pulled == 3  # filled on creation: the first transfers start at once
+    next(it)
+    assert source.pulled == 4
+
+
+def test_string_and_none_leaves_pass_through():
+    gen = ({"x": np.zeros((2, 2)), "path": ["a.jpg", "b.jpg"], "meta": None} for _ in range(2))
+    b = next(iter(prefetch_to_device(gen)))
+    assert b["path"] == ["a.jpg", "b.jpg"] and b["meta"] is None
+    assert isinstance(b["x"], jax.Array)
+
+
+def test_rejects_bad_arguments_with_the_remedy():
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        prefetch_to_device(batches(1), size=0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    with pytest.raises(ValueError, match="not both"):
+        prefetch_to_device(batches(1), devices=jax.devices()[:1], sharding=sharding)
+
+
+def test_devices_mode_names_the_leaf_its_shape_and_the_remedy():
+    gen = ({"image": np.zeros((4, 2, 2))} for _ in range(1))
+    with pytest.raises(ValueError, match=r"leaf \['image'\] has shape \(4, 2, 2\).*len\(devices\)=1.*reshape"):
+        list(prefetch_to_device(gen, devices=jax.local_devices()[:1]))
+
+
+def test_sharding_over_a_one_device_mesh_returns_global_arrays():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    out = list(prefetch_to_device(batches(3), sharding=sharding))
+    assert [b["x"].sharding for b in out] == [sharding] * 3
+    np.testing.assert_array_equal(np.asarray(out[2]["y"]), np.arange(4) + 2)
+
+
+def test_state_dict_is_none_without_a_stateful_source():
+    it = prefetch_to_device(batches(3))
+    next(it)
+    assert it.state_dict() is None
+
+
+def test_state_dict_is_the_position_of_what_the_caller_received():
+    source = ap.ArraySource({"x": np.arange(40.0)})
+    with ap.Loader(source, 4, workers=0) as loader:
+        before = loader.state_dict()
+        it = prefetch_to_device(loader, size=3)
+        assert it.state_dict() == before  # nothing received yet, though 3 batches were pulled
+        next(it)
+        next(it)
+        assert it.state_dict()["batch"] == 2
+        assert loader.state_dict()["batch"] == 5  # the loader itself ran ahead
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_resuming_from_state_dict_repeats_nothing_and_skips_nothing(thread):
+    source = ap.ArraySource({"x": np.arange(60.0)})
+    with ap.Loader(source, 4, workers=2, shuffle=True, seed=3) as loader:
+        full = [np.asarray(b["x"]).tolist() for b in prefetch_to_device(loader, size=2)]
+    with ap.Loader(source, 4, workers=2, shuffle=True, seed=3) as loader:
+        it = prefetch_to_device(loader, size=2, thread=thread)
+        first = [np.asarray(next(it)["x"]).tolist() for _ in range(6)]
+        state = it.state_dict()
+        it.close()
+    with ap.Loader(source, 4, workers=2, shuffle=True, seed=3) as loader:
+        loader.load_state_dict(state)
+        rest = [np.asarray(b["x"]).tolist() for b in prefetch_to_device(loader, size=2)]
+    assert first + rest == full
+
+
+def test_arrays_received_from_a_three_slot_ring_never_change_afterwards():
+    source = ap.ArraySource({"x": np.arange(400, dtype=np.float32).reshape(100, 4)})
+    received = []
+    with ap.Loader(source, 5, workers=2, slots=3) as loader:
+        for b in prefetch_to_device(loader, size=2):
+            received.append((b["x"], np.array(b["x"], copy=True)))
+    del loader
+    gc.collect()
+    assert len(received) == 20
+    for i, (array, snapshot) in enumerate(received):
+        np.testing.assert_array_equal(np.asarray(array), snapshot)
+        np.testing.assert_array_equal(snapshot, source[slice(5 * i, 5 * i + 5)]["x"])
+
+
+def test_a_source_error_reaches_the_caller_from_the_background_thread():
+    def failing():
+        yield {"x": np.zeros(2)}
+        raise OSError("disk on fire")
+
+    it = prefetch_to_device(failing(), size=2, thread=True)
+    next(it)
+    with pytest.raises(OSError, match="disk on fire"):
+        next(it)
+    assert not feeder_threads()
+
+
+def test_closing_or_dropping_the_prefetcher_stops_its_thread():
+    it = prefetch_to_device(batches(1000), size=2, thread=True)
+    next(it)
+    it.close()
+    assert not feeder_threads()
+    it = prefetch_to_device(batches(1000), size=2, thread=True)
+    next(it)
+    del it
+    gc.collect()
+    assert not feeder_threads()
+
+
+def run_with_devices(code: str, devices: int = 8, timeout: float = 60) -> str:
+    """Run ``code`` in a fresh interpreter whose CPU backend has ``devices`` devices."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_devices_mode_matches_flax_placement_and_values_on_eight_devices():
+    pytest.importorskip("flax")
+    out = run_with_devices("""
+        import numpy as np, jax
+        from flax import jax_utils
+        from agnostic_prefetch.device import prefetch_to_device
+        devices = jax.local_devices()
+        assert len(devices) == 8
+        def gen():
+            for i in range(3):
+                yield {"x": np.arange(8 * 6, dtype=np.float32).reshape(8, 2, 3) + i,
+                       "y": np.arange(8, dtype=np.int32) * (i + 1)}
+        ours = list(prefetch_to_device(gen(), 2, devices=devices))
+        flax = list(jax_utils.prefetch_to_device(gen(), 2, devices=devices))
+        for j, (a, b, host) in enumerate(zip(ours, flax, gen(), strict=True)):
+            for k in ("x", "y"):
+                assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+                np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+                pa = {s.device: (s.index, np.asarray(s.data)) for s in a[k].addressable_shards}
+                pb = {s.device: (s.index, np.asarray(s.data)) for s in b[k].addressable_shards}
+                assert pa.keys() == pb.keys() == set(devices)
+                for i, d in enumerate(devices):  # row i on device i, as with flax
+                    assert pa[d][0] == pb[d][0] and pa[d][0][0] == slice(i, i + 1, None)
+                    np.testing.assert_array_equal(pa[d][1], pb[d][1])
+                    np.testing.assert_array_equal(pa[d][1][0], host[k][i])
+        print("OK")
+    """)
+    assert "OK" in out
+
+
+def test_sharding_splits_the_batch_axis_over_a_mesh_and_refuses_an_indivisible_batch():
+    out = run_with_devices("""
+        import numpy as np, jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from agnostic_prefetch.device import prefetch_to_device
+        mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+        sharding = NamedSharding(mesh, P("data"))
+        gen = ({"x": np.arange(16, dtype=np.float32).reshape(8, 2)} for _ in range(2))
+        for b in prefetch_to_device(gen, sharding=sharding):
+            assert b["x"].sharding == sharding
+            for s in b["x"].addressable_shards:
+                assert s.data.shape == (2, 2)
+                np.testing.assert_array_equal(np.asarray(s.data), np.asarray(b["x"])[s.index])
+        short = ({"x": np.zeros((6, 2), np.float32)} for _ in range(1))
+        try:
+            list(prefetch_to_device(short, sharding=sharding))
+        except ValueError as e:
+            msg = str(e)
+            assert "['x']" in msg and "(6, 2)" in msg and "drop_remainder=True" in msg, msg
+            print("OK")
+    """)
+    assert "OK" in out
