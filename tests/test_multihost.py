@@ -103,7 +103,7 @@ def test_two_processes_assemble_global_batches_and_a_jitted_reduction_sees_both_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for code, out, err in outputs:
+    for code, _out, err in outputs:
         assert code == 0, err[-3000:]
     x, y, steps = expected_sums()
     for _, out, _ in outputs:
