@@ -161,7 +161,7 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
             results.send(("error", -1, None, _picklable(exc),
                           f"worker_init failed: {type(exc).__name__}: {exc}", traceback.format_exc()))
             return
-    warned = False
+    check_imports = threading.current_thread() is threading.main_thread()  # a process worker
     while True:
         try:
             batch_of_orders = unpack_orders(orders.recv_bytes())
@@ -174,19 +174,21 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
                 message = ("error", order.order_id, None, _picklable(exc),
                            f"{type(exc).__name__}: {exc}", traceback.format_exc())
             try:
+                if check_imports:  # once, and before the first result, so it is never lost
+                    check_imports = False
+                    _warn_about_frameworks(results)
                 results.send(message)
             except (BrokenPipeError, OSError):
                 return
-        if not warned and threading.current_thread() is not threading.main_thread():
-            warned = True  # thread workers share the caller's modules: nothing to check
-        elif not warned:
-            warned = True
-            loaded = [name for name in FRAMEWORKS if name in sys.modules]
-            if loaded:
-                results.send(("warn", f"worker pid {os.getpid()}: the source or transform imported "
-                              f"{', '.join(loaded)}; loader workers are meant to stay free of "
-                              "frameworks (memory, start-up time, threads). Import them lazily "
-                              "outside the code the workers run."))
+
+
+def _warn_about_frameworks(results: Connection) -> None:
+    loaded = [name for name in FRAMEWORKS if name in sys.modules]
+    if loaded:
+        results.send(("warn", f"worker pid {os.getpid()}: the source or transform imported "
+                      f"{', '.join(loaded)}; loader workers are meant to stay free of "
+                      "frameworks (memory, start-up time, threads). Import them lazily "
+                      "outside the code the workers run."))
 
 
 # ---------------------------------------------------------------------------------------
