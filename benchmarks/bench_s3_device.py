@@ -1,0 +1,225 @@
+"""Benchmark S3: does the training step wait for data? Device stage vs none vs flax over torch.
+
+Data: the demo's LMDB of JPEG Caffe Datums (random crops of the scikit-image photographs,
+64×64), decoded and augmented (mirror, scale to float32) per item, batch 64.
+
+Part 1, an accelerator-like step: a real ``jax.device_put`` of the batch (the arrays are
+touched on device), then ``time.sleep(step)`` — the step holds the loop for a fixed time
+without using a host core, as an accelerator would. ``step`` is set to the loader's own
+time per batch, measured first, so the ideal wall time is ``steps × max(step, load)``.
+
+    (a) no prefetch: each batch loaded in the loop (Loader with workers=0), then the step
+    (b) flax.jax_utils.prefetch_to_device(size=2) over torch's DataLoader (2 workers)
+    (c) Loader (2 workers) + prefetch_to_device(size=2)
+    (d) the same with thread=True (dispatch from a background thread)
+
+Part 2, a real XLA CPU step (the demo's CNN, jitted) instead of the sleep: now the step's
+XLA threads and the two loader workers share the machine's cores.
+
+    python benchmarks/bench_s3_device.py [--steps 150] [--batch-size 64] [--workers 2]
+    pytest -m bench benchmarks/bench_s3_device.py        # a short run as a test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agnostic_prefetch import _demo
+from agnostic_prefetch.device import prefetch_to_device
+from agnostic_prefetch.loader import Loader
+from agnostic_prefetch.sources import LMDBSource
+
+
+def loop(batches: Iterable[Any], steps: int, step: Callable[[Any], None]) -> dict[str, float]:
+    """Run ``steps`` steps; time spent getting batches vs the whole loop (after one warm-up)."""
+    it = iter(batches)
+    step(next(it))  # warm-up: worker start-up, first transfer, compilation
+    waited = 0.0
+    started = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = next(it)
+        waited += time.perf_counter() - t0
+        step(batch)
+    wall = time.perf_counter() - started
+    return {"wall": wall, "wait": waited}
+
+
+def sleep_step(seconds: float) -> Callable[[Any], None]:
+    import jax
+
+    def step(batch: Any) -> None:
+        batch = jax.device_put(batch)  # a no-op for arrays already on device
+        jax.block_until_ready(batch)
+        time.sleep(seconds)  # the accelerator is busy; the host cores are free
+
+    return step
+
+
+def xla_step() -> Callable[[Any], None]:
+    import jax
+
+    train = _demo.make_step()
+    state = {"params": _demo.init_params(jax.random.PRNGKey(0), len(_demo.PHOTOS))}
+    state["velocity"] = jax.tree_util.tree_map(np.zeros_like, state["params"])
+
+    def step(batch: Any) -> None:
+        batch = jax.device_put(batch)
+        if batch["image"].ndim == 5:  # flax's leading device axis
+            batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+        state["params"], state["velocity"], loss, _ = train(state["params"], state["velocity"], batch)
+        loss.block_until_ready()
+
+    return step
+
+
+class TorchDataset:
+    """The same source and transform as a torch map-style dataset (items as numpy)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Any:
+        rng = np.random.default_rng(i)
+        return _demo.augment(self.source[i], rng)
+
+
+def _numpy_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+def torch_flax_batches(db: str, batch_size: int, workers: int) -> Any:
+    import jax
+    import torch.utils.data
+    from flax import jax_utils
+
+    loader = torch.utils.data.DataLoader(
+        TorchDataset(LMDBSource(db)), batch_size=batch_size, shuffle=True, num_workers=workers,
+        collate_fn=_numpy_collate, drop_last=True, persistent_workers=True, prefetch_factor=2,
+        multiprocessing_context="spawn")  # JAX is running: forking it can deadlock
+
+    def endless() -> Any:
+        while True:
+            for b in loader:
+                yield {k: v[None] for k, v in b.items()}  # flax wants a leading device axis
+
+    return jax_utils.prefetch_to_device(endless(), 2, devices=jax.local_devices()[:1])
+
+
+def ours(db: str, batch_size: int, workers: int, thread: bool = False) -> tuple[Loader, Any]:
+    # Slots: the step's batch, 2 in flight, 1 being pulled (+1 held by the thread), 1 freed late.
+    loader = Loader(LMDBSource(db), batch_size, workers=workers, slots=workers + 6, shuffle=True,
+                    epochs=None, drop_remainder=True, transform=_demo.augment)
+    return loader, prefetch_to_device(loader, size=2, thread=thread)
+
+
+def load_time_per_batch(db: str, batch_size: int, workers: int, batches: int) -> float:
+    """The loader's own time per batch at full speed (nothing else running)."""
+    with Loader(LMDBSource(db), batch_size, workers=workers, shuffle=True, epochs=None,
+                drop_remainder=True, transform=_demo.augment) as loader:
+        it = iter(loader)
+        for _ in range(3):
+            next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return (time.perf_counter() - start) / batches
+
+
+def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--records", type=int, default=2400)
+    p.add_argument("--skip-torch", action="store_true", help="leave out (b)")
+    args = p.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench_s3_")
+    results: dict[str, dict[str, float]] = {}
+    try:
+        db = os.path.join(tmp, "photos_lmdb")
+        _demo.build_database(tmp, db, args.records)
+        load = load_time_per_batch(db, args.batch_size, args.workers, max(20, args.steps // 3))
+        one_core = load_time_per_batch(db, args.batch_size, 0, 10)
+        print(f"loader time per batch: {1000 * load:.1f} ms with {args.workers} workers, "
+              f"{1000 * one_core:.1f} ms in the loop (workers=0); step := {1000 * load:.1f} ms sleep")
+        # At step == load a queue fed exactly as fast as it drains waits on every hiccup;
+        # 1.25 x load shows the same loops with a little slack.
+        for ratio in (1.0, 1.25):
+            sleep = sleep_step(ratio * load)
+            ideal = args.steps * ratio * load
+            tag = f"sleep {ratio:.2f}x load"
+            if ratio == 1.0:
+                with Loader(LMDBSource(db), args.batch_size, workers=0, shuffle=True, epochs=None,
+                            drop_remainder=True, transform=_demo.augment) as loader:
+                    results[f"(a) no prefetch, {tag}"] = loop(loader, args.steps, sleep)
+                    results[f"(a) no prefetch, {tag}"]["ideal"] = args.steps * (load + one_core)
+            if not args.skip_torch:
+                name = f"(b) flax prefetch over torch DataLoader, {tag}"
+                results[name] = loop(torch_flax_batches(db, args.batch_size, args.workers), args.steps, sleep)
+                results[name]["ideal"] = ideal
+            for thread in (False, True):
+                loader, batches = ours(db, args.batch_size, args.workers, thread)
+                with loader:
+                    name = f"({'d' if thread else 'c'}) ours{' thread=True' if thread else ''}, {tag}"
+                    results[name] = loop(batches, args.steps, sleep)
+                    results[name]["ideal"] = ideal
+                    batches.close()
+
+        step = xla_step()
+        with Loader(LMDBSource(db), args.batch_size, workers=0, shuffle=True, epochs=None,
+                    drop_remainder=True, transform=_demo.augment) as loader:
+            results["(e) no prefetch, XLA step"] = loop(loader, args.steps, step)
+        # The step alone (one batch reused): what an infinitely fast loader would give.
+        with Loader(LMDBSource(db), args.batch_size, workers=0, transform=_demo.augment) as one:
+            fixed = next(prefetch_to_device([next(iter(one))]))
+        alone = loop(iter(lambda: fixed, None), args.steps, step)
+        for thread in (False, True):
+            loader, batches = ours(db, args.batch_size, args.workers, thread)
+            with loader:
+                name = f"({'g' if thread else 'f'}) ours{' thread=True' if thread else ''}, XLA step"
+                results[name] = loop(batches, args.steps, step)
+                batches.close()
+        for name, r in results.items():
+            if "XLA" in name:
+                r["ideal"] = max(alone["wall"], args.steps * load)
+        results["(e) no prefetch, XLA step"]["ideal"] = alone["wall"] + args.steps * one_core
+        print(f"XLA step alone (one batch reused): {1000 * alone['wall'] / args.steps:.1f} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(results, args.steps)
+    return results
+
+
+def print_table(results: dict[str, dict[str, float]], steps: int) -> None:
+    print(f"\n{'loop':58} {'wall s':>7} {'ideal s':>8} {'wall/ideal':>10} {'data wait':>10}")
+    for name, r in results.items():
+        print(f"{name:58} {r['wall']:7.2f} {r['ideal']:8.2f} {r['wall'] / r['ideal']:10.2f} "
+              f"{100 * r['wait'] / r['wall']:9.1f}%")
+    print(f"({steps} steps; ideal = steps x max(step, load); without prefetch steps x (step + "
+          "load in the loop); for the XLA step max(step alone, steps x load with all cores))")
+
+
+@pytest.mark.bench
+def test_bench_s3_device_runs():
+    pytest.importorskip("jax")
+    pytest.importorskip("skimage")
+    results = run(["--steps", "20", "--records", "400", "--skip-torch"])
+    assert all(r["wall"] > 0 for r in results.values())
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
