@@ -9,7 +9,7 @@ Messages, worker to parent (plain pickle of small tuples; array data never trave
     ("error", order_id, index, exception_or_None, description, traceback_text)
     ("warn", text)
 Parent to worker: one or more orders packed as bytes by ``pack_orders`` (a fixed header
-and the int64 indices and positions: no pickling on the per-batch path, and several orders
+and the int64 indices: no pickling on the per-batch path, and several orders
 per write, since each write wakes the worker); end of file on the order pipe means "exit".
 """
 
@@ -51,28 +51,30 @@ THREAD_ENV_VARS = (
 )
 
 
-_ORDER_HEADER = struct.Struct("<6q")  # order_id, slot, epoch, number, item count, reserved
+_ORDER_HEADER = struct.Struct("<6q")  # order_id, slot, epoch, number, first position, count
 
 
 @dataclass(frozen=True)
 class Order:
-    """Fill ``slot`` with batch ``number`` of ``epoch``: these records, at these positions."""
+    """Fill ``slot`` with batch ``number`` of ``epoch``: these records, from this position on.
+
+    Item j sits at ``first_position + j`` in the epoch's global order (its RNG seed).
+    """
 
     order_id: int
     slot: int
     epoch: int
     number: int
     indices: np.ndarray
-    positions: np.ndarray
+    first_position: int
 
 
 def pack_orders(orders: list[Order]) -> bytes:
-    """Orders as one message: header, indices and positions for each, back to back."""
+    """Orders as one message: a header and the int64 indices for each, back to back."""
     parts = []
     for o in orders:
-        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, len(o.indices), 0))
+        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position, len(o.indices)))
         parts.append(o.indices.astype(np.int64, copy=False).tobytes())
-        parts.append(o.positions.astype(np.int64, copy=False).tobytes())
     return b"".join(parts)
 
 
@@ -80,11 +82,10 @@ def unpack_orders(message: bytes) -> list[Order]:
     """The inverse of :func:`pack_orders`."""
     orders, offset = [], 0
     while offset < len(message):
-        order_id, slot, epoch, number, n, _ = _ORDER_HEADER.unpack_from(message, offset)
+        order_id, slot, epoch, number, first, n = _ORDER_HEADER.unpack_from(message, offset)
         offset += _ORDER_HEADER.size
-        arrays = np.frombuffer(message, np.int64, 2 * n, offset)
-        offset += 16 * n
-        orders.append(Order(order_id, slot, epoch, number, arrays[:n], arrays[n:]))
+        orders.append(Order(order_id, slot, epoch, number, np.frombuffer(message, np.int64, n, offset), first))
+        offset += 8 * n
     return orders
 
 
@@ -111,7 +112,8 @@ class Filler:
     def fill(self, order: Order) -> tuple:
         """Carry out one order; return the message for the parent."""
         order_id, slot, epoch, number = order.order_id, order.slot, order.epoch, order.number
-        indices, positions = order.indices, order.positions
+        indices = order.indices
+        positions = range(order.first_position, order.first_position + len(indices))
         job = self.job
         writer = self._writers.get(slot)
         if writer is None:
@@ -123,7 +125,7 @@ class Filler:
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
         count = 0
-        for step, (index, position) in enumerate(zip(indices.tolist(), positions.tolist(), strict=True)):
+        for step, (index, position) in enumerate(zip(indices.tolist(), positions, strict=True)):
             header[H_PROGRESS] = step
             try:
                 example = job.source[index]

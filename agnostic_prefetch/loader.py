@@ -450,7 +450,7 @@ class Loader:
         self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
         if worker is not None:
             worker.outstanding.append(order_id)
-        return Order(order_id, slot, epoch, number, batch.indices, batch.positions)
+        return Order(order_id, slot, epoch, number, batch.indices, batch.first_position)
 
     def _wait(self) -> None:
         """Block (using no CPU) until a worker reports, dies, or it is time to check progress."""

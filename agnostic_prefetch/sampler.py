@@ -76,7 +76,12 @@ class Batch:
     epoch: int
     number: int  # batch number within the epoch, on this shard
     indices: np.ndarray  # int64 record indices, in batch order
-    positions: np.ndarray  # int64 positions in the epoch's global order (seed the item RNGs)
+    first_position: int  # item j sits at first_position + j in the epoch's global order
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Each item's position in the epoch's global order (seeds its random generator)."""
+        return np.arange(self.first_position, self.first_position + len(self.indices), dtype=np.int64)
 
 
 def item_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
@@ -134,7 +139,7 @@ class Sampler:
         self._batch_order = getattr(source, "batch_order", None)
         if self._batch_order is not None and not callable(self._batch_order):
             self._batch_order = None
-        self._cache: tuple[int, list[Batch]] | None = None
+        self._orders: dict[int, Any] = {}  # per recent epoch: the shard's order (or batches)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"an epoch has no batches on shard {shard_index} of {shard_count}: the source "
@@ -147,38 +152,51 @@ class Sampler:
     def batches_per_epoch(self) -> int:
         """Batches one epoch yields on this shard (the same for every epoch)."""
         if self._batch_order is not None:
-            return len(self.epoch(0))
+            return len(self._source_batches(0))
         lo, hi = _split(self._source_len, self.shard_index, self.shard_count, self.drop_remainder)
         n = hi - lo
         return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
 
     def batch(self, epoch: int, number: int) -> Batch:
-        """Batch ``number`` of ``epoch`` on this shard."""
-        return self.epoch(epoch)[number]
+        """Batch ``number`` of ``epoch`` on this shard (computed from the epoch's order)."""
+        if self._batch_order is not None:
+            return self._source_batches(epoch)[number]
+        order, lo = self._shard_order(epoch)
+        start = number * self.batch_size
+        if not 0 <= number < self.batches_per_epoch:
+            raise IndexError(f"batch {number} of an epoch with {self.batches_per_epoch} batches")
+        return Batch(epoch, number, order[start : start + self.batch_size], lo + start)
 
     def epoch(self, epoch: int) -> list[Batch]:
-        """All batches of ``epoch`` on this shard (cached for the most recent epoch)."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        batches = self._batches_from_source(epoch) if self._batch_order else self._batches(epoch)
-        self._cache = (epoch, batches)
-        return batches
+        """All batches of ``epoch`` on this shard."""
+        return [self.batch(epoch, k) for k in range(self.batches_per_epoch)]
 
-    def _batches(self, epoch: int) -> list[Batch]:
+    def _shard_order(self, epoch: int) -> tuple[np.ndarray, int]:
+        """This shard's records of ``epoch`` in order, and the global position of the first.
+
+        Only the order array is kept (8 bytes a record), for the two most recent epochs: the
+        loader's look-ahead straddles an epoch boundary.
+        """
+        cached = self._orders.get(epoch)
+        if cached is not None:
+            return cached
         n = self._source_len
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
         else:
             order = np.arange(n, dtype=np.int64)
         lo, hi = _split(n, self.shard_index, self.shard_count, self.drop_remainder)
-        bs = self.batch_size
-        end = lo + (hi - lo) // bs * bs if self.drop_remainder else hi
-        return [
-            Batch(epoch, k, order[start : min(start + bs, end)], np.arange(start, min(start + bs, end)))
-            for k, start in enumerate(range(lo, end, bs))
-        ]
+        if self.drop_remainder:
+            hi = lo + (hi - lo) // self.batch_size * self.batch_size
+        cached = (order[lo:hi], lo)
+        self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
+        self._orders[epoch] = cached
+        return cached
 
-    def _batches_from_source(self, epoch: int) -> list[Batch]:
+    def _source_batches(self, epoch: int) -> list[Batch]:
+        cached = self._orders.get(epoch)
+        if cached is not None:
+            return cached
         assert self._batch_order is not None
         bs = self.batch_size
         raw = self._batch_order(seed=self.seed, epoch=epoch, batch_size=bs)
@@ -193,8 +211,7 @@ class Sampler:
         if self.drop_remainder:  # drop short batches first, so every shard gets as many
             numbered = [(g, b) for g, b in numbered if len(b) == bs]
         lo, hi = _split(len(numbered), self.shard_index, self.shard_count, self.drop_remainder)
-        mine = numbered[lo:hi]
-        return [
-            Batch(epoch, k, b, g * bs + np.arange(len(b), dtype=np.int64))
-            for k, (g, b) in enumerate(mine)
-        ]
+        result = [Batch(epoch, k, b, g * bs) for k, (g, b) in enumerate(numbered[lo:hi])]
+        self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
+        self._orders[epoch] = result
+        return result
