@@ -18,12 +18,12 @@ from agnostic_prefetch.errors import (
     WorkerDiedError,
     WorkerError,
 )
-from agnostic_prefetch.loader import Loader
 from agnostic_prefetch.sampler import BatchOrderSource
-from agnostic_prefetch.sources import ArraySource
 
 if TYPE_CHECKING:
-    from agnostic_prefetch.sources import ImageListSource, LMDBSource, WindowSource
+    from agnostic_prefetch.device import prefetch_to_device
+    from agnostic_prefetch.loader import Loader
+    from agnostic_prefetch.sources import ArraySource, ImageListSource, LMDBSource, WindowSource
     from agnostic_prefetch.transforms import CaffeTransform
 
 __all__ = [
@@ -44,9 +44,11 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Imported on first use: Pillow, lmdb and the frameworks stay out of workers that never
-# need them (start-up time), and out of `import agnostic_prefetch`.
+# Imported on first use: a worker process imports this package too, and needs none of
+# these (the loader's process management, Pillow, lmdb, JAX): each costs start-up time.
 _LAZY = {
+    "Loader": "agnostic_prefetch.loader",
+    "ArraySource": "agnostic_prefetch.sources",
     "ImageListSource": "agnostic_prefetch.sources",
     "LMDBSource": "agnostic_prefetch.sources",
     "WindowSource": "agnostic_prefetch.sources",
@@ -59,3 +61,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
