@@ -9,6 +9,7 @@ event, the host does not.
 from __future__ import annotations
 
 import collections
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -40,6 +41,9 @@ class InFlight:
         self._queue: collections.deque[tuple[Any, Any, Any, Callable[[], bool]]] = collections.deque()
         self._copying: list[tuple[Any, Callable[[], bool]]] = []  # handed out, copy not yet done
         self._exhausted = False
+        # Dropped without close(): still wait for pending copies before the host batches
+        # (ring slots) they read from go back to the loader. Runs before attributes clear.
+        self._finalizer = weakref.finalize(self, placement.close)
         self._fill(self.size)
 
     def _fill(self, n: int) -> None:
@@ -77,7 +81,7 @@ class InFlight:
     def close(self) -> None:
         """Drop the batches in flight and release what the placement holds (page-locking)."""
         self._queue.clear()
-        self._placement.close()
+        self._finalizer()  # placement.close(), once
         self._copying.clear()
 
     def __enter__(self) -> InFlight:
