@@ -263,22 +263,33 @@ def test_every_array_record_decodes_to_equal_arrays(fields, seed):
         np.testing.assert_array_equal(decoded[name], arr)
 
 
-def _read_label_in_child(source, index, queue):
-    queue.put(int(source[index]["label"]))
-
-
 def test_forked_child_reopens_after_the_parent_read(tmp_path, images):
-    import multiprocessing
+    # Forking this pytest process is unsafe once another test has imported JAX (its threads
+    # do not survive a fork), so the fork happens in a fresh interpreter.
+    import subprocess
+    import sys
+    import textwrap
 
-    source = LMDBSource(write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)]))
-    source[0]  # the parent holds an open environment when it forks (as torch's DataLoader does)
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_read_label_in_child, args=(source, 7, queue))
-    child.start()
-    try:
-        assert queue.get(timeout=20) == 7
-    finally:
-        child.join(timeout=20)
-    assert child.exitcode == 0
-    assert source[8]["label"] == 8  # the parent's environment is untouched
+    db = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    script = textwrap.dedent(f"""
+        import multiprocessing, sys
+        from agnostic_prefetch.sources.lmdb import LMDBSource
+
+        def read(source, index, queue):
+            queue.put(int(source[index]["label"]))
+
+        if __name__ == "__main__":
+            source = LMDBSource({str(db)!r})
+            source[0]  # the parent holds an open environment when it forks (as torch's DataLoader does)
+            ctx = multiprocessing.get_context("fork")
+            queue = ctx.Queue()
+            child = ctx.Process(target=read, args=(source, 7, queue))
+            child.start()
+            got = queue.get(timeout=20)
+            child.join(timeout=20)
+            assert (got, child.exitcode) == (7, 0), (got, child.exitcode)
+            assert source[8]["label"] == 8  # the parent's environment is untouched
+            print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
