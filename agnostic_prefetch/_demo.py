@@ -176,14 +176,10 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
     params = init_params(jax.random.PRNGKey(0), len(PHOTOS))
     velocity = jax.tree_util.tree_map(np.zeros_like, params)
     step = make_step()
-    size = 2
-    # Slots the caller side holds at peak: the batch in the step, `size` in flight, the one
-    # being pulled, and one whose JAX buffers JAX frees a moment later. Fewer slots still
-    # work, but then the loader copies some batches out of the ring.
-    slots = max(workers, 1) + size + 3
-    with Loader(source, batch_size, workers=workers, slots=slots, shuffle=True, seed=0,
+    # The default ring (workers + 6 slots) leaves room for what this loop holds at its peak.
+    with Loader(source, batch_size, workers=workers, shuffle=True, seed=0,
                 epochs=None, drop_remainder=True, transform=augment) as loader:
-        batches = prefetch_to_device(loader, size=size)
+        batches = prefetch_to_device(loader, size=2)
         # The first step compiles: run it outside the measured loop.
         params, velocity, loss, _ = step(params, velocity, next(batches))
         loss.block_until_ready()

@@ -45,6 +45,9 @@ log = logging.getLogger("agnostic_prefetch")
 
 _STATE_VERSION = 1
 _SMALL_SLOT = 64 << 10  # slots this small get more of them: the per-batch cost is the pipe
+# Batches a training loop holds at its peak behind prefetch_to_device(size=2): the step's,
+# two in flight, one being pulled, one JAX releases a moment later; plus one spare.
+_HELD_BY_CALLER = 6
 
 
 @dataclass
@@ -100,10 +103,12 @@ class Loader:
         batch_size: items per batch.
         workers: worker count; 0 loads in the calling thread (for debugging).
         backend: ``"process"`` (fresh processes, off the GIL) or ``"thread"``.
-        slots: ring slots; default ``workers + 4`` (room for the workers, a device stage
-            holding 2-3 batches, and the batch your step holds). At least ``workers + 1``;
-            a plain ``for`` loop is zero-copy from ``max(workers, 1) + 2`` on (the loop
-            still holds the previous batch while the next one is handed over).
+        slots: ring slots; default ``workers + 6``: one per worker, plus what a training
+            loop over ``prefetch_to_device(loader, size=2)`` holds at its peak (the step's
+            batch, two in flight, one being pulled, one JAX is about to release), plus one.
+            At least ``workers + 1``; a plain ``for`` loop is zero-copy from
+            ``max(workers, 1) + 2`` on (it still holds the previous batch while the next one
+            is handed over). Hold more than the ring allows and batches are copied out.
         shuffle, seed: permute items per epoch from ``(seed, epoch)``.
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
         drop_remainder: every batch full and every shard the same length.
@@ -190,7 +195,7 @@ class Loader:
             # Small slots cost little, and more of them let each worker take several orders
             # per pipe write (tiny batches are bound by those writes, not by the copying).
             per_worker = 8 if self.layout.slot_bytes <= _SMALL_SLOT else 1
-            slots = workers * per_worker + 4
+            slots = workers * per_worker + _HELD_BY_CALLER
         self.slots = int(slots)
         if self.slots < max(2, workers + 1):
             raise ValueError(
@@ -199,7 +204,7 @@ class Loader:
             )
         # Slots the caller may hold before batches are copied out instead: keep one per worker.
         # Orders a worker holds at once (one filling, the rest queued), topped up in one write.
-        self._per_worker = max(2, min(8, (self.slots - 4) // max(1, workers)))
+        self._per_worker = max(2, min(8, (self.slots - _HELD_BY_CALLER) // max(1, workers)))
 
         ring = Ring(self.slots, self.layout.slot_bytes)
         self._resources.ring = ring

@@ -103,3 +103,20 @@ def test_copied_out_batch_counts_in_stats_when_a_consumer_hoards_then_streams():
         gc.collect()
         rest = [b["i"].tolist() for b in it]
         assert rest[0] == [9, 10, 11] and loader.stats()["copied_out"] >= 2
+
+
+def test_default_ring_covers_a_training_loop_behind_prefetch_to_device():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    @jax.jit
+    def step(total, batch):
+        return total + jnp.sum(batch["image"].astype(jnp.float32))
+
+    with ap.Loader(Images(), 4, workers=2, epochs=4) as loader:
+        total = jnp.zeros(())
+        for batch in ap.prefetch_to_device(loader, size=2):
+            total = step(total, batch)
+        total.block_until_ready()
+        assert loader.stats()["copied_out"] == 0
+    assert float(total) == 4 * sum((i % 256) * 16 * 16 * 3 for i in range(40))
