@@ -16,7 +16,7 @@ from agnostic_prefetch._layout import ALIGN, HEADER_BYTES, PAGE, layout_from_exa
 def test_ring_that_does_not_fit_is_an_error_with_numbers_and_remedies(monkeypatch):
     monkeypatch.setattr(_ring, "available_bytes", lambda *a, **k: (1_000_000, "MemAvailable in /proc/meminfo"))
     with pytest.raises(ap.RingTooLargeError) as info:
-        ap.Loader(Counting(100), 64, workers=1, spec={"x": np.zeros((64, 64), np.float32)})
+        ap.Loader(Counting(100), 64, workers=1, slots=5, spec={"x": np.zeros((64, 64), np.float32)})
     message = str(info.value)
     slot = layout_from_example({"x": np.zeros((64, 64), np.float32)}, 64).slot_bytes
     assert f"{5 * slot:,} bytes" in message and "1,000,000 bytes" in message
