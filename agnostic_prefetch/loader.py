@@ -392,9 +392,8 @@ class Loader:
         self._check_open()
         while True:
             self._book.reclaim()
-            found = self._take_ready(end)
-            if found is not None:
-                return found
+            # Top the workers up first, even when a batch is ready: otherwise they idle while
+            # the caller drains ready batches, and the caller then waits a whole fill.
             self._dispatch(end)
             found = self._take_ready(end)
             if found is not None:

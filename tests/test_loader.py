@@ -238,3 +238,15 @@ def test_numpy_strings_travel_as_lists_and_framework_tensors_as_arrays():
         first = next(iter(loader))
     assert first["name"] == ["n0", "n1"] and first["blob"] == [b"", b"\x00"]
     assert isinstance(first["t"], np.ndarray) and first["t"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
+
+
+def test_workers_are_topped_up_while_ready_batches_wait():
+    import time
+
+    with ap.Loader(Counting(200), 1, workers=1, slots=12, epochs=None) as loader:
+        it = iter(loader)
+        next(it)
+        time.sleep(0.5)  # the worker finishes every order it holds; batches wait, ready
+        for _ in range(5):
+            next(it)  # handing out a ready batch must also hand the worker new orders
+            assert len(loader._workers[0].outstanding) > loader._per_worker // 2
