@@ -104,3 +104,22 @@ def test_arrays_a_caller_holds_never_change_after_the_loader_moves_on(c, data):
                 check_batch(b, want[j])
     for j, b in held.items():  # and after close() too
         check_batch(b, want[j])
+
+
+@SETTINGS
+@given(st.integers(1, 60), st.integers(1, 9), st.integers(1, 4), st.booleans(), st.integers(0, 99),
+       st.sampled_from([(0, "process"), (1, "thread"), (2, "process"), (3, "thread")]))
+def test_every_index_delivered_exactly_once_per_epoch_across_shards(n, batch_size, shard_count, shuffle, seed, w):
+    if n < shard_count:
+        shard_count = n
+    delivered = []
+    for shard in range(shard_count):
+        with ap.Loader(Counting(n), batch_size, workers=w[0], backend=w[1], shuffle=shuffle,
+                       seed=seed, shard_index=shard, shard_count=shard_count, epochs=2) as loader:
+            per_epoch = loader.batches_per_epoch
+            batches = [b["i"].tolist() for b in loader]
+        for epoch in range(2):
+            delivered.append((epoch, [i for b in batches[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b]))
+    for epoch in range(2):
+        seen = [i for e, items in delivered if e == epoch for i in items]
+        assert sorted(seen) == list(range(n))
