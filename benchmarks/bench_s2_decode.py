@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,9 @@ import pytest
 from PIL import Image
 
 from agnostic_prefetch.sampler import item_rng
-from agnostic_prefetch.sources._datum import Datum, encode_datum
+from agnostic_prefetch.sources import _decode
+from agnostic_prefetch.sources._datum import Datum, decode_datum, encode_datum
+from agnostic_prefetch.sources._decode import decode_image
 from agnostic_prefetch.sources._lmdb_write import LMDBWriter
 from agnostic_prefetch.sources._resize import resize_bilinear
 from agnostic_prefetch.sources.lmdb import LMDBSource
@@ -39,6 +42,7 @@ from agnostic_prefetch.transforms import CaffeTransform
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
 BATCH = 64
+LEAD = 8  # untimed batches at the start of each loader window (drains the read-ahead)
 
 
 def build_db(path: str, records: int, seed: int = 0) -> None:
@@ -74,31 +78,68 @@ def timed(run: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - start, items
 
 
-def bench_single_core(source: Any, transform: Any) -> tuple[float, int]:
+def encoded_bytes(source: Any) -> list[bytes]:
+    return [bytes(decode_datum(source._value(i)).data) for i in range(len(source))]
+
+
+def make_single_core(source: Any, transform: Any, epochs: int) -> Callable[[], tuple[float, int]]:
+    """(a): source[i] + transform, item by item, in this process."""
+
     def run() -> int:
-        for i in range(len(source)):
-            transform(source[i], item_rng(0, 0, i))
-        return len(source)
+        for e in range(epochs):
+            for i in range(len(source)):
+                transform(source[i], item_rng(0, e, i))
+        return epochs * len(source)
 
-    return timed(run)
+    return lambda: timed(run)
 
 
-def bench_ours(source: Any, transform: Any, workers: int) -> tuple[float, int]:
+def make_decode_only(datas: list[bytes], epochs: int) -> Callable[[], tuple[float, int]]:
+    def run() -> int:
+        for _ in range(epochs):
+            for i, data in enumerate(datas):
+                decode_image(data, name=str(i))
+        return epochs * len(datas)
+
+    return lambda: timed(run)
+
+
+def make_transform_only(image: np.ndarray, transform: Any, n: int) -> Callable[[], tuple[float, int]]:
+    def run() -> int:
+        for i in range(n):
+            transform({"image": image, "label": 0}, item_rng(0, 0, i))
+        return n
+
+    return lambda: timed(run)
+
+
+def _stream(it: Any, batches: int, lead: int) -> Callable[[], tuple[float, int]]:
+    """Time ``batches`` batches of an endless iterator after ``lead`` untimed ones.
+
+    The untimed lead drains what the loader read ahead while idle (our free slots, torch's
+    prefetch), so no loader starts its window with a head start.
+    """
+
+    def run() -> tuple[float, int]:
+        for _ in range(lead):
+            next(it)
+        start = time.perf_counter()
+        items = 0
+        for _ in range(batches):
+            items += len(next(it)["label"])
+        return time.perf_counter() - start, items
+
+    return run
+
+
+def make_ours(source: Any, transform: Any, workers: int, batches: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
     from agnostic_prefetch.loader import Loader
 
-    with Loader(source, BATCH, workers=workers, shuffle=True, seed=0, epochs=None, transform=transform) as loader:
-        it = iter(loader)
-        per_epoch = -(-len(source) // BATCH)
-        for _ in range(per_epoch):  # warm-up epoch: workers started, caches warm
-            next(it)
-
-        def run() -> int:
-            items = 0
-            for _ in range(per_epoch):
-                items += len(next(it)["label"])
-            return items
-
-        return timed(run)
+    loader = stack.enter_context(Loader(source, BATCH, workers=workers, shuffle=True, seed=0, epochs=None, transform=transform))
+    it = iter(loader)
+    for _ in range(-(-len(source) // BATCH)):  # warm-up epoch: workers started, caches warm
+        next(it)
+    return _stream(it, batches, LEAD)
 
 
 class _TorchDataset:
@@ -112,21 +153,20 @@ class _TorchDataset:
         return self.transform(self.source[i], item_rng(0, self.epoch, i))
 
 
-def bench_torch(source: Any, transform: Any, workers: int) -> tuple[float, int]:
+def make_torch(source: Any, transform: Any, workers: int, batches: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
     import torch.utils.data
 
     dataset = _TorchDataset(source, transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=True)
-    for _ in loader:  # warm-up epoch
-        pass
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=False, num_samples=10**9)  # endless
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, sampler=sampler, num_workers=workers, persistent_workers=True)
+    it = iter(loader)
+    stack.callback(lambda: loader._iterator._shutdown_workers() if loader._iterator is not None else None)
+    for _ in range(-(-len(source) // BATCH)):  # warm-up epoch
+        next(it)
+    return _stream(it, batches, LEAD)
 
-    def run() -> int:
-        return sum(len(b["label"]) for b in loader)
 
-    return timed(run)
-
-
-def bench_grain(source: Any, transform: Any, workers: int) -> tuple[float, int]:
+def make_grain(source: Any, transform: Any, workers: int, batches: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
     import grain.python as grain
     from absl import flags
 
@@ -137,66 +177,105 @@ def bench_grain(source: Any, transform: Any, workers: int) -> tuple[float, int]:
         def random_map(self, element: Any, rng: np.random.Generator) -> Any:
             return transform(element, rng)
 
-    def make(epochs: int) -> Any:
-        sampler = grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=True, num_epochs=epochs, seed=0)
-        return grain.DataLoader(data_source=source, sampler=sampler, operations=[Augment(), grain.Batch(BATCH)], worker_count=workers)
-
-    loader = make(2)
+    sampler = grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=True, num_epochs=None, seed=0)
+    loader = grain.DataLoader(data_source=source, sampler=sampler, operations=[Augment(), grain.Batch(BATCH)], worker_count=workers)
     it = iter(loader)
-    per_epoch = -(-len(source) // BATCH)
-    # Grain batches across the epoch boundary; warm up with all but the last batch of epoch 1
-    for _ in range(per_epoch - 1):
+    stack.callback(lambda: it.__del__() if hasattr(it, "__del__") else None)
+    for _ in range(-(-len(source) // BATCH)):  # warm-up epoch
         next(it)
-
-    def run() -> int:
-        return sum(len(b["label"]) for b in it)
-
-    return timed(run)
+    return _stream(it, batches, LEAD)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed window")
+    parser.add_argument("--idle", type=float, default=1.5, help="seconds of idling before each window")
     parser.add_argument("--skip", default="", help="comma-separated: torch,grain")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    fast = _decode._simplejpeg is not None
+    chosen = "simplejpeg" if fast else "Pillow (simplejpeg not importable)"
+    runs: dict[str, Callable[[], tuple[float, int]]] = {}
+    rates: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         db = os.path.join(tmp, "db")
         start = time.perf_counter()
         build_db(db, args.records)
-        print(f"built {args.records} JPEG datums (256×256) in {time.perf_counter() - start:.1f} s")
+        print(f"built {args.records} JPEG datums (256×256) in {time.perf_counter() - start:.1f} s; JPEG decoder: {chosen}")
         source = LMDBSource(db)
         transform = CaffeTransform(crop_size=224, mirror=True, mean=(123.68, 116.78, 103.94))
-        runs: list[tuple[str, Callable[[], tuple[float, int]]]] = [
-            ("(a) one core, source + transform", lambda: bench_single_core(source, transform)),
-            (f"(b) agnostic_prefetch.Loader, {args.workers} workers", lambda: bench_ours(source, transform, args.workers)),
-        ]
+        datas = encoded_bytes(source)
+        image = source[0]["image"]
+        batches = args.epochs * len(source) // BATCH
+
+        def with_pillow(run: Callable[[], tuple[float, int]]) -> Callable[[], tuple[float, int]]:
+            def pillow_run() -> tuple[float, int]:
+                saved, _decode._simplejpeg = _decode._simplejpeg, None
+                try:
+                    return run()
+                finally:
+                    _decode._simplejpeg = saved
+
+            return pillow_run
+
+        runs["decode only, Pillow"] = with_pillow(make_decode_only(datas, args.epochs))
+        if fast:
+            runs["decode only, simplejpeg"] = make_decode_only(datas, args.epochs)
+        runs["transform only (CaffeTransform)"] = make_transform_only(image, transform, args.epochs * len(source))
+        runs["(a) one core, Pillow path"] = with_pillow(make_single_core(source, transform, args.epochs))
+        runs[A_CHOSEN] = make_single_core(source, transform, args.epochs)
+        makers = [(f"(b) agnostic_prefetch.Loader, {args.workers} workers", make_ours)]
         if "torch" not in skip:
-            runs.append((f"(c) torch DataLoader, {args.workers} workers", lambda: bench_torch(source, transform, args.workers)))
+            makers.append((f"(c) torch DataLoader, {args.workers} workers", make_torch))
         if "grain" not in skip:
-            runs.append((f"(d) grain DataLoader, {args.workers} workers", lambda: bench_grain(source, transform, args.workers)))
-        for name, run in runs:
+            makers.append((f"(d) grain DataLoader, {args.workers} workers", make_grain))
+        for name, make in makers:
             try:
-                seconds, items = run()
-                results[name] = items / seconds
+                runs[name] = make(source, transform, args.workers, batches, stack)
             except Exception as exc:  # a competitor that does not run here is reported, not fatal
-                results[name] = f"did not run: {type(exc).__name__}: {exc}"
-    base = results["(a) one core, source + transform"]
-    print(f"\n{'reader':45} {'items/s':>10} {'vs (a)':>8}")
-    for name, rate in results.items():
-        if isinstance(rate, float):
-            print(f"{name:45} {rate:10.0f} {rate / base:7.2f}x")
-        else:
-            print(f"{name:45} {rate}")
+                print(f"{name}: did not start: {type(exc).__name__}: {exc}")
+        for r in range(args.rounds):
+            for name, run in runs.items():
+                time.sleep(args.idle)  # let the loader measured before go idle
+                try:
+                    seconds, items = run()
+                    rates.setdefault(name, []).append(items / seconds)
+                except Exception as exc:
+                    print(f"{name}: failed in round {r}: {type(exc).__name__}: {exc}")
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n.split(',')[0]} {v[-1]:.0f}" for n, v in rates.items()))
+    results = report(rates, args.workers)
     sys.stdout.flush()
+    return results
+
+
+A_CHOSEN = "(a) one core, chosen path"
+
+
+def report(rates: dict[str, list[float]], workers: int) -> dict[str, Any]:
+    """Medians over rounds; ratios are medians of per-round ratios against peers of the same round."""
+    base = rates.get(A_CHOSEN)
+    torch_name = next((n for n in rates if n.startswith("(c)")), None)
+    print(f"\n{'reader':42} {'items/s':>9} {'vs workers×(a)':>15} {'vs torch':>9}  per round")
+    results: dict[str, Any] = {}
+    for name, values in rates.items():
+        n = len(values)
+        vs_a = vs_t = ""
+        if base and name[:3] in ("(b)", "(c)", "(d)"):
+            vs_a = f"{np.median([values[i] / (workers * base[i]) for i in range(n)]):.0%}"
+        if torch_name and name[:3] in ("(b)", "(c)", "(d)"):
+            vs_t = f"{np.median([values[i] / rates[torch_name][i] for i in range(n)]):.2f}x"
+        med = float(np.median(values))
+        results[name] = med
+        print(f"{name:42} {med:9.0f} {vs_a:>15} {vs_t:>9}  {', '.join(f'{v:.0f}' for v in values)}")
     return results
 
 
 @pytest.mark.bench
 def test_bench_s2_decode_runs():
-    results = main(["--records", "256"])
+    results = main(["--records", "256", "--rounds", "1", "--epochs", "1", "--idle", "0.2"])
     assert all(isinstance(v, float) and v > 0 for k, v in results.items() if k.startswith(("(a)", "(b)")))
 
 

@@ -138,3 +138,69 @@ def test_errors_name_the_sizes():
 def test_repr_states_the_parameters():
     r = repr(CaffeTransform(crop_size=224, mirror=True, mean=(1, 2, 3)))
     assert "crop_size=224" in r and "mirror=True" in r and "(1, 2, 3)" in r
+
+
+def _before_fast_path(t, example, draws):
+    """CaffeTransform.__call__ as it was before the single-pass fill (numpy's whole-array ops), for bit-exact comparison."""
+    from agnostic_prefetch.sources._mean import mean_for
+
+    image = np.asarray(example["image"])
+    h, w, c = image.shape
+    do_mirror = t.mirror and bool(draws.integers(0, 2))
+    top = left = 0
+    size_h, size_w = h, w
+    if t.crop_size:
+        size_h = size_w = t.crop_size
+        if t.train:
+            top, left = int(draws.integers(0, h - size_h + 1)), int(draws.integers(0, w - size_w + 1))
+        else:
+            top, left = (h - size_h) // 2, (w - size_w) // 2
+    out = image[top : top + size_h, left : left + size_w]
+    if t.mean is not None or t.scale != 1.0:
+        out = out.astype(np.float32)
+        if t.mean is not None:
+            mean = mean_for(t.mean, c, "")
+            if mean.ndim == 3:
+                mean = mean[top : top + size_h, left : left + size_w]
+            out -= mean
+        if t.scale != 1.0:
+            out *= np.float32(t.scale)
+    if do_mirror:
+        out = out[:, ::-1]
+    if t.layout == "CHW":
+        out = out.transpose(2, 0, 1)
+    return np.ascontiguousarray(out, dtype=t.dtype)
+
+
+@pytest.mark.parametrize("layout", ["HWC", "CHW"])
+@pytest.mark.parametrize("mean", [None, 7.5, "channels", "image"])
+@pytest.mark.parametrize("scale", [1.0, 0.017])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("strided", [False, True])
+def test_single_pass_fill_is_bit_identical_to_the_whole_array_ops(layout, mean, scale, dtype, channels, strided):
+    # the fast path (one pass, crop and mirror as views, channel-wise or row-wise loops)
+    # must give exactly the bytes the straightforward numpy expression gave
+    base = image(12, 14, channels, seed=3)
+    img = base[:, ::-1][::2] if strided else base  # a non-contiguous input (e.g. a BGR view)
+    if mean == "channels":
+        mean = tuple(np.linspace(10, 130, channels))
+    elif mean == "image":
+        mean = np.random.default_rng(5).uniform(0, 255, img.shape).astype(np.float32)
+    for train in (True, False):
+        t = CaffeTransform(crop_size=4, mirror=True, mean=mean, scale=scale, train=train, layout=layout, dtype=dtype)
+        for seed in range(6):
+            got = t({"image": img, "label": 1}, rng(seed))
+            want = _before_fast_path(t, {"image": img}, rng(seed))
+            assert got["label"] == 1
+            assert got["image"].dtype == want.dtype and got["image"].flags.c_contiguous
+            np.testing.assert_array_equal(got["image"], want)
+
+
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float64, np.int32])
+def test_single_pass_fill_other_input_dtypes(in_dtype):
+    img = np.random.default_rng(1).uniform(-50, 300, (9, 11, 3)).astype(in_dtype)
+    for mean, scale in [(None, 1.0), ((1.5, 2.5, 3.5), 1.0), (None, 0.5), ((1.0, 2.0, 3.0), 0.25)]:
+        t = CaffeTransform(crop_size=5, mirror=True, mean=mean, scale=scale)
+        for seed in range(4):
+            np.testing.assert_array_equal(t({"image": img}, rng(seed))["image"], _before_fast_path(t, {"image": img}, rng(seed)))

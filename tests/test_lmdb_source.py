@@ -293,3 +293,134 @@ def test_forked_child_reopens_after_the_parent_read(tmp_path, images):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- the JPEG fast path (simplejpeg) against Pillow ----------------------------------------
+
+
+def _jpeg(image: np.ndarray, mode: str | None = None, **save: object) -> bytes:
+    buf = io.BytesIO()
+    pil = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    (pil.convert(mode) if mode else pil).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pillow_only(monkeypatch):
+    """Decode as if simplejpeg were not installed."""
+    from agnostic_prefetch.sources import _decode
+
+    monkeypatch.setattr(_decode, "_simplejpeg", None)
+
+
+def _decode_both(data: bytes, monkeypatch, **kw) -> tuple[np.ndarray, np.ndarray]:
+    from agnostic_prefetch.sources import _decode
+
+    fast = _decode.decode_image(data, name="x", **kw)
+    with monkeypatch.context() as m:
+        m.setattr(_decode, "_simplejpeg", None)
+        slow = _decode.decode_image(data, name="x", **kw)
+    return fast, slow
+
+
+@pytest.mark.parametrize("quality,subsampling", [(75, 2), (90, 2), (95, 0), (95, 1)])
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "camera"])
+def test_jpeg_decoders_agree_with_pillow(monkeypatch, name, quality, subsampling):
+    # Both are libjpeg-turbo with the accurate integer DCT and fancy upsampling; on these
+    # photographs they gave identical pixels. A different libjpeg build may differ by a few
+    # levels: the bound below is the tolerance, identical is what was measured.
+    pytest.importorskip("simplejpeg")
+    import skimage.data
+
+    photo = getattr(skimage.data, name)()
+    photo = photo[:, :, None] if photo.ndim == 2 else photo
+    fast, slow = _decode_both(_jpeg(photo, quality=quality, subsampling=subsampling), monkeypatch)
+    assert fast.shape == slow.shape == photo.shape and fast.dtype == np.uint8 and fast.flags.c_contiguous
+    diff = np.abs(fast.astype(np.int16) - slow)
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+@pytest.mark.parametrize("color", [None, True, False])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_colour_rules_match_pillow(monkeypatch, channels, color):
+    # color=False on a colour JPEG must be Pillow's luma (not libjpeg's Y channel), gray
+    # stays one channel unless color=True: conversions go through Pillow
+    img = rgb_image(20, 30)[:, :, :channels]
+    fast, slow = _decode_both(_jpeg(img, quality=90), monkeypatch, color=color)
+    assert fast.shape == slow.shape
+    assert np.abs(fast.astype(np.int16) - slow).max() <= 2
+
+
+def test_cmyk_jpeg_goes_through_pillow(monkeypatch):
+    fast, slow = _decode_both(_jpeg(rgb_image(16, 16), "CMYK", quality=90), monkeypatch)
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.shape == (16, 16, 3)
+
+
+def test_corrupt_and_truncated_jpegs_raise_pillows_error_naming_the_record(tmp_path):
+    from agnostic_prefetch.sources._decode import ImageDecodeError, decode_image
+
+    good = _jpeg(rgb_image(64, 64), quality=90)
+    for bad in (good[: len(good) // 2], good[:4] + b"\x00" * 100):
+        with pytest.raises(ImageDecodeError, match="cannot decode rec7"):
+            decode_image(bad, name="rec7")
+
+
+def test_jpeg_above_the_pixel_limit_is_refused_by_both_paths(monkeypatch):
+    from agnostic_prefetch.sources import _decode
+
+    data = _jpeg(rgb_image(40, 40), quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 pixels: above twice the limit
+    for fast in (True, False):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(_decode, "_simplejpeg", None)
+            with pytest.raises(_decode.ImageTooLargeError, match="too large"):
+                _decode.decode_image(data, name="big")
+
+
+def test_jpeg_datums_read_in_place_give_the_same_pixels_as_pillow(tmp_path, monkeypatch):
+    # the source hands the memory-mapped bytes to the decoder without copying them
+    from agnostic_prefetch.sources import _decode
+
+    photos = [rgb_image(24, 24, seed=i) for i in range(5)]
+    source = LMDBSource(write_db(tmp_path / "db", [encoded_datum(p, i, "JPEG", quality=90) for i, p in enumerate(photos)]))
+    fast = [source[i]["image"] for i in (4, 0, 1, 2, 3)]  # keyed and sequential reads
+    monkeypatch.setattr(_decode, "_simplejpeg", None)
+    slow = [source[i]["image"] for i in (4, 0, 1, 2, 3)]
+    for a, b in zip(fast, slow, strict=True):
+        assert np.abs(a.astype(np.int16) - b).max() <= 2
+
+
+def test_png_and_raw_datums_identical_without_simplejpeg(tmp_path, images, pillow_only):
+    raw = LMDBSource(write_db(tmp_path / "raw", [raw_datum(im, i) for i, im in enumerate(images)]))
+    png = LMDBSource(write_db(tmp_path / "png", [encoded_datum(im, i) for i, im in enumerate(images)]))
+    for i in range(len(images)):
+        np.testing.assert_array_equal(raw[i]["image"], images[i])
+        np.testing.assert_array_equal(png[i]["image"], images[i])
+
+
+def test_pillow_is_forced_by_the_environment_variable():
+    import subprocess
+    import sys
+
+    code = "from agnostic_prefetch.sources import _decode; print(_decode._simplejpeg is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "AGNOSTIC_PREFETCH_JPEG": "pillow"}).stdout
+    assert out.strip() == "True"
+
+
+def test_without_simplejpeg_installed_jpegs_decode_with_pillow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io; sys.modules['simplejpeg'] = None\n"  # makes `import simplejpeg` raise ImportError
+        "import numpy as np; from PIL import Image\n"
+        "from agnostic_prefetch.sources import _decode\n"
+        "assert _decode._simplejpeg is None\n"
+        "b = io.BytesIO(); Image.new('RGB', (9, 7), (10, 200, 30)).save(b, 'JPEG')\n"
+        "print(_decode.decode_image(b.getvalue(), name='x').shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(7, 9, 3)"

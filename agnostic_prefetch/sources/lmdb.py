@@ -321,7 +321,8 @@ class LMDBSource:
         datum = self._decode_datum(value, index)
         label = np.int32(datum.label)
         if datum.encoded:
-            image = decode_image(bytes(datum.data), name=self._describe(index))
+            # the bytes are read in place from the memory map (no copy): decoding ends before the cursor moves
+            image = decode_image(datum.data, name=self._describe(index))
             if self.channel_order == "bgr":
                 image = image[:, :, ::-1]
             return np.ascontiguousarray(image), label
