@@ -1,15 +1,20 @@
 """Benchmark S2: decoding JPEG Datums + CaffeTransform — one core, our Loader, torch DataLoader, Grain.
 
 Builds an LMDB of encoded-JPEG Caffe Datums (256×256, random crops and flips of the
-scikit-image photographs), then reads one epoch with random crop 224 + mirror + mean
-(CaffeTransform), batch 64, four ways:
+scikit-image photographs), then reads it with random crop 224 + mirror + mean
+(CaffeTransform), batch 64:
 
-    (a) one core in this process: source[i] + transform, item by item
+    decode only (Pillow, and simplejpeg if importable); the transform alone
+    (a) one core in this process: source[i] + transform, item by item (Pillow path, chosen path)
     (b) agnostic_prefetch.Loader, 2 worker processes
     (c) torch.utils.data.DataLoader over the same source object (num_workers=2, persistent)
     (d) grain.python.DataLoader (worker_count=2), if it runs here
 
-Each loader first runs one warm-up epoch (worker start-up excluded), then a timed epoch.
+Loaders are built first and warmed up for one epoch (worker start-up excluded), and read
+endless streams. Then every reader is timed in interleaved rounds: idle ``--idle`` seconds,
+``LEAD`` untimed batches (drains the read-ahead a loader built up while idle), then
+``--epochs`` epochs' worth of items. Reported: medians over rounds, and ratios as medians
+of per-round ratios (each against the peers of the same round).
 
     python benchmarks/bench_s2_decode.py [--records 2000] [--workers 2]
     pytest -m bench benchmarks/bench_s2_decode.py        # a short run as a test
@@ -104,10 +109,12 @@ def make_decode_only(datas: list[bytes], epochs: int) -> Callable[[], tuple[floa
     return lambda: timed(run)
 
 
-def make_transform_only(image: np.ndarray, transform: Any, n: int) -> Callable[[], tuple[float, int]]:
+def make_transform_only(images: list[np.ndarray], transform: Any, n: int) -> Callable[[], tuple[float, int]]:
+    """The transform alone, cycling over decoded images that together exceed the L3 cache."""
+
     def run() -> int:
         for i in range(n):
-            transform({"image": image, "label": 0}, item_rng(0, 0, i))
+            transform({"image": images[i % len(images)], "label": 0}, item_rng(0, 0, i))
         return n
 
     return lambda: timed(run)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source = LMDBSource(db)
         transform = CaffeTransform(crop_size=224, mirror=True, mean=(123.68, 116.78, 103.94))
         datas = encoded_bytes(source)
-        image = source[0]["image"]
+        images = [source[i]["image"] for i in range(min(len(source), 256))]  # 50 MB of 256×256×3
         batches = args.epochs * len(source) // BATCH
 
         def with_pillow(run: Callable[[], tuple[float, int]]) -> Callable[[], tuple[float, int]]:
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs["decode only, Pillow"] = with_pillow(make_decode_only(datas, args.epochs))
         if fast:
             runs["decode only, simplejpeg"] = make_decode_only(datas, args.epochs)
-        runs["transform only (CaffeTransform)"] = make_transform_only(image, transform, args.epochs * len(source))
+        runs["transform only (CaffeTransform)"] = make_transform_only(images, transform, args.epochs * len(source))
         runs["(a) one core, Pillow path"] = with_pillow(make_single_core(source, transform, args.epochs))
         runs[A_CHOSEN] = make_single_core(source, transform, args.epochs)
         makers = [(f"(b) agnostic_prefetch.Loader, {args.workers} workers", make_ours)]

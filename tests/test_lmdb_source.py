@@ -424,3 +424,32 @@ def test_without_simplejpeg_installed_jpegs_decode_with_pillow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(7, 9, 3)"
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("kind", ["raw", "float"])
+def test_raw_and_float_datums_are_the_exact_chw_to_hwc_permutation(tmp_path, order, channels, kind):
+    # the plane-by-plane conversion must be exactly numpy's transpose (+ channel reversal for rgb)
+    chw = np.random.default_rng(channels).integers(0, 256, (channels, 7, 9), dtype=np.uint8)
+    Datum = caffe_messages()["Datum"]
+    if kind == "raw":
+        msg = Datum(channels=channels, height=7, width=9, data=chw.tobytes(), label=4)
+    else:
+        msg = Datum(channels=channels, height=7, width=9, float_data=chw.astype(np.float32).ravel().tolist(), label=4)
+    source = LMDBSource(write_db(tmp_path / "db", [msg.SerializeToString()]), channel_order=order)
+    want = chw.transpose(1, 2, 0)
+    if order == "rgb":
+        want = want[:, :, ::-1]
+    got = source[0]["image"]
+    assert got.flags.c_contiguous and got.dtype == (np.uint8 if kind == "raw" else np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_encoded_png_in_bgr_order_is_exact(tmp_path, channels):
+    img = rgb_image(6, 5)[:, :, :channels]
+    source = LMDBSource(write_db(tmp_path / "db", [encoded_datum(img, 0)]), channel_order="bgr")
+    got = source[0]["image"]
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, img[:, :, ::-1])
