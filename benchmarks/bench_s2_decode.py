@@ -6,6 +6,7 @@ scikit-image photographs), then reads it with random crop 224 + mirror + mean
 
     decode only (Pillow, and simplejpeg if importable); the transform alone
     (a) one core in this process: source[i] + transform, item by item (Pillow path, chosen path)
+    (a2) the same work in 2 bare processes at once (no loader): what two cores give right now
     (b) agnostic_prefetch.Loader, 2 worker processes
     (c) torch.utils.data.DataLoader over the same source object (num_workers=2, persistent)
     (d) grain.python.DataLoader (worker_count=2), if it runs here
@@ -118,6 +119,58 @@ def make_transform_only(images: list[np.ndarray], transform: Any, n: int) -> Cal
         return n
 
     return lambda: timed(run)
+
+
+def _bare_worker(conn: Any, source: Any, transform: Any) -> None:
+    """(a2) helper: source[i] + transform in a loop in its own process, on request."""
+    import os as _os
+
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        _os.environ.setdefault(var, "1")
+    source[0]
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        start_item, n = request
+        start = time.perf_counter()
+        for i in range(start_item, start_item + n):
+            transform(source[i % len(source)], item_rng(0, 1, i))
+        conn.send(time.perf_counter() - start)
+
+
+def make_bare_processes(source: Any, transform: Any, workers: int, epochs: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
+    """(a2) the same work in ``workers`` processes at once, no loader: what the machine gives right now."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    conns, procs = [], []
+    for _ in range(workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_bare_worker, args=(child, source, transform), daemon=True)
+        proc.start()
+        conns.append(parent)
+        procs.append(proc)
+
+    def close() -> None:
+        for conn in conns:
+            conn.send(None)
+        for proc in procs:
+            proc.join(5)
+
+    stack.callback(close)
+    n = epochs * len(source) // workers
+
+    def run() -> tuple[float, int]:
+        start = time.perf_counter()
+        for k, conn in enumerate(conns):
+            conn.send((k * n, n))
+        for conn in conns:
+            conn.recv()
+        return time.perf_counter() - start, n * workers
+
+    run()  # warm-up
+    return run
 
 
 def _stream(it: Any, batches: int, lead: int) -> Callable[[], tuple[float, int]]:
@@ -234,6 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs["transform only (CaffeTransform)"] = make_transform_only(images, transform, args.epochs * len(source))
         runs["(a) one core, Pillow path"] = with_pillow(make_single_core(source, transform, args.epochs))
         runs[A_CHOSEN] = make_single_core(source, transform, args.epochs)
+        try:
+            runs[A2] = make_bare_processes(source, transform, args.workers, args.epochs, stack)
+        except Exception as exc:
+            print(f"{A2}: did not start: {type(exc).__name__}: {exc}")
         makers = [(f"(b) agnostic_prefetch.Loader, {args.workers} workers", make_ours)]
         if "torch" not in skip:
             makers.append((f"(c) torch DataLoader, {args.workers} workers", make_torch))
@@ -259,24 +316,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 A_CHOSEN = "(a) one core, chosen path"
+A2 = "(a2) same work, N bare processes at once"
 
 
 def report(rates: dict[str, list[float]], workers: int) -> dict[str, Any]:
     """Medians over rounds; ratios are medians of per-round ratios against peers of the same round."""
     base = rates.get(A_CHOSEN)
     torch_name = next((n for n in rates if n.startswith("(c)")), None)
-    print(f"\n{'reader':42} {'items/s':>9} {'vs workers×(a)':>15} {'vs torch':>9}  per round")
+    bare = rates.get(A2)
+    print(f"\n{'reader':42} {'items/s':>9} {'vs workers×(a)':>15} {'vs (a2)':>8} {'vs torch':>9}  per round")
     results: dict[str, Any] = {}
     for name, values in rates.items():
         n = len(values)
-        vs_a = vs_t = ""
-        if base and name[:3] in ("(b)", "(c)", "(d)"):
+        vs_a = vs_2 = vs_t = ""
+        if base and name[:3] in ("(a2", "(b)", "(c)", "(d)"):
             vs_a = f"{np.median([values[i] / (workers * base[i]) for i in range(n)]):.0%}"
+        if bare and name[:3] in ("(b)", "(c)", "(d)"):
+            vs_2 = f"{np.median([values[i] / bare[i] for i in range(n)]):.0%}"
         if torch_name and name[:3] in ("(b)", "(c)", "(d)"):
             vs_t = f"{np.median([values[i] / rates[torch_name][i] for i in range(n)]):.2f}x"
         med = float(np.median(values))
         results[name] = med
-        print(f"{name:42} {med:9.0f} {vs_a:>15} {vs_t:>9}  {', '.join(f'{v:.0f}' for v in values)}")
+        print(f"{name:42} {med:9.0f} {vs_a:>15} {vs_2:>8} {vs_t:>9}  {', '.join(f'{v:.0f}' for v in values)}")
     return results
 
 
