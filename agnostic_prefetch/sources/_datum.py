@@ -60,6 +60,15 @@ def _expect(number: int, wire_type: int, want: int, message: str) -> None:
         raise WireError(f"{message} field {number} has wire type {wire_type}, expected {want}")
 
 
+def _float_field(view: memoryview, number: int, wire_type: int, start: int, a: int, b: int,
+                 pos: int, message: str) -> tuple[np.ndarray, int]:
+    """A repeated float field's values (packed, or a run of unpacked ones) and the next position."""
+    if wire_type == I32:
+        return unpacked_float_run(view, start, number)
+    _expect(number, wire_type, LEN, message)
+    return decode_floats(view, wire_type, a, b).copy(), pos
+
+
 def decode_datum(buf: bytes | memoryview) -> Datum:
     """Parse a serialized Caffe ``Datum``.
 
@@ -90,12 +99,8 @@ def decode_datum(buf: bytes | memoryview) -> Datum:
             _expect(number, wire_type, LEN, "Datum")
             datum.data = view[a:b]  # a later occurrence replaces an earlier one, as in protobuf
         elif number == 6:
-            if wire_type == I32:
-                values, pos = unpacked_float_run(view, start, 6)
-                floats.append(values)
-            else:
-                _expect(number, wire_type, LEN, "Datum")
-                floats.append(decode_floats(view, wire_type, a, b).copy())
+            values, pos = _float_field(view, number, wire_type, start, a, b, pos, "Datum")
+            floats.append(values)
         # other field numbers: unknown fields, skipped as protobuf does
     if floats:
         datum.float_data = np.concatenate(floats).astype(np.float32, copy=False)
@@ -143,12 +148,8 @@ def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
             _expect(number, wire_type, VARINT, "BlobProto")
             legacy[number] = as_int32(a)
         elif number == 5:
-            if wire_type == I32:
-                values, pos = unpacked_float_run(view, start, 5)
-                data.append(values)
-            else:
-                _expect(number, wire_type, LEN, "BlobProto")
-                data.append(decode_floats(view, wire_type, a, b).copy())
+            values, pos = _float_field(view, number, wire_type, start, a, b, pos, "BlobProto")
+            data.append(values)
         elif number == 8:
             _expect(number, wire_type, LEN, "BlobProto")
             data.append(decode_floats(view, wire_type, a, b, "<f8").astype(np.float32))
