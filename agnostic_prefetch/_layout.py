@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch._tree import TreeDef, flatten, key_paths
+from agnostic_prefetch._tree import TreeDef, flatten, key_paths, unflatten
 from agnostic_prefetch.errors import LayoutError
 
 ALIGN = 256
@@ -127,6 +127,16 @@ class SlotWriter:
             for a in layout.arrays
         ]
 
+    def item_out(self, j: int) -> Any:
+        """Item ``j``'s place in the slot, as a tree like the example (``None`` for list leaves).
+
+        Given to a transform that declares ``writes_into_slot``; what it writes there is not
+        copied again.
+        """
+        arrays = iter(self.leaves)
+        return unflatten(self.layout.treedef, [next(arrays)[j] if kind == "array" else None
+                                               for kind in self.layout.kinds])
+
     def write(self, j: int, example: Any, index: int) -> list[Any]:
         """Write ``example`` as item ``j``; return its non-array leaves.
 
@@ -159,6 +169,10 @@ class SlotWriter:
                 )
             values.append(a)
         for dest, a in zip(self.leaves, values, strict=True):
+            if a.ndim:
+                place = dest[j]
+                if a.ctypes.data == place.ctypes.data and a.strides == place.strides:
+                    continue  # the transform wrote it in place (writes_into_slot)
             dest[j] = a
         return objects
 

@@ -121,6 +121,7 @@ class Filler:
         header = writer.header
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
+        into_slot = getattr(job.transform, "writes_into_slot", False)
         started = time.perf_counter()
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
@@ -129,7 +130,10 @@ class Filler:
             header[H_PROGRESS] = step
             try:
                 example = job.source[index]
-                if job.transform is not None:
+                if into_slot:
+                    example = job.transform(example, item_rng(job.seed, epoch, position),
+                                            out=writer.item_out(count))
+                elif job.transform is not None:
                     example = job.transform(example, item_rng(job.seed, epoch, position))
                 item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it

@@ -113,7 +113,10 @@ class Loader:
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
         drop_remainder: every batch full and every shard the same length.
         transform: ``transform(example, rng) -> example``, run in the workers; ``rng`` is a
-            ``numpy.random.Generator`` seeded from ``(seed, epoch, position)``.
+            ``numpy.random.Generator`` seeded from ``(seed, epoch, position)``. A transform
+            with ``writes_into_slot = True`` is called with ``out=``, this item's place in
+            the ring (a tree like the example, ``None`` for list leaves); an array it writes
+            there is not copied again (``CaffeTransform`` does this).
         ordered: ``False`` delivers batches as they complete; contents stay the same.
         shard_index, shard_count: this process's part of every epoch.
         on_error: ``"raise"`` or ``"skip"`` (bad records are left out, counted, logged).

@@ -111,7 +111,13 @@ class CaffeTransform:
         self.dtype = np.dtype(dtype)
         self.channel_order = channel_order
 
-    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    # The loader may pass ``out=``: this item's place in the ring slot (see Loader's
+    # ``transform``). Filling it directly saves one copy of every image.
+    writes_into_slot = True
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator,
+                 out: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Transform one example; with ``out``, write the image into ``out["image"]`` when it fits."""
         image = np.asarray(example["image"])
         if image.ndim != 3:
             raise ValueError(f"CaffeTransform expects an H×W×C image, got shape {image.shape}")
@@ -155,21 +161,14 @@ class CaffeTransform:
         # float32 arithmetic, as Caffe: (x - mean) * scale, each step rounded to float32
         work = np.float32 if arithmetic else self.dtype
         shape = (c, size_h, size_w) if self.layout == "CHW" else (size_h, size_w, c)
-        out = np.empty(shape, work)
+        given = out.get("image") if isinstance(out, dict) else None
+        fits = isinstance(given, np.ndarray) and given.shape == shape and given.dtype == work
+        out = given if fits else np.empty(shape, work)
         _fill(out.transpose(1, 2, 0) if self.layout == "CHW" else out, crop, mean)
         if self.scale != 1.0:
             np.multiply(out, np.float32(self.scale), out=out)
         if out.dtype != self.dtype:
             out = out.astype(self.dtype)
-        return {**example, "image": out}
-        out = crop.astype(np.float32) if arithmetic else crop
-        if mean is not None:
-            out -= mean
-        if self.scale != 1.0:
-            out *= np.float32(self.scale)
-        if self.layout == "CHW":
-            out = out.transpose(2, 0, 1)
-        out = np.ascontiguousarray(out, dtype=self.dtype)
         return {**example, "image": out}
 
     def __repr__(self) -> str:

@@ -204,3 +204,47 @@ def test_single_pass_fill_other_input_dtypes(in_dtype):
         t = CaffeTransform(crop_size=5, mirror=True, mean=mean, scale=scale)
         for seed in range(4):
             np.testing.assert_array_equal(t({"image": img}, rng(seed))["image"], _before_fast_path(t, {"image": img}, rng(seed)))
+
+
+def test_out_is_filled_in_place_and_gives_the_same_result():
+    t = CaffeTransform(crop_size=4, mirror=True, mean=(1.0, 2.0, 3.0), scale=0.5, layout="CHW")
+    example = {"image": np.arange(6 * 7 * 3, dtype=np.uint8).reshape(6, 7, 3), "label": 2}
+    plain = t(example, np.random.default_rng(5))
+    out = {"image": np.full((3, 4, 4), np.nan, np.float32), "label": None}
+    given = out["image"]
+    filled = t(example, np.random.default_rng(5), out=out)
+    assert filled["image"] is given  # written where it was asked to go
+    np.testing.assert_array_equal(filled["image"], plain["image"])
+
+
+def test_out_that_does_not_fit_is_ignored():
+    t = CaffeTransform(crop_size=4)
+    example = {"image": np.zeros((6, 6, 3), np.uint8)}
+    wrong = {"image": np.zeros((5, 5, 3), np.float32)}
+    assert t(example, np.random.default_rng(0), out=wrong)["image"].shape == (4, 4, 3)
+
+
+def test_loader_batches_are_the_same_whether_or_not_the_transform_writes_into_the_slot():
+    import agnostic_prefetch as ap
+
+    class Images:
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            rng = np.random.default_rng(i)
+            return {"image": rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), "label": np.int32(i)}
+
+    t = CaffeTransform(crop_size=8, mirror=True, mean=(100.0, 110.0, 120.0), scale=0.02)
+
+    def copied(example, rng):  # no writes_into_slot: the loader copies its output
+        return t(example, rng)
+
+    def run(transform, workers):
+        with ap.Loader(Images(), 5, workers=workers, shuffle=True, seed=3, transform=transform) as loader:
+            return [(b["image"].copy(), b["label"].copy()) for b in loader]
+
+    for workers in (0, 2):
+        for (a, la), (b, lb) in zip(run(t, workers), run(copied, workers), strict=True):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(la, lb)

@@ -87,3 +87,26 @@ def test_small_slots_get_more_of_them_so_workers_take_several_orders_per_write()
     big = {"x": np.zeros((256, 256), np.float32)}
     with ap.Loader(Counting(100), 8, workers=2, spec=big) as large:
         assert large.slots == 2 + 6 and large._per_worker == 2
+
+
+def test_a_transposed_view_of_the_slot_is_still_copied_not_trusted():
+    class Square:
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"m": np.arange(9, dtype=np.float32).reshape(3, 3) + 10 * i}
+
+    class Sneaky:
+        writes_into_slot = True
+
+        def __call__(self, example, rng, out=None):
+            if out is None:  # the parent reads one example to lay out the ring
+                return example
+            out["m"][...] = example["m"]
+            return {"m": out["m"].T}  # same address and shape as its slot place, other strides
+
+    with ap.Loader(Square(), 2, workers=0, transform=Sneaky()) as loader:
+        first = next(iter(loader))["m"]
+    np.testing.assert_array_equal(first[0], np.arange(9, dtype=np.float32).reshape(3, 3).T)
+
