@@ -41,10 +41,6 @@ class WorkerHandle:
         self.sentinel: int | None = None  # a pidfd: readable when the process ends
         self.stack_fd: int | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid if self.process is not None else os.getpid()
-
     def describe(self) -> str:
         if self.process is not None:
             return f"worker {self.worker_id} (pid {self.process.pid})"
@@ -91,11 +87,6 @@ class WorkerHandle:
         return b"".join(chunks).decode(errors="replace") or "(the worker did not answer SIGUSR1)"
 
 
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    return r, w
-
-
 def start_processes(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     """Start ``count`` worker processes and send each the job; returns when all are started."""
     payload = cloudpickle.dumps(job)
@@ -107,9 +98,9 @@ def start_processes(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     handles: list[WorkerHandle] = []
     try:
         for worker_id in range(count):
-            order_r, order_w = _pipe()
-            result_r, result_w = _pipe()
-            stack_r, stack_w = _pipe()
+            order_r, order_w = os.pipe()
+            result_r, result_w = os.pipe()
+            stack_r, stack_w = os.pipe()
             env["AGNOSTIC_PREFETCH_WORKER_ID"] = str(worker_id)
             args = [order_r, result_w, stack_w, ring.fd, ring.nbytes, os.getpid(), int(use_pdeathsig)]
             try:
@@ -143,8 +134,8 @@ def start_threads(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     """Start ``count`` worker threads sharing this process's ring mapping."""
     handles = []
     for worker_id in range(count):
-        order_r, order_w = _pipe()
-        result_r, result_w = _pipe()
+        order_r, order_w = os.pipe()
+        result_r, result_w = os.pipe()
         handle = WorkerHandle(worker_id, Connection(order_w, readable=False), Connection(result_r, writable=False))
         worker_orders, worker_results = Connection(order_r, writable=False), Connection(result_w, readable=False)
         filler = Filler(job, ring.slot_view)

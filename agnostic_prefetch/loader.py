@@ -63,7 +63,7 @@ class _Order:
 
 @dataclass
 class _Ready:
-    slot: int | None
+    slot: int
     count: int
     objects: list[list[Any]]
     skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
@@ -303,8 +303,7 @@ class Loader:
         for order in self._orders.values():
             order.stale = True
         for ready in self._ready.values():
-            if ready.slot is not None:
-                self._book.free.append(ready.slot)
+            self._book.free.append(ready.slot)
         self._ready.clear()
         self._failed.clear()
         self._next_seq = state["epoch"] * self._bpe + state["batch"]
@@ -378,7 +377,6 @@ class Loader:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)
             if ready.count == 0:  # every record of this batch was skipped
-                assert ready.slot is not None
                 self._book.free.append(ready.slot)
                 continue
             self._stats["batches"] += 1
@@ -575,7 +573,6 @@ class Loader:
         )
 
     def _deliver(self, ready: _Ready) -> Any:
-        assert ready.slot is not None
         arrays, copied = self._book.hand_out(self._ring, self.layout, ready.slot, ready.count)
         if copied:
             self._stats["copied_out"] += 1
