@@ -46,8 +46,10 @@ log = logging.getLogger("agnostic_prefetch")
 _STATE_VERSION = 1
 _SMALL_SLOT = 64 << 10  # slots this small get more of them: the per-batch cost is the pipe
 # Batches a training loop holds at its peak behind prefetch_to_device(size=2): the step's,
-# two in flight, one being pulled, one JAX releases a moment later; plus one spare.
+# two in flight, one being pulled, one its thread frees a moment later; plus one spare.
 _HELD_BY_CALLER = 6
+# How long a wait for workers may go without checking that no other thread closed the loader.
+_CLOSE_CHECK_S = 0.25
 
 
 @dataclass
@@ -390,8 +392,8 @@ class Loader:
             self._next_seq += 1
 
     def _await_batch(self, end: int) -> tuple[int, _Ready]:
-        self._check_open()
         while True:
+            self._check_open()
             self._book.reclaim()
             # Top the workers up first, even when a batch is ready: otherwise they idle while
             # the caller drains ready batches, and the caller then waits a whole fill.
@@ -459,12 +461,15 @@ class Loader:
 
     def _wait(self) -> None:
         """Block (using no CPU) until a worker reports, dies, or it is time to check progress."""
-        wait_s = None
+        # Bounded even with nothing to check: a close() from another thread (the device
+        # stage's, say) closes the pipes this waits on, and a closed pipe never wakes it.
+        wait_s = _CLOSE_CHECK_S
         if self.timeout is not None:
             wait_s = min(self.timeout, 1.0)
-        elif any(w.sentinel is None and w.process is not None for w in self._workers):
-            wait_s = 0.1  # no pidfd on this OS: poll for dead workers
+        if any(w.sentinel is None and w.process is not None for w in self._workers):
+            wait_s = min(wait_s, 0.1)  # no pidfd on this OS: poll for dead workers
         events = self._resources.selector.select(wait_s)
+        self._check_open()
         for key, _ in events:
             worker, kind = key.data
             if kind == "results":
@@ -479,7 +484,7 @@ class Loader:
                 self._raise_died(worker)
         if self.timeout is not None:
             self._check_progress()
-        if wait_s is not None and not events:
+        if not events:
             for w in self._workers:
                 if w.exit_reason() is not None:
                     self._raise_died(w)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -195,6 +196,29 @@ def test_batches_the_caller_moved_past_are_freed_by_the_thread_not_the_caller():
     gc.collect()
     assert len(freed) == 30
     assert freed.count(threading.current_thread().name) <= 3, freed  # those still queued at the end
+
+
+def test_closing_the_loader_under_the_thread_ends_it_with_the_loader_error():
+    class SlowFromBatchTwo:
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            if i >= 8:
+                time.sleep(2.0)
+            return {"x": np.full(2, i, np.float32)}
+
+    loader = ap.Loader(SlowFromBatchTwo(), 4, workers=2)
+    it = prefetch_to_device(loader, size=2)
+    next(it), next(it)
+    time.sleep(0.2)  # the thread now waits inside the loader for batch 2
+    loader.close()
+    started = time.monotonic()
+    with pytest.raises(ap.LoaderError, match="closed"):
+        next(it)
+    it.close()
+    assert time.monotonic() - started < 2.0
+    assert not feeder_threads()
 
 
 def test_closing_or_dropping_the_prefetcher_stops_its_thread():

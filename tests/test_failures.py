@@ -142,3 +142,36 @@ def test_garbage_collection_without_close_stops_every_worker():
     del loader, it
     gc.collect()
     assert not set(pids) & set(worker_pids())
+
+
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_close_from_another_thread_wakes_a_thread_waiting_in_the_loader(backend):
+    # The device stage iterates in its own thread; the caller's ``with Loader`` closes the
+    # loader from the main thread. A closed pipe never wakes a waiting select, so the wait
+    # must notice the close by itself instead of blocking that thread forever.
+    class SlowFromBatchTwo(Counting):
+        def __getitem__(self, i):
+            if i >= 8:
+                time.sleep(2.0)
+            return super().__getitem__(i)
+
+    loader = ap.Loader(SlowFromBatchTwo(40), 4, workers=2, backend=backend)
+    it = iter(loader)
+    next(it), next(it)
+    box: list[BaseException] = []
+
+    def wait_for_batch_two():
+        try:
+            next(it)
+        except BaseException as exc:  # noqa: BLE001 - what the waiting thread saw
+            box.append(exc)
+
+    waiter = threading.Thread(target=wait_for_batch_two)
+    waiter.start()
+    time.sleep(0.2)
+    closed_at = time.monotonic()
+    loader.close()
+    waiter.join(timeout=5)
+    assert not waiter.is_alive(), "the waiting thread never noticed the close"
+    assert time.monotonic() - closed_at < 2.0
+    assert len(box) == 1 and isinstance(box[0], ap.LoaderError), box
