@@ -11,13 +11,13 @@ with the step timed alone on one reused batch (a sleep step overshoots its sleep
 
     (a) no prefetch: each batch loaded in the loop (Loader with workers=0), then the step
     (b) flax.jax_utils.prefetch_to_device(size=2) over torch's DataLoader (2 workers)
-    (c) Loader (2 workers) + prefetch_to_device(size=2)
-    (d) the same with thread=True (dispatch from a background thread)
+    (c) Loader (2 workers) + prefetch_to_device(size=2, thread=False): pull and dispatch in next()
+    (d) the same with thread=True, the default (pull and dispatch in a background thread)
 
 Part 2, a real XLA CPU step (the demo's CNN, jitted) instead of the sleep: now the step's
 XLA threads and the two loader workers share the machine's cores.
 
-    python benchmarks/bench_s3_device.py [--steps 150] [--batch-size 64] [--workers 2]
+    python benchmarks/bench_s3_device.py [--steps 150] [--rounds 3] [--batch-size 64] [--workers 2]
     pytest -m bench benchmarks/bench_s3_device.py        # a short run as a test
 """
 
@@ -120,8 +120,8 @@ def torch_flax_batches(db: str, batch_size: int, workers: int) -> Any:
     return jax_utils.prefetch_to_device(endless(), 2, devices=jax.local_devices()[:1])
 
 
-def ours(db: str, batch_size: int, workers: int, thread: bool = False) -> tuple[Loader, Any]:
-    # Slots: the step's batch, 2 in flight, 1 being pulled (+1 held by the thread), 1 freed late.
+def ours(db: str, batch_size: int, workers: int, thread: bool) -> tuple[Loader, Any]:
+    # Slots: the step's batch, 2 in flight, 1 being pulled, 1 the thread frees late, 1 spare.
     loader = Loader(LMDBSource(db), batch_size, workers=workers, slots=workers + 6, shuffle=True,
                     epochs=None, drop_remainder=True, transform=_demo.augment)
     return loader, prefetch_to_device(loader, size=2, thread=thread)
@@ -143,13 +143,22 @@ def load_time_per_batch(db: str, batch_size: int, workers: int, batches: int) ->
 def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--rounds", type=int, default=3, help="each loop runs this often, interleaved")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--records", type=int, default=2400)
     p.add_argument("--skip-torch", action="store_true", help="leave out (b)")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_s3_")
-    results: dict[str, dict[str, float]] = {}
+    runs: dict[str, list[dict[str, float]]] = {}
+
+    def record(name: str, result: dict[str, float], ideal: float) -> None:
+        runs.setdefault(name, []).append({**result, "ideal": ideal})
+
+    def fresh_loop(workers: int) -> Loader:
+        return Loader(LMDBSource(db), args.batch_size, workers=workers, shuffle=True, epochs=None,
+                      drop_remainder=True, transform=_demo.augment)
+
     try:
         db = os.path.join(tmp, "photos_lmdb")
         _demo.build_database(tmp, db, args.records)
@@ -157,71 +166,67 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         one_core = load_time_per_batch(db, args.batch_size, 0, 10)
         print(f"loader time per batch: {1000 * load:.1f} ms with {args.workers} workers, "
               f"{1000 * one_core:.1f} ms in the loop (workers=0); step := {1000 * load:.1f} ms sleep")
-        # The step alone (one batch reused): what an infinitely fast loader would give. A
+        # Each step alone (one batch reused): what an infinitely fast loader would give. A
         # sleep step takes a little longer than its sleep (the wake-up, the device_put).
         with Loader(LMDBSource(db), args.batch_size, workers=0, transform=_demo.augment) as one:
             fixed = next(prefetch_to_device([next(iter(one))]))
         # At step == load a queue fed exactly as fast as it drains waits on every hiccup;
         # 1.25 x load shows the same loops with a little slack.
-        for ratio in (1.0, 1.25):
-            sleep = sleep_step(ratio * load)
-            sleep_alone = loop(iter(lambda: fixed, None), args.steps, sleep)["wall"]
-            ideal = max(sleep_alone, args.steps * load)
-            tag = f"sleep {ratio:.2f}x load"
-            print(f"{tag}: the step alone takes {1000 * sleep_alone / args.steps:.2f} ms")
-            if ratio == 1.0:
-                with Loader(LMDBSource(db), args.batch_size, workers=0, shuffle=True, epochs=None,
-                            drop_remainder=True, transform=_demo.augment) as loader:
-                    results[f"(a) no prefetch, {tag}"] = loop(loader, args.steps, sleep)
-                    results[f"(a) no prefetch, {tag}"]["ideal"] = sleep_alone + args.steps * one_core
-            if not args.skip_torch:
-                name = f"(b) flax prefetch over torch DataLoader, {tag}"
-                results[name] = loop(torch_flax_batches(db, args.batch_size, args.workers), args.steps, sleep)
-                results[name]["ideal"] = ideal
-            for thread in (False, True):
-                loader, batches = ours(db, args.batch_size, args.workers, thread)
-                with loader:
-                    name = f"({'d' if thread else 'c'}) ours{' thread=True' if thread else ''}, {tag}"
-                    results[name] = loop(batches, args.steps, sleep)
-                    results[name]["ideal"] = ideal
-                    batches.close()
-
-        step = xla_step()
-        with Loader(LMDBSource(db), args.batch_size, workers=0, shuffle=True, epochs=None,
-                    drop_remainder=True, transform=_demo.augment) as loader:
-            results["(e) no prefetch, XLA step"] = loop(loader, args.steps, step)
-        alone = loop(iter(lambda: fixed, None), args.steps, step)
-        for thread in (False, True):
-            loader, batches = ours(db, args.batch_size, args.workers, thread)
-            with loader:
-                name = f"({'g' if thread else 'f'}) ours{' thread=True' if thread else ''}, XLA step"
-                results[name] = loop(batches, args.steps, step)
-                batches.close()
-        for name, r in results.items():
-            if "XLA" in name:
-                r["ideal"] = max(alone["wall"], args.steps * load)
-        results["(e) no prefetch, XLA step"]["ideal"] = alone["wall"] + args.steps * one_core
-        print(f"XLA step alone (one batch reused): {1000 * alone['wall'] / args.steps:.1f} ms")
+        steps = {f"sleep {ratio:.2f}x load": sleep_step(ratio * load) for ratio in (1.0, 1.25)}
+        steps["XLA step"] = xla_step()
+        for _ in range(args.rounds):
+            for tag, step in steps.items():
+                xla = tag == "XLA step"
+                alone = {tag: loop(iter(lambda: fixed, None), args.steps, step)["wall"]}  # this round's
+                print(f"{tag}: the step alone takes {1000 * alone[tag] / args.steps:.2f} ms")
+                ideal = max(alone[tag], args.steps * load)
+                if xla or tag.startswith("sleep 1.00"):
+                    with fresh_loop(0) as loader:
+                        record(f"({'e' if xla else 'a'}) no prefetch, {tag}", loop(loader, args.steps, step),
+                               alone[tag] + args.steps * one_core)
+                if not xla and not args.skip_torch:
+                    record(f"(b) flax prefetch over torch DataLoader, {tag}",
+                           loop(torch_flax_batches(db, args.batch_size, args.workers), args.steps, step), ideal)
+                for thread in (False, True):
+                    loader, batches = ours(db, args.batch_size, args.workers, thread)
+                    with loader:
+                        letter = ("g" if thread else "f") if xla else ("d" if thread else "c")
+                        record(f"({letter}) ours thread={thread}, {tag}", loop(batches, args.steps, step), ideal)
+                        batches.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print_table(results, args.steps)
-    return results
+    summary = {name: summarize(rs) for name, rs in sorted(runs.items(), key=lambda kv: order_key(kv[0]))}
+    print_table(summary, args.steps, args.rounds)
+    return summary
 
 
-def print_table(results: dict[str, dict[str, float]], steps: int) -> None:
-    print(f"\n{'loop':58} {'wall s':>7} {'ideal s':>8} {'wall/ideal':>10} {'data wait':>10}")
+def order_key(name: str) -> tuple[int, str]:
+    """Sleep loops by ratio, then the XLA loops; within each, by letter."""
+    group = 2 if "XLA" in name else (0 if "1.00x" in name else 1)
+    return group, name
+
+
+def summarize(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Medians over the rounds, and the range of the data-wait fraction."""
+    waits = [r["wait"] / r["wall"] for r in rounds]
+    return {"wall": float(np.median([r["wall"] for r in rounds])), "ideal": float(np.median([r["ideal"] for r in rounds])),
+            "wait_fraction": float(np.median(waits)), "wait_min": min(waits), "wait_max": max(waits)}
+
+
+def print_table(results: dict[str, dict[str, float]], steps: int, rounds: int) -> None:
+    print(f"\n{'loop':58} {'wall s':>7} {'ideal s':>8} {'wall/ideal':>10} {'data wait':>10} {'(range)':>13}")
     for name, r in results.items():
         print(f"{name:58} {r['wall']:7.2f} {r['ideal']:8.2f} {r['wall'] / r['ideal']:10.2f} "
-              f"{100 * r['wait'] / r['wall']:9.1f}%")
-    print(f"({steps} steps; ideal = max(the step alone with one batch reused, steps x load); "
-          "without prefetch the step alone + steps x load in the loop)")
+              f"{100 * r['wait_fraction']:9.1f}% ({100 * r['wait_min']:4.1f}-{100 * r['wait_max']:4.1f}%)")
+    print(f"({steps} steps; medians over {rounds} interleaved rounds; ideal = max(the step alone with one "
+          "batch reused, steps x load); without prefetch the step alone + steps x load in the loop)")
 
 
 @pytest.mark.bench
 def test_bench_s3_device_runs():
     pytest.importorskip("jax")
     pytest.importorskip("skimage")
-    results = run(["--steps", "20", "--records", "400", "--skip-torch"])
+    results = run(["--steps", "20", "--rounds", "1", "--records", "400", "--skip-torch"])
     assert all(r["wall"] > 0 for r in results.values())
 
 
