@@ -333,6 +333,7 @@ class DevicePrefetcher:
         if self._feeder is not None:
             item = self._feeder.get()
             if item is _DONE:
+                self.close()  # the batches the thread had yet to free: their slots go back now
                 raise StopIteration
             if isinstance(item, BaseException):
                 self.close()
@@ -340,6 +341,7 @@ class DevicePrefetcher:
             entry = item
         else:
             if not self._queue:
+                self.close()
                 raise StopIteration
             entry = self._queue.popleft()
             # Start the next transfer before handing this batch out, so it overlaps the step.

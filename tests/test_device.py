@@ -198,6 +198,26 @@ def test_batches_the_caller_moved_past_are_freed_by_the_thread_not_the_caller():
     assert freed.count(threading.current_thread().name) <= 3, freed  # those still queued at the end
 
 
+@pytest.mark.parametrize("thread", [False, True])
+def test_at_the_end_the_prefetcher_holds_nothing_but_the_callers_last_batch(thread):
+    freed = []
+
+    def tracked():
+        for i in range(30):
+            x = np.full((8, 4), i, np.float32)
+            weakref.finalize(x, freed.append, i)
+            yield {"x": x}
+
+    it = prefetch_to_device(tracked(), size=2, thread=thread)
+    for b in it:  # noqa: B007 - the loop variable keeps the last batch, as in a training loop
+        time.sleep(0.002)  # a step: the thread is back waiting by the time the caller moves on
+    gc.collect()  # a stray reference cycle is not what this test is about
+    # The prefetcher itself is still alive here. (JAX copies arrays this small, so the last
+    # host batch may be gone too; only the device copy in ``b`` must remain.)
+    assert set(range(29)) <= set(freed), sorted(set(range(29)) - set(freed))
+    assert float(b["x"][0, 0]) == 29.0
+
+
 def test_closing_the_loader_under_the_thread_ends_it_with_the_loader_error():
     class SlowFromBatchTwo:
         def __len__(self):
