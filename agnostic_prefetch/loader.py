@@ -323,6 +323,7 @@ class Loader:
 
     def close(self) -> None:
         """Stop the workers and release the ring (views you hold stay valid)."""
+        self._filler = None  # with workers=0 its slot writers view the ring: first let go of them
         self._finalizer()
 
     @property
@@ -424,6 +425,7 @@ class Loader:
         """
         self._dispatch_seq = max(self._dispatch_seq, self._next_seq)
         pending: dict[_pool.WorkerHandle, list[Order]] = {}
+        filler = self._filler  # close() from another thread may drop it meanwhile
         while self._book.free:
             seq = self._dispatch_seq
             if self.epochs is not None and seq >= end + self.slots:  # a little past: no drain
@@ -431,11 +433,11 @@ class Loader:
             if seq in self._delivered_ahead:
                 self._dispatch_seq += 1
                 continue
-            if self._filler is not None:
+            if filler is not None:
                 if self._ready or self._failed:
                     break  # workers=0: fill only what the caller is waiting for
                 self._dispatch_seq += 1
-                self._on_message(None, self._filler.fill(self._order(seq, None)))
+                self._on_message(None, filler.fill(self._order(seq, None)))
                 continue
             worker = min(self._workers, key=lambda w: len(w.outstanding))
             load = len(worker.outstanding)

@@ -46,6 +46,16 @@ def test_a_held_view_keeps_its_slot_and_the_mapping_outlives_close():
     held[:] = 9  # still mapped and writable after close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_unmaps_the_ring_once_no_batch_is_held(workers):
+    loader = ap.Loader(Images(), 4, workers=workers)
+    assert sum(1 for _ in loader) == 10  # every batch let go
+    ring = loader._ring.map
+    loader.close()  # the loader object itself is still alive
+    gc.collect()
+    assert ring.closed
+
+
 def test_holding_too_many_batches_copies_out_instead_of_deadlocking(caplog):
     with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
         with ap.Loader(Images(), 4, workers=2, slots=3) as loader:
