@@ -180,6 +180,26 @@ def test_close_unregisters_each_live_mapping_once():
         assert sorted(driver.unregistered) == sorted(addresses)
 
 
+def test_a_registered_ring_stays_mapped_until_unregistered_even_after_the_loader_closes():
+    # CUDA must never hold page-locked memory that was unmapped under it.
+    driver = FakeDriver()
+    registry = PinnedRegistry(driver.register, driver.unregister)
+    with small_loader() as loader:
+        batch = next(iter(loader))["x"]
+        ring = loader._ring.map
+        address, _ = ring_address_and_length(ring)
+        assert registry.ensure(batch)
+    del batch
+    gc.collect()
+    assert not ring.closed  # the loader is closed, but the registry keeps the ring mapped
+    registry.close()
+    assert driver.unregistered == [address]
+    del registry
+    gc.collect()
+    ring.close()  # nothing views it any more: it can be unmapped now
+    assert ring.closed
+
+
 def test_plain_numpy_arrays_are_never_registered():
     driver = FakeDriver()
     registry = PinnedRegistry(driver.register, driver.unregister)
@@ -352,15 +372,7 @@ def test_a_handed_out_batch_whose_copy_is_pending_outlives_placement_close(how):
     assert placement.alive() == set()  # and after it, nothing is kept
 
 
-QUEUED_RELEASED_EARLY = (
-    "InFlight.close() clears the read-ahead queue before calling placement.close(), so host "
-    "batches whose copies were started by put() (queued, not handed out) are released before "
-    "the side stream is synchronized; the garbage-collection path keeps them until after."
-)
-
-
-@pytest.mark.parametrize(
-    "how", [pytest.param("close", marks=pytest.mark.xfail(strict=True, reason=QUEUED_RELEASED_EARLY)), "gc"])
+@pytest.mark.parametrize("how", ["close", "gc"])
 def test_read_ahead_batches_outlive_placement_close(how):
     placement = FakePlacement()
     it = InFlight(host_batches(6), 2, placement)
@@ -639,12 +651,16 @@ def test_torch_prefetch_on_fake_cuda_end_to_end(fake_torch):
     source = NamedRows(30)  # 10 batches: more than the 5 slots the caller may hold
     with ap.Loader(source, 3, workers=0) as loader, torch_prefetch(loader, "cuda:1", size=2) as it:
         received = []
-        for batch in it:
+        for _ in range(10):
+            batch = next(it)
             received.append((batch["x"].values.copy(), batch["name"]))
             fake_torch.cuda.finish_waited_copies()
         during = list(fake_torch.log)
-        it.close()
+        with pytest.raises(StopIteration):  # the end of the data closes the stager
+            next(it)
         closing = fake_torch.log[len(during):]
+        it.close()
+        assert len(fake_torch.log) == len(during) + len(closing)  # a second close does nothing
         assert loader.stats()["copied_out"] == 0
     for i, (x, names) in enumerate(received):
         rows = range(3 * i, 3 * i + 3)
@@ -810,8 +826,14 @@ def test_cupy_put_copies_with_set_on_the_side_stream_inside_its_device(fake_cupy
         host = {"x": batch["x"], "first": batch["x"][0], "name": "a.jpg", "id": None}
         device, _ = placement.put(host)
         log = fake_cupy.log
+        consumer = fake_cupy.cuda.consumer[1]
         for _, _, _, current_stream, current_device in of(log, "empty"):
-            assert current_stream is placement.stream and current_device == 1
+            # CuPy's pool has an arena per stream: allocate where the batch is used and freed.
+            assert current_stream is consumer and current_device == 1
+        [(_, recorded_on, consumer_ready), _] = of(log, "record")
+        assert recorded_on is consumer
+        assert of(log, "wait_event")[0] == ("wait_event", placement.stream, consumer_ready)
+        assert max(index_of(log, "empty")) < index_of(log, "wait_event")[0] < min(index_of(log, "set"))
         sets = of(log, "set")
         assert len(sets) == 2
         for (_, address, contiguous, stream, current_stream, current_device), leaf in zip(
@@ -834,9 +856,9 @@ def test_cupy_put_records_an_event_on_the_side_stream_after_the_copies(fake_cupy
         batch = next(iter(loader))
         _, done = placement.put({"x": batch["x"], "y": batch["x"][1:]})
         log = fake_cupy.log
-        [(_, stream, event)] = of(log, "record")
-        assert stream is placement.stream
-        assert index_of(log, "record")[0] > max(index_of(log, "set"))
+        [(_, consumer, _), (_, stream, event)] = of(log, "record")
+        assert consumer is fake_cupy.cuda.consumer[1] and stream is placement.stream
+        assert index_of(log, "record")[1] > max(index_of(log, "set"))
         assert done() is False
         event.done = True
         assert done() is True
@@ -848,7 +870,7 @@ def test_cupy_hand_out_makes_the_consumer_stream_of_its_device_wait(fake_cupy):
     with small_loader() as loader:
         batch = next(iter(loader))
         device, _ = placement.put({"x": batch["x"]})
-        [(_, _, event)] = of(fake_cupy.log, "record")
+        [_, (_, _, event)] = of(fake_cupy.log, "record")
         mark = len(fake_cupy.log)
         placement.hand_out(device)  # called with device 0 current
         after = fake_cupy.log[mark:]
@@ -909,19 +931,26 @@ def test_cupy_prefetch_on_fake_cuda_end_to_end(fake_cupy, monkeypatch):
     monkeypatch.setattr(_cupy_stage, "import_cupy", lambda: fake_cupy)
     with ap.Loader(NamedRows(30), 3, workers=0) as loader, cupy_prefetch(loader, size=2, device=1) as it:
         received = []
-        for batch in it:
+        for _ in range(10):
+            batch = next(it)
             received.append((batch["x"].values, batch["name"]))
             fake_cupy.cuda.finish_waited_copies()
         during = list(fake_cupy.log)
-        it.close()
+        with pytest.raises(StopIteration):  # the end of the data closes the stager
+            next(it)
         closing = fake_cupy.log[len(during):]
+        it.close()
+        assert len(fake_cupy.log) == len(during) + len(closing)  # a second close does nothing
         assert loader.stats()["copied_out"] == 0
     assert [names for _, names in received] == [[f"row{r}.jpg" for r in range(i, i + 3)] for i in range(0, 30, 3)]
     np.testing.assert_array_equal(np.concatenate([x for x, _ in received])[:, 0], np.arange(30.0))
     assert len(of(during, "hostRegister")) == 1
     assert host_syncs(during) == []
-    recorded_events = [event for _, _, event in of(during, "record")]
-    waits = of(during, "wait_event")
-    assert [event for _, _, event in waits] == recorded_events and len(recorded_events) == 10
-    assert all(stream is fake_cupy.cuda.consumer[1] for _, stream, _ in waits)
+    side = [s for s in {id(st): st for _, st, _ in of(during, "record")}.values() if s.name == "side"]
+    copy_events = [event for _, stream, event in of(during, "record") if stream in side]
+    consumer_events = [event for _, stream, event in of(during, "record") if stream not in side]
+    consumer_waits = [event for _, stream, event in of(during, "wait_event") if stream is fake_cupy.cuda.consumer[1]]
+    side_waits = [event for _, stream, event in of(during, "wait_event") if stream in side]
+    assert consumer_waits == copy_events and len(copy_events) == 10  # each batch waited on, in order
+    assert side_waits == consumer_events and len(consumer_events) == 10  # each copy after the consumer
     assert [entry[0] for entry in closing] == ["stream.synchronize", "hostUnregister"]

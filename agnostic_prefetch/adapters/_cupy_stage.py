@@ -19,7 +19,10 @@ def cupy_prefetch(iterator: Iterable[Any], size: int = 2, device: int = 0) -> In
     The same contract as :func:`torch_prefetch` on CUDA: the loader's ring is registered as
     page-locked memory once, each batch is copied on a non-blocking stream as soon as it is
     pulled, the consumer's current stream waits on the copy's event (not the host), and the
-    ring slot stays leased until the copy has completed.
+    ring slot stays leased until the copy has completed. The arrays are allocated on the
+    stream that is current when the batch is pulled (CuPy's pool reuses memory per stream),
+    and their copy starts after the work already queued on that stream: use the batches on
+    that stream.
 
     Args:
         iterator: an iterable of pytrees of numpy arrays (a ``Loader``, a generator, ...).
@@ -66,8 +69,14 @@ class _CupyPlacement:
     def put(self, host: Any) -> tuple[Any, Callable[[], bool]]:
         cupy = self.cupy
         leaves, treedef = flatten(host)
-        out = []
-        with self.device, self.stream:
+        out: list[Any] = []
+        copies: list[tuple[Any, np.ndarray]] = []
+        with self.device:
+            # CuPy's pool keeps one arena per stream. Allocated on the side stream, an array
+            # the consumer drops would go back to the side stream's arena and could be
+            # overwritten by the next copy while the consumer's kernels still read it. So
+            # allocate on the consumer's stream (where the batch is used and freed), and
+            # start the copies once the consumer's work queued so far is done.
             for leaf in leaves:
                 kind = array_kind(leaf)
                 if kind is None:
@@ -81,9 +90,14 @@ class _CupyPlacement:
                 if not a.flags.c_contiguous:
                     a = np.ascontiguousarray(a)  # a strided host copy cannot be one DMA
                 d = cupy.empty(a.shape, a.dtype)
-                d.set(a, stream=self.stream)  # async from page-locked memory
+                copies.append((d, a))
                 out.append(d)
-            event = self.stream.record()
+            consumer_ready = cupy.cuda.get_current_stream().record()
+            with self.stream:
+                self.stream.wait_event(consumer_ready)  # on the GPU; the host does not wait
+                for d, a in copies:
+                    d.set(a, stream=self.stream)  # async from page-locked memory
+                event = self.stream.record()
         tree = unflatten(treedef, out)
         self.events[id(tree)] = event
         return tree, lambda: event.done

@@ -65,6 +65,7 @@ class InFlight:
         # Leases end once their copies are done: a cheap query, never a wait.
         self._copying = [(h, done) for h, done in self._copying if not done()]
         if not self._queue:
+            self.close()  # the end: undo the page-locking now, not when this object dies
             raise StopIteration
         device, host, state, done = self._queue.popleft()
         self._fill(1)  # start the next copy before the caller's step
@@ -80,8 +81,10 @@ class InFlight:
 
     def close(self) -> None:
         """Drop the batches in flight and release what the placement holds (page-locking)."""
+        # placement.close() first (once): it waits for the copies still reading the host
+        # batches, so their ring slots go back to the loader only after that.
+        self._finalizer()
         self._queue.clear()
-        self._finalizer()  # placement.close(), once
         self._copying.clear()
 
     def __enter__(self) -> InFlight:

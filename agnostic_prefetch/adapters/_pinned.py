@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,13 +42,15 @@ class PinnedRegistry:
         unregister: ``unregister(address) -> error code``.
 
     A registration that fails is logged once and the stager copies from pageable memory
-    instead: slower, never wrong.
+    instead: slower, never wrong. A registered mapping is kept mapped (the registry holds a
+    view of it, so the loader's ``close()`` cannot unmap it) until :meth:`close` has
+    unregistered it: CUDA must not keep page-locked memory that is gone.
     """
 
     def __init__(self, register: Callable[[int, int], int], unregister: Callable[[int], int]) -> None:
         self._register = register
         self._unregister = unregister
-        self._mappings: dict[int, weakref.ref[mmap.mmap]] = {}
+        self._mappings: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # address -> (map, a view)
         self._failed: set[int] = set()
 
     def ensure(self, a: Any) -> bool:
@@ -59,7 +60,7 @@ class PinnedRegistry:
             return False
         address = _address(m)
         known = self._mappings.get(address)
-        if known is not None and known() is m:
+        if known is not None and known[0] is m:
             return True
         if address in self._failed:
             return False
@@ -69,13 +70,11 @@ class PinnedRegistry:
             log.warning("cudaHostRegister of the %d-byte loader ring failed (cudaError %d); "
                         "copying from pageable memory instead (slower)", len(m), code)
             return False
-        self._mappings[address] = weakref.ref(m)
+        self._mappings[address] = (m, np.frombuffer(m, dtype=np.uint8, count=1))
         return True
 
     def close(self) -> None:
-        """Unregister every mapping that is still mapped (an unmapped one has nothing to undo)."""
+        """Unregister every mapping, then let it go (the loader may unmap it from then on)."""
         mappings, self._mappings = self._mappings, {}
-        for address, ref in mappings.items():
-            m = ref()
-            if m is not None and not m.closed:
-                self._unregister(address)
+        for address in mappings:
+            self._unregister(address)
