@@ -634,33 +634,44 @@ def test_cuda_hand_out_makes_the_consumer_stream_wait_and_records_each_tensor_on
         placement.close()
 
 
+def assert_close_synchronizes_then_unregisters(placement, log: list[tuple], prefix: str) -> None:
+    """After one batch, ``close()`` is: synchronize the side stream, then unregister the ring."""
+    with small_loader() as loader:
+        placement.put({"x": next(iter(loader))["x"]})
+        [(_, address, _, _)] = of(log, f"{prefix}Register")
+        mark = len(log)
+        placement.close()
+        after = log[mark:]
+        assert [entry[0] for entry in after] == ["stream.synchronize", f"{prefix}Unregister"]
+        assert after[0][1] is placement.stream and after[1][1] == address
+
+
 def test_cuda_close_synchronizes_the_side_stream_before_unregistering_the_ring(fake_torch):
     placement = _CudaPlacement(CUDA1)
-    with small_loader() as loader:
-        batch = next(iter(loader))
-        placement.put({"x": batch["x"]})
-        [(_, address, _, _)] = of(fake_torch.log, "cudaHostRegister")
-        mark = len(fake_torch.log)
-        placement.close()
-        after = fake_torch.log[mark:]
-        assert [entry[0] for entry in after] == ["stream.synchronize", "cudaHostUnregister"]
-        assert after[0][1] is placement.stream and after[1][1] == address
+    assert_close_synchronizes_then_unregisters(placement, fake_torch.log, "cudaHost")
+
+
+def run_to_the_end(it, log: list[tuple], finish_copies, batches: int = 10):
+    """Take ``batches`` batches (the fake GPU finishing what the consumer waited on), then
+    the end of the data. Returns what was received, the log up to the end, and the end's log."""
+    received = []
+    for _ in range(batches):
+        batch = next(it)
+        received.append((np.array(batch["x"].values, copy=True), batch["name"]))
+        finish_copies()
+    during = list(log)
+    with pytest.raises(StopIteration):  # the end of the data closes the stager
+        next(it)
+    closing = log[len(during):]
+    it.close()
+    assert len(log) == len(during) + len(closing)  # a second close does nothing
+    return received, during, closing
 
 
 def test_torch_prefetch_on_fake_cuda_end_to_end(fake_torch):
     source = NamedRows(30)  # 10 batches: more than the 5 slots the caller may hold
     with ap.Loader(source, 3, workers=0) as loader, torch_prefetch(loader, "cuda:1", size=2) as it:
-        received = []
-        for _ in range(10):
-            batch = next(it)
-            received.append((batch["x"].values.copy(), batch["name"]))
-            fake_torch.cuda.finish_waited_copies()
-        during = list(fake_torch.log)
-        with pytest.raises(StopIteration):  # the end of the data closes the stager
-            next(it)
-        closing = fake_torch.log[len(during):]
-        it.close()
-        assert len(fake_torch.log) == len(during) + len(closing)  # a second close does nothing
+        received, during, closing = run_to_the_end(it, fake_torch.log, fake_torch.cuda.finish_waited_copies)
         assert loader.stats()["copied_out"] == 0
     for i, (x, names) in enumerate(received):
         rows = range(3 * i, 3 * i + 3)
@@ -902,14 +913,7 @@ def test_cupy_put_rejects_bfloat16_naming_it(fake_cupy):
 
 def test_cupy_close_synchronizes_the_side_stream_before_unregistering_the_ring(fake_cupy):
     placement = _CupyPlacement(fake_cupy, 0)
-    with small_loader() as loader:
-        placement.put({"x": next(iter(loader))["x"]})
-        [(_, address, _, _)] = of(fake_cupy.log, "hostRegister")
-        mark = len(fake_cupy.log)
-        placement.close()
-        after = fake_cupy.log[mark:]
-        assert [entry[0] for entry in after] == ["stream.synchronize", "hostUnregister"]
-        assert after[0][1] is placement.stream and after[1][1] == address
+    assert_close_synchronizes_then_unregisters(placement, fake_cupy.log, "host")
 
 
 def test_cupy_failed_registration_is_logged_once_and_copies_still_happen(fake_cupy, caplog):
@@ -930,17 +934,7 @@ def test_cupy_failed_registration_is_logged_once_and_copies_still_happen(fake_cu
 def test_cupy_prefetch_on_fake_cuda_end_to_end(fake_cupy, monkeypatch):
     monkeypatch.setattr(_cupy_stage, "import_cupy", lambda: fake_cupy)
     with ap.Loader(NamedRows(30), 3, workers=0) as loader, cupy_prefetch(loader, size=2, device=1) as it:
-        received = []
-        for _ in range(10):
-            batch = next(it)
-            received.append((batch["x"].values, batch["name"]))
-            fake_cupy.cuda.finish_waited_copies()
-        during = list(fake_cupy.log)
-        with pytest.raises(StopIteration):  # the end of the data closes the stager
-            next(it)
-        closing = fake_cupy.log[len(during):]
-        it.close()
-        assert len(fake_cupy.log) == len(during) + len(closing)  # a second close does nothing
+        received, during, closing = run_to_the_end(it, fake_cupy.log, fake_cupy.cuda.finish_waited_copies)
         assert loader.stats()["copied_out"] == 0
     assert [names for _, names in received] == [[f"row{r}.jpg" for r in range(i, i + 3)] for i in range(0, 30, 3)]
     np.testing.assert_array_equal(np.concatenate([x for x, _ in received])[:, 0], np.arange(30.0))
