@@ -73,8 +73,8 @@ def prefetch_to_device(
         thread: pull and dispatch from a background thread (the default), so that
             ``next()`` only takes a batch off a queue: the loader's hand-off and
             ``jax.device_put`` (about 0.3 ms a batch here) overlap the step instead of
-            adding to it. In benchmark S3 it cut the step's data wait from 5-9 % to
-            0.3-2.3 % of wall time (docs/device.md). ``thread=False`` does that work
+            adding to it. In benchmark S3 it cut the step's data wait from 4.6-10.3 %
+            to 0.3-2.5 % of wall time (docs/device.md). ``thread=False`` does that work
             in the caller's ``next()``; the source is then only touched from your thread.
 
     Returns:

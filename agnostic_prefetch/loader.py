@@ -467,7 +467,7 @@ class Loader:
         # stage's, say) closes the pipes this waits on, and a closed pipe never wakes it.
         wait_s = _CLOSE_CHECK_S
         if self.timeout is not None:
-            wait_s = min(self.timeout, 1.0)
+            wait_s = min(self.timeout, wait_s)
         if any(w.sentinel is None and w.process is not None for w in self._workers):
             wait_s = min(wait_s, 0.1)  # no pidfd on this OS: poll for dead workers
         events = self._resources.selector.select(wait_s)
