@@ -4,13 +4,14 @@ A slot handed out as numpy views is leased until the last array viewing it dies.
 collapses chains of views only through arrays, and the base array's own base is the mmap,
 so every view of the batch (a slice, a ``jax.Array`` aliasing it, a torch tensor from
 DLPack) keeps that base array alive; a finalizer on it ends the lease. The finalizer runs in
-whichever thread drops the last reference, so it only appends to a locked list that the
-loader's thread drains in :meth:`Leases.reclaim`.
+whichever thread drops the last reference, and at any allocation of that thread (a garbage
+collection that frees a batch in a reference cycle), so it takes no lock: it appends to a
+deque (atomic), which the loader's thread drains in :meth:`Leases.reclaim`.
 """
 
 from __future__ import annotations
 
-import threading
+import collections
 import weakref
 
 import numpy as np
@@ -32,19 +33,16 @@ class Leases:
         self.free = list(range(slots - 1, -1, -1))
         self.leased: set[int] = set()
         self.max_leased = max_leased
-        self._released: list[int] = []
-        self._lock = threading.Lock()
+        self._released: collections.deque[int] = collections.deque()
 
     def release(self, slot: int) -> None:
-        """End a lease (called by a finalizer, from any thread)."""
-        with self._lock:
-            self._released.append(slot)
+        """End a lease (called by a finalizer, from any thread; takes no lock)."""
+        self._released.append(slot)
 
     def reclaim(self) -> None:
         """Return released slots to the free list (the loader's thread only)."""
-        with self._lock:
-            released, self._released = self._released, []
-        for slot in released:
+        while self._released:
+            slot = self._released.popleft()
             self.leased.discard(slot)
             self.free.append(slot)
 
