@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import selectors
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -88,6 +89,37 @@ class _Resources:
         self.headers = None  # our own view of the ring: drop it so the mapping can close
         if self.ring is not None:
             self.ring.close()
+
+
+class _Cancelled(Exception):
+    """Raised inside a loader iterator whose ``cancel()`` was called; it then ends."""
+
+
+class _LoaderIterator:
+    """What ``iter(loader)`` returns: the batches, plus ``cancel()`` for another thread.
+
+    ``cancel()`` makes an iterator that another thread is driving end (``StopIteration``)
+    within a fraction of a second, even while it waits for a worker; the device stage
+    uses it to stop its thread. A cancelled iterator takes no further batch.
+    """
+
+    def __init__(self, batches: Iterator[Any], cancelled: threading.Event) -> None:
+        self._batches = batches
+        self._cancelled = cancelled
+
+    def __iter__(self) -> _LoaderIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._batches)
+
+    def cancel(self) -> None:
+        """End this iterator from any thread (within ``_CLOSE_CHECK_S``)."""
+        self._cancelled.set()
+
+    def close(self) -> None:
+        """End this iterator (from the thread that drives it), like a generator's ``close()``."""
+        self._batches.close()  # type: ignore[attr-defined]
 
 
 class Loader:
@@ -243,6 +275,7 @@ class Loader:
         self._dispatch_seq = 0  # next batch to order from a worker
         self._open_end: int | None = None  # end of an iteration begun and not finished
         self._iterator_generation = 0
+        self._take_lock = threading.Lock()  # iterator hand-over vs a newer iter()/load_state_dict()
         self._warned_copy = False
         self._warned_frameworks = False
         self._stats = {"batches": 0, "items": 0, "wait_s": 0.0, "fill_s": 0.0, "skipped": 0, "copied_out": 0}
@@ -262,9 +295,11 @@ class Loader:
 
     def __iter__(self) -> Iterator[Any]:
         self._check_open()
-        self._iterator_generation += 1
-        self._open_end = self._iteration_end()
-        return self._iterate(self._iterator_generation, self._open_end)
+        with self._take_lock:
+            self._iterator_generation += 1
+            self._open_end = self._iteration_end()
+            cancelled = threading.Event()
+            return _LoaderIterator(self._iterate(self._iterator_generation, self._open_end, cancelled), cancelled)
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches delivered so far: small and JSON-able."""
@@ -302,19 +337,20 @@ class Loader:
                     f"state_dict was saved with {key}={state[key]!r} but this loader has "
                     f"{key}={mine[key]!r}; build the loader with the same settings to resume."
                 )
-        for order in self._orders.values():
-            order.stale = True
-        for ready in self._ready.values():
-            self._book.free.append(ready.slot)
-        self._ready.clear()
-        self._failed.clear()
-        self._next_seq = state["epoch"] * self._bpe + state["batch"]
-        self._delivered_ahead = {e * self._bpe + b for e, b in state["delivered_ahead"]}
-        self._advance()
-        self._dispatch_seq = self._next_seq
-        end_epoch = state.get("end_epoch")
-        self._open_end = None if end_epoch is None else end_epoch * self._bpe
-        self._iterator_generation += 1  # an iterator from before the reload stops
+        with self._take_lock:
+            for order in self._orders.values():
+                order.stale = True
+            for ready in self._ready.values():
+                self._book.free.append(ready.slot)
+            self._ready.clear()
+            self._failed.clear()
+            self._next_seq = state["epoch"] * self._bpe + state["batch"]
+            self._delivered_ahead = {e * self._bpe + b for e, b in state["delivered_ahead"]}
+            self._advance()
+            self._dispatch_seq = self._next_seq
+            end_epoch = state.get("end_epoch")
+            self._open_end = None if end_epoch is None else end_epoch * self._bpe
+            self._iterator_generation += 1  # an iterator from before the reload stops
 
     def stats(self) -> dict[str, Any]:
         """Counters: batches, items, wait_s (caller waited), fill_s (worker time), ring_bytes,
@@ -355,17 +391,18 @@ class Loader:
         first_epoch = self._next_seq // self._bpe
         return (first_epoch + self.epochs) * self._bpe
 
-    def _iterate(self, generation: int, end: int) -> Iterator[Any]:
+    def _iterate(self, generation: int, end: int, cancelled: threading.Event) -> Iterator[Any]:
         while True:
-            if generation != self._iterator_generation:
-                raise RuntimeError("this iterator was superseded by a newer iter() or load_state_dict()")
+            self._check_current(generation)
             self._advance()
             if self._next_seq >= end:
                 self._open_end = None
                 return
             started = time.perf_counter()
             try:
-                seq, ready = self._await_batch(end)
+                seq, ready = self._await_batch(end, generation, cancelled)
+            except _Cancelled:
+                return
             except BaseException as exc:
                 if isinstance(exc, LoaderError):
                     # A failed pipeline stops with its error, at once: nothing left running.
@@ -374,7 +411,6 @@ class Loader:
                 raise
             finally:
                 self._stats["wait_s"] += time.perf_counter() - started
-            self._delivered_ahead.add(seq)
             self._advance()
             for index, reason in ready.skipped:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
@@ -392,16 +428,23 @@ class Loader:
             self._delivered_ahead.discard(self._next_seq)
             self._next_seq += 1
 
-    def _await_batch(self, end: int) -> tuple[int, _Ready]:
+    def _await_batch(self, end: int, generation: int, cancelled: threading.Event) -> tuple[int, _Ready]:
         while True:
             self._check_open()
+            if cancelled.is_set():
+                raise _Cancelled
             self._book.reclaim()
             # Top the workers up first, even when a batch is ready: otherwise they idle while
             # the caller drains ready batches, and the caller then waits a whole fill.
             self._dispatch(end)
-            found = self._take_ready(end)
-            if found is not None:
-                return found
+            # Under the lock: an iterator superseded meanwhile (another thread's iter() or
+            # load_state_dict()) must not take, and so lose, a batch of the new position.
+            with self._take_lock:
+                self._check_current(generation)
+                found = self._take_ready(end)
+                if found is not None:
+                    self._delivered_ahead.add(found[0])
+                    return found
             if not self._orders:
                 raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
             self._wait()
@@ -595,6 +638,10 @@ class Loader:
         return unflatten(self.layout.treedef, leaves)
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _check_current(self, generation: int) -> None:
+        if generation != self._iterator_generation:
+            raise RuntimeError("this iterator was superseded by a newer iter() or load_state_dict()")
 
     def _check_open(self) -> None:
         if self.closed:
