@@ -265,11 +265,16 @@ class _Feeder:
             try:
                 return self.queue.get(timeout=0.1)
             except queue.Empty:
-                if not self.thread.is_alive() and self.queue.empty():
+                if self.stop.is_set() or (not self.thread.is_alive() and self.queue.empty()):
                     return _DONE
 
     def close(self) -> None:
         self.stop.set()
+        # A thread waiting inside the source for its next batch cannot see ``stop``; an
+        # iterator that can be told to end (a Loader's) is told to, so the join is short.
+        cancel = getattr(self.pull.source, "cancel", None)
+        if cancel is not None:
+            cancel()
         self.retired.clear()
         while True:  # drop queued batches: their ring slots go back to the loader
             try:
@@ -310,6 +315,7 @@ class DevicePrefetcher:
         self._queue: collections.deque[_Entry] = collections.deque()
         self._last: _Entry | None = None
         self._exhausted = False
+        self._error: Exception | None = None  # from the source, raised once the queue is drained
         self._feeder: _Feeder | None = None
         if thread:
             self._feeder = _Feeder(self._pull, self.size)
@@ -319,7 +325,12 @@ class DevicePrefetcher:
 
     def _fill(self, n: int) -> None:
         while n > 0 and not self._exhausted:
-            entry = self._pull()
+            try:
+                entry = self._pull()
+            except Exception as exc:  # raised after the batches pulled before it, as with the thread
+                self._error = exc
+                self._exhausted = True
+                return
             if entry is None:
                 self._exhausted = True
                 return
@@ -341,7 +352,10 @@ class DevicePrefetcher:
             entry = item
         else:
             if not self._queue:
+                error, self._error = self._error, None
                 self.close()
+                if error is not None:
+                    raise error
                 raise StopIteration
             entry = self._queue.popleft()
             # Start the next transfer before handing this batch out, so it overlaps the step.

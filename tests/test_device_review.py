@@ -1,7 +1,9 @@
-"""Review of the device stage's concurrency paths: failing demonstrations of real bugs.
+"""Regression tests from a review of the device stage's concurrency paths.
 
-Each test is a strict xfail: it fails today and starts passing (XPASS, reported as a
-failure) once the bug is fixed, so the marker must then be removed.
+Each demonstrated a real bug before it was fixed: close() could not stop a thread waiting
+inside the loader; a superseded loader iterator took (and lost) a batch of the new
+position; thread=False raised a source error early and lost a batch; a garbage collection
+inside the lease bookkeeping could deadlock on its own lock.
 """
 
 from __future__ import annotations
@@ -66,8 +68,6 @@ def _cleanup(source, loader, it) -> None:
     loader.close()
 
 
-@pytest.mark.xfail(strict=True, reason="DevicePrefetcher.close() cannot stop a feeder blocked in the "
-                   "source: it joins for 5 s, then returns with the thread still inside the loader")
 def test_close_stops_the_feeder_promptly_while_it_waits_inside_the_loader():
     source, loader, it = _feeder_waiting_for_batch_three()
     try:
@@ -81,8 +81,6 @@ def test_close_stops_the_feeder_promptly_while_it_waits_inside_the_loader():
     assert took < 1.0, f"close() blocked {took:.1f} s"
 
 
-@pytest.mark.xfail(strict=True, reason="after close() times out, the old feeder thread keeps iterating "
-                   "the loader: it takes the first batch after load_state_dict() and drops it")
 def test_resuming_the_same_loader_after_close_loses_no_batch():
     source, loader, it = _feeder_waiting_for_batch_three()
     try:
@@ -100,8 +98,6 @@ def test_resuming_the_same_loader_after_close_loses_no_batch():
     assert rest[:2] == [3, 4], rest[:5]  # today: [4, 5, ...], batch 3 went to the dead feeder
 
 
-@pytest.mark.xfail(strict=True, reason="thread=False: an error from the source while refilling is raised "
-                   "from next() after the batch was popped: that batch is lost and the error comes early")
 def test_unthreaded_source_error_loses_no_batch_pulled_before_it():
     def failing():
         for i in range(3):
@@ -139,8 +135,6 @@ print("ok")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Leases.reclaim() holds a non-reentrant lock while allocating; a "
-                   "GC there that frees a batch runs the lease finalizer -> release() -> same lock: deadlock")
 def test_a_gc_inside_lease_reclaim_that_frees_a_batch_does_not_deadlock():
     env = dict(os.environ, PYTHONPATH=REPO)
     hung = []
