@@ -1,4 +1,4 @@
-"""Starting, watching and stopping loader workers (fresh processes, or threads).
+"""Starting and stopping loader workers: fresh processes, threads, or the caller itself.
 
 Processes are started fresh through the package's own entry point — never a fork of the
 training process, whose JAX threads would not survive a fork, and never a re-run of the
@@ -6,13 +6,16 @@ user's script (the spawn ``__main__`` trap). The source and transform travel by 
 (cloudpickle) together with the parent's ``sys.path`` and working directory. Workers live
 in their own process group, so a Ctrl-C at the terminal reaches only the parent, which
 owns shutdown.
+
+All three kinds take orders through one interface (``send``); processes and threads answer
+through a result pipe that ``_supervisor.py`` watches, while the in-process worker
+(``workers=0``) fills an order only when the loader waits for it, in the waiting thread.
 """
 
 from __future__ import annotations
 
+import collections
 import os
-import select
-import signal
 import subprocess
 import sys
 import threading
@@ -23,79 +26,103 @@ from typing import Any
 import cloudpickle
 
 from agnostic_prefetch._ring import Ring
-from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, serve
+from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, Order, pack_orders, serve
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class WorkerHandle:
-    """One worker: its pipes, and its process (or thread)."""
+    """One worker process or thread: its order and result pipes, and what tells that it ended.
 
-    def __init__(self, worker_id: int, orders: Connection, results: Connection) -> None:
+    Attributes:
+        capacity: orders it holds at once (one filling, the rest queued).
+        outstanding: ids of the orders sent and not yet answered, oldest first.
+        sentinel: a pidfd, readable when the process ends (``None`` for threads, or where
+            the OS has no pidfd).
+    """
+
+    def __init__(self, worker_id: int, orders: Connection, results: Connection, capacity: int) -> None:
         self.worker_id = worker_id
         self.orders = orders
-        self.results = results
-        self.outstanding: list[int] = []  # order ids sent and not yet answered, oldest first
+        self.results: Connection | None = results
+        self.capacity = capacity
+        self.outstanding: collections.deque[int] = collections.deque()
         self.process: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
-        self.sentinel: int | None = None  # a pidfd: readable when the process ends
+        self.sentinel: int | None = None
         self.stack_fd: int | None = None
+
+    def send(self, orders: list[Order]) -> None:
+        """Hand over orders in one write (each write wakes the worker). Raises OSError if it died."""
+        self.orders.send_bytes(pack_orders(orders))
 
     def describe(self) -> str:
         if self.process is not None:
             return f"worker {self.worker_id} (pid {self.process.pid})"
         return f"worker thread {self.worker_id}"
 
-    def exit_reason(self) -> str | None:
-        """Why the process ended, or ``None`` while it runs."""
-        if self.process is None:
-            return None if self.thread is not None and self.thread.is_alive() else "thread ended"
-        code = self.process.poll()
-        if code is None:
-            return None
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            hint = " (SIGKILL is what the kernel's OOM killer sends: check memory)" if -code == signal.SIGKILL else ""
-            return f"was killed by {name}{hint}"
-        return f"exited with code {code}"
 
-    def stack(self) -> str:
-        """The worker's current Python stack, for a hung-worker report."""
-        if self.thread is not None:
-            frame = sys._current_frames().get(self.thread.ident or -1)
-            import traceback
+class InProcessWorker:
+    """``workers=0``: the same filler, run by the thread that waits for a batch, one order at a time.
 
-            return "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
-        if self.process is None or self.stack_fd is None or self.process.poll() is not None:
-            return "(process gone)"
-        os.kill(self.process.pid, signal.SIGUSR1)
-        chunks: list[bytes] = []
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.stack_fd], [], [], 0.2)
-            if not ready:
-                if chunks:
-                    break
-                continue
-            chunk = os.read(self.stack_fd, 65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace") or "(the worker did not answer SIGUSR1)"
+    It holds one order at most, so the caller fills exactly what it is about to take.
+    """
+
+    worker_id = 0
+    capacity = 1
+    results = None
+    sentinel = None
+    process = None
+    thread = None
+
+    def __init__(self, job: Job, ring: Ring) -> None:
+        self.outstanding: collections.deque[int] = collections.deque()
+        self._orders: collections.deque[Order] = collections.deque()
+        self._filler: Filler | None = Filler(job, ring.slot_view)
+        if job.worker_init is not None:
+            job.worker_init(0)
+
+    def send(self, orders: list[Order]) -> None:
+        self._orders.extend(orders)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._orders) and self._filler is not None
+
+    def run_next(self) -> tuple:
+        """Fill the oldest order now, in this thread; return the worker's message."""
+        assert self._filler is not None
+        return self._filler.fill(self._orders.popleft())
+
+    def describe(self) -> str:
+        return "the caller (workers=0)"
+
+    def stop(self) -> None:
+        # Its slot writers view the ring: let go of them so the ring can be unmapped.
+        self._filler = None
+        self._orders.clear()
 
 
-def start_processes(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
-    """Start ``count`` worker processes and send each the job; returns when all are started."""
+Worker = WorkerHandle | InProcessWorker
+
+
+def start(count: int, backend: str, job: Job, ring: Ring, capacity: int) -> list[Worker]:
+    """``count`` workers of ``backend`` (``"process"`` or ``"thread"``); 0 gives the in-process one."""
+    if count == 0:
+        return [InProcessWorker(job, ring)]
+    if backend == "thread":
+        return _start_threads(count, job, ring, capacity)
+    return _start_processes(count, job, ring, capacity)
+
+
+def _start_processes(count: int, job: Job, ring: Ring, capacity: int) -> list[Worker]:
     payload = cloudpickle.dumps(job)
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
         env.setdefault(var, "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     use_pdeathsig = threading.current_thread() is threading.main_thread()
-    handles: list[WorkerHandle] = []
+    handles: list[Worker] = []
     try:
         for worker_id in range(count):
             order_r, order_w = os.pipe()
@@ -115,13 +142,15 @@ def start_processes(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
             finally:
                 for fd in (order_r, result_w, stack_w):
                     os.close(fd)
-            handle = WorkerHandle(worker_id, Connection(order_w, readable=False), Connection(result_r, writable=False))
+            handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
+                                  Connection(result_r, writable=False), capacity)
             handle.process = process
             handle.stack_fd = stack_r
             os.set_blocking(stack_r, False)
             handle.sentinel = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
             handles.append(handle)
         for handle in handles:
+            assert isinstance(handle, WorkerHandle)
             handle.orders.send((list(sys.path), os.getcwd()))
             handle.orders.send_bytes(payload)
     except BaseException:
@@ -130,13 +159,13 @@ def start_processes(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     return handles
 
 
-def start_threads(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
-    """Start ``count`` worker threads sharing this process's ring mapping."""
-    handles = []
+def _start_threads(count: int, job: Job, ring: Ring, capacity: int) -> list[Worker]:
+    handles: list[Worker] = []
     for worker_id in range(count):
         order_r, order_w = os.pipe()
         result_r, result_w = os.pipe()
-        handle = WorkerHandle(worker_id, Connection(order_w, readable=False), Connection(result_r, writable=False))
+        handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
+                              Connection(result_r, writable=False), capacity)
         worker_orders, worker_results = Connection(order_r, writable=False), Connection(result_w, readable=False)
         filler = Filler(job, ring.slot_view)
 
@@ -146,7 +175,7 @@ def start_threads(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
                 serve(filler, o, r, worker_id)
             finally:
                 o.close()
-                r.close()
+                r.close()  # the parent sees end of file: a thread that ends is noticed at once
 
         handle.thread = threading.Thread(target=run, name=f"agnostic_prefetch-worker-{worker_id}", daemon=True)
         handle.thread.start()
@@ -154,14 +183,17 @@ def start_threads(count: int, job: Job, ring: Ring) -> list[WorkerHandle]:
     return handles
 
 
-def stop(handles: list[WorkerHandle], grace: float = 0.5) -> None:
+def stop(handles: list[Worker], grace: float = 0.5) -> None:
     """Stop workers: close their order pipes (end of file means exit), then kill stragglers.
 
     An idle worker exits within milliseconds of end of file; one busy in a record cannot
     notice it, and holds nothing worth waiting for, so it is killed after ``grace``.
     """
     for h in handles:
-        _close_quietly(h.orders)
+        if isinstance(h, InProcessWorker):
+            h.stop()
+        else:
+            _close_quietly(h.orders)
     deadline = time.monotonic() + grace
     for h in handles:
         if h.process is not None:
@@ -174,7 +206,10 @@ def stop(handles: list[WorkerHandle], grace: float = 0.5) -> None:
             # A thread stuck in user code cannot be stopped; it is a daemon and holds no pipe.
             h.thread.join(max(0.0, deadline - time.monotonic()))
     for h in handles:
-        _close_quietly(h.results)
+        if isinstance(h, InProcessWorker):
+            continue
+        if h.results is not None:
+            _close_quietly(h.results)
         for fd in (h.sentinel, h.stack_fd):
             if fd is not None:
                 try:

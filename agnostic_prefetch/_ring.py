@@ -72,6 +72,10 @@ def available_bytes(anonymous: bool, directory: str | None = None) -> tuple[int 
     return min(figures)
 
 
+_CLOSED_MAP = mmap.mmap(-1, mmap.PAGESIZE)  # what a closed ring's ``map`` is: closed, shared
+_CLOSED_MAP.close()
+
+
 class Ring:
     """``slots`` slots of ``slot_bytes`` each in one shared region.
 
@@ -143,10 +147,12 @@ class Ring:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        # Arrays that view the ring hold buffer exports on the mmap: it then cannot close,
-        # and is unmapped when the last of them dies instead.
+        # Arrays that view the ring hold buffer exports on the mmap: it then cannot close
+        # now. Let go of it: those arrays own it, and it is unmapped when the last of them
+        # dies, however long this Ring lives on.
         with contextlib.suppress(BufferError):
             self.map.close()
+        self.map = _CLOSED_MAP
 
     def __repr__(self) -> str:
         return f"Ring({self.slots} slots x {self.slot_bytes:,} B = {self.nbytes:,} B, {self.kind})"

@@ -15,11 +15,8 @@ per write, since each write wakes the worker); end of file on the order pipe mea
 
 from __future__ import annotations
 
-import ctypes
-import faulthandler
 import os
 import pickle
-import signal
 import struct
 import sys
 import threading
@@ -140,7 +137,7 @@ class Filler:
                 if job.skip_errors:
                     skipped.append((index, f"{type(exc).__name__}: {exc}"))
                     continue
-                return ("error", order_id, index, _picklable(exc), f"{type(exc).__name__}: {exc}",
+                return ("error", order_id, index, picklable(exc), f"{type(exc).__name__}: {exc}",
                         traceback.format_exc())
             for column, value in zip(objects, item_objects, strict=True):
                 column.append(value)
@@ -150,7 +147,7 @@ class Filler:
         return ("done", order_id, count, objects, skipped, time.perf_counter() - started)
 
 
-def _picklable(exc: BaseException) -> BaseException | None:
+def picklable(exc: BaseException) -> BaseException | None:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -164,7 +161,7 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
         try:
             filler.job.worker_init(worker_id)
         except BaseException as exc:
-            results.send(("error", -1, None, _picklable(exc),
+            results.send(("error", -1, None, picklable(exc),
                           f"worker_init failed: {type(exc).__name__}: {exc}", traceback.format_exc()))
             return
     check_imports = threading.current_thread() is threading.main_thread()  # a process worker
@@ -177,7 +174,7 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
             try:
                 message = filler.fill(order)
             except BaseException as exc:  # a failure outside any record (e.g. a broken writer)
-                message = ("error", order.order_id, None, _picklable(exc),
+                message = ("error", order.order_id, None, picklable(exc),
                            f"{type(exc).__name__}: {exc}", traceback.format_exc())
             try:
                 if check_imports:  # once, and before the first result, so it is never lost
@@ -195,65 +192,3 @@ def _warn_about_frameworks(results: Connection) -> None:
                       f"{', '.join(loaded)}; loader workers are meant to stay free of "
                       "frameworks (memory, start-up time, threads). Import them lazily "
                       "outside the code the workers run."))
-
-
-# ---------------------------------------------------------------------------------------
-# Process entry point: python -m agnostic_prefetch._worker_entry <fds...>
-
-
-def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
-    if use_pdeathsig and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:
-        os._exit(0)
-
-    # PDEATHSIG follows the *thread* that started us, and is not everywhere; poll as well.
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent_pid:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run one worker process; the arguments are inherited descriptors and the parent pid."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
-    args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
-    order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
-    _die_with_parent(parent_pid, bool(use_pdeathsig))
-    faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)
-    orders = Connection(order_fd, writable=False)
-    results = Connection(result_fd, readable=False)
-    try:
-        sys_path, cwd = orders.recv()
-        sys.path[:] = sys_path
-        os.chdir(cwd)
-        job = _load_job(orders.recv_bytes())
-    except (EOFError, OSError):
-        return
-    except BaseException as exc:
-        results.send(("error", -1, None, _picklable(exc),
-                      f"could not unpickle the source/transform: {type(exc).__name__}: {exc}",
-                      traceback.format_exc()))
-        return
-    import mmap
-
-    ring = mmap.mmap(ring_fd, ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    os.close(ring_fd)
-    slot_bytes = job.layout.slot_bytes
-    view = memoryview(ring)
-
-    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes])
-    serve(filler, orders, results, int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0")))
-
-
-def _load_job(payload: bytes) -> Job:
-    import cloudpickle  # noqa: F401  (cloudpickle payloads unpickle with plain pickle once imported)
-
-    return pickle.loads(payload)

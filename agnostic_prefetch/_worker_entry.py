@@ -1,5 +1,83 @@
-"""Entry point of a worker process: ``python -m agnostic_prefetch._worker_entry``."""
+"""Entry point of a worker process: ``python -m agnostic_prefetch._worker_entry <descriptors...>``.
 
-from agnostic_prefetch._worker import main
+A fresh interpreter (never a fork of the training process) that ignores SIGINT (the parent
+owns shutdown), dies with its parent, receives the parent's ``sys.path``, working directory
+and the cloudpickled job over its order pipe, maps the ring from the inherited descriptor,
+and then serves orders like any other worker.
+"""
 
-main()
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+
+from agnostic_prefetch._worker import Filler, Job, picklable, serve
+
+
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+    # PDEATHSIG follows the *thread* that started us, and is not everywhere; poll as well.
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one worker process; the arguments are inherited descriptors and the parent pid."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
+    args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
+    order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
+    _die_with_parent(parent_pid, bool(use_pdeathsig))
+    faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)
+    orders = Connection(order_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    try:
+        sys_path, cwd = orders.recv()
+        sys.path[:] = sys_path
+        os.chdir(cwd)
+        job = _load_job(orders.recv_bytes())
+    except (EOFError, OSError):
+        return
+    except BaseException as exc:
+        results.send(("error", -1, None, picklable(exc),
+                      f"could not unpickle the source/transform: {type(exc).__name__}: {exc}",
+                      traceback.format_exc()))
+        return
+    ring = mmap.mmap(ring_fd, ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    os.close(ring_fd)
+    slot_bytes = job.layout.slot_bytes
+    view = memoryview(ring)
+
+    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes])
+    serve(filler, orders, results, int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0")))
+
+
+def _load_job(payload: bytes) -> Job:
+    import cloudpickle  # noqa: F401  (cloudpickle payloads unpickle with plain pickle once imported)
+
+    return pickle.loads(payload)
+
+
+if __name__ == "__main__":
+    main()

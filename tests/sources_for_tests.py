@@ -79,3 +79,50 @@ class ImportsFramework(Counting):
 
 def add_noise(example, rng):
     return {**example, "noise": rng.standard_normal(2).astype(np.float32)}
+
+
+class NamedRows:
+    """Rows with a file name each: batches carry a list of strings next to the array."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int):
+        return {"x": np.full(3, i, np.float32), "name": f"row{i}.jpg"}
+
+
+def rows_loader(rows: int = 10, batch_size: int = 2, **kwargs):
+    """A workers=0 loader over ``rows`` rows of 4 float32: row r holds 4r .. 4r+3."""
+    import agnostic_prefetch as ap
+
+    source = ap.ArraySource({"x": np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)})
+    return ap.Loader(source, batch_size, **{"workers": 0, **kwargs})
+
+
+def lease_holder(leaf: np.ndarray) -> np.ndarray:
+    """For a loader batch, the uint8 array over its ring slot, whose death ends the slot's
+    lease (see _slots.py); for any other array, the array itself."""
+    return leaf.base if isinstance(leaf.base, np.ndarray) else leaf
+
+
+def in_a_worker(owner: int) -> bool:
+    """True in a worker process or a worker thread, False where the loader lays out its ring."""
+    import threading
+
+    return os.getpid() != owner or threading.current_thread().name.startswith("agnostic_prefetch-worker")
+
+
+class SlowFrom(Counting):
+    """Records from ``first`` on take ``delay`` seconds each, in worker processes and threads."""
+
+    def __init__(self, n, first, delay):
+        super().__init__(n)
+        self.first, self.delay = first, delay
+
+    def __getitem__(self, i):
+        if i >= self.first and in_a_worker(self.owner):
+            time.sleep(self.delay)
+        return super().__getitem__(i)

@@ -249,4 +249,4 @@ def test_workers_are_topped_up_while_ready_batches_wait():
         time.sleep(0.5)  # the worker finishes every order it holds; batches wait, ready
         for _ in range(5):
             next(it)  # handing out a ready batch must also hand the worker new orders
-            assert len(loader._workers[0].outstanding) > loader._per_worker // 2
+            assert len(loader._workers[0].outstanding) > loader._plan.orders_per_worker // 2

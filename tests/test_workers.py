@@ -83,10 +83,10 @@ def test_small_slots_get_more_of_them_so_workers_take_several_orders_per_write()
     from sources_for_tests import Counting
 
     with ap.Loader(Counting(100), 1, workers=2) as small:
-        assert small.slots == 2 * 8 + 6 and small._per_worker == 8
+        assert small.slots == 2 * 8 + 6 and small._plan.orders_per_worker == 8
     big = {"x": np.zeros((256, 256), np.float32)}
     with ap.Loader(Counting(100), 8, workers=2, spec=big) as large:
-        assert large.slots == 2 + 6 and large._per_worker == 2
+        assert large.slots == 2 + 6 and large._plan.orders_per_worker == 2
 
 
 def test_a_transposed_view_of_the_slot_is_still_copied_not_trusted():

@@ -1,0 +1,305 @@
+"""Scheduling: orders to idle workers, lowest batch first; results kept by batch number; shutdown.
+
+Everything here counts global batch sequence numbers (``seq``, see ``_resume.py``). The
+scheduler knows which batches are ordered or ready, not who will take them: a loader
+iterator asks it for the batches its own position needs, and when a new iterator takes over
+(a second ``iter()``, ``load_state_dict``), :meth:`Scheduler.restart` keeps what the new
+position still needs (the look-ahead into the next epoch, say) and drops the rest.
+
+One thread drives the scheduler at a time: it holds :attr:`Scheduler.drive` while it
+dispatches, takes and waits. Another thread that must stop it (``close()``, ``cancel()``)
+wakes the wait and then takes ``drive`` itself, so nothing is released under the driver.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch import _pool, _supervisor
+from agnostic_prefetch._layout import (
+    H_COUNT,
+    H_EPOCH,
+    H_MAGIC,
+    H_NUMBER,
+    H_PROGRESS,
+    HEADER_BYTES,
+    MAGIC,
+)
+from agnostic_prefetch._resume import ENDLESS, Position
+from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._slots import SlotTable
+from agnostic_prefetch._warn import warn
+from agnostic_prefetch._worker import Order
+from agnostic_prefetch.errors import LoaderError, WorkerError
+from agnostic_prefetch.sampler import Sampler
+
+log = logging.getLogger("agnostic_prefetch")
+
+# How long close() from another thread waits for the driving thread to leave. A thread woken
+# from its wait leaves within microseconds; one filling a batch itself (workers=0) cannot be
+# interrupted, and the ring is then released when it leaves.
+_LEAVE_S = 0.2
+
+
+@dataclass(slots=True)
+class _Order:
+    seq: int
+    slot: int
+    worker: _pool.Worker
+    indices: np.ndarray
+    stale: bool = False  # no position needs it any more: its result is thrown away
+    progress: int = -1
+    progress_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class Ready:
+    """A filled batch waiting its turn: its slot, item count, list leaves and skipped records."""
+
+    slot: int
+    count: int
+    objects: list[list[Any]]
+    skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
+
+
+class Scheduler:
+    """Orders, results and the wait for one loader's workers and ring; closes them.
+
+    Args:
+        sampler: what batch ``seq`` holds.
+        ring, table: the ring and its slot table.
+        workers: started workers (see ``_pool.start``).
+        timeout: seconds a worker may go without progress, or ``None``.
+        lookahead: batches it may order past the end of an iteration (no drain between epochs).
+    """
+
+    def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, workers: list[_pool.Worker],
+                 timeout: float | None, lookahead: int) -> None:
+        self.drive = threading.RLock()
+        self.closed = False
+        self.fill_s = 0.0
+        self.ring = ring
+        self.table = table
+        self.workers = workers
+        self.supervisor = _supervisor.Supervisor(workers, timeout)
+        self._sampler = sampler
+        self._bpe = sampler.batches_per_epoch
+        self._timeout = timeout
+        self._lookahead = lookahead
+        self._headers: np.ndarray | None = np.frombuffer(ring.map, np.int64, ring.nbytes // 8).reshape(
+            ring.slots, -1)[:, : HEADER_BYTES // 8]
+        self._orders: dict[int, _Order] = {}
+        self._order_ids = itertools.count()
+        self._ready: dict[int, Ready] = {}
+        self._failed: dict[int, WorkerError] = {}
+        self._pending: set[int] = set()  # seqs ordered (not stale), ready or failed
+        self._dispatch_seq = 0
+        self._warned_frameworks = False
+        self._release_when_left: float | None = None
+        self.driver = ""  # the name of the thread driving now, for close()'s warning
+
+    # ---- what an iterator calls, holding ``drive`` ------------------------------------------
+
+    def restart(self, position: Position, end: int) -> None:
+        """Serve ``position`` from now on: drop the batches it does not need."""
+        limit = end + self._lookahead if end < ENDLESS else ENDLESS
+
+        def unwanted(seq: int) -> bool:
+            return seq >= limit or position.delivered(seq)
+
+        for order in self._orders.values():
+            if not order.stale and unwanted(order.seq):
+                order.stale = True
+                self._pending.discard(order.seq)
+        for seq in [s for s in self._ready if unwanted(s)]:
+            self.table.discard(self._ready.pop(seq).slot)
+            self._pending.discard(seq)
+        for seq in [s for s in self._failed if unwanted(s)]:
+            del self._failed[seq]
+            self._pending.discard(seq)
+        self._dispatch_seq = position.next_seq
+
+    def dispatch(self, position: Position, end: int) -> None:
+        """Order batches, lowest first, while a slot is free and a worker has room.
+
+        A worker is topped up to its capacity in one write once it is down to half of it:
+        each write wakes a sleeping worker, which costs more than a tiny batch.
+        """
+        table = self.table
+        table.reclaim()
+        if not table.free:
+            self._make_room(position.next_seq)
+        seq = max(self._dispatch_seq, position.next_seq)
+        limit = end + self._lookahead if end < ENDLESS else ENDLESS
+        pending: dict[Any, list[Order]] = {}
+        workers = self.workers
+        while table.free and seq < limit:
+            if seq in self._pending or position.delivered(seq):
+                seq += 1
+                continue
+            worker = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.outstanding))
+            load = len(worker.outstanding)
+            if load >= worker.capacity or (worker not in pending and load > worker.capacity // 2):
+                break
+            pending.setdefault(worker, []).append(self._order(seq, worker))
+            seq += 1
+        self._dispatch_seq = seq
+        for worker, orders in pending.items():
+            try:
+                worker.send(orders)
+            except OSError:
+                raise _supervisor.died(worker) from None
+
+    def take(self, position: Position, end: int, ordered: bool) -> tuple[int, Ready] | None:
+        """A ready batch for ``position``: the next in order, or with ``ordered=False`` any."""
+        if ordered:
+            candidates: Any = (position.next_seq,)
+        else:
+            candidates = sorted(s for s in itertools.chain(self._ready, self._failed) if s < end)
+        for seq in candidates:
+            ready = self._ready.pop(seq, None)
+            if ready is not None:
+                self._pending.discard(seq)
+                return seq, ready
+            if seq in self._failed:
+                self._pending.discard(seq)
+                raise self._failed.pop(seq)
+        return None
+
+    def wait(self) -> None:
+        """Block until a worker reports (the reports are taken in) or a wake-up."""
+        if not self._orders:
+            raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
+        for worker, message in self.supervisor.wait():
+            self._on_message(worker, message)
+        if self._timeout is not None:
+            self._check_progress()
+
+    # ---- bookkeeping --------------------------------------------------------------------
+
+    def _make_room(self, needed: int) -> None:
+        # Dispatch goes lowest first, so the needed batch is normally ordered already. After
+        # a restart to an earlier position, ready batches above it may fill every slot the
+        # workers have: the highest gives its slot back (it is a function of its number and
+        # will be filled again when its turn comes).
+        if needed in self._pending or not self._ready:
+            return
+        victim = max(self._ready)
+        if victim > needed:
+            self.table.discard(self._ready.pop(victim).slot)
+            self._pending.discard(victim)
+
+    def _order(self, seq: int, worker: _pool.Worker) -> Order:
+        epoch, number = divmod(seq, self._bpe)
+        batch = self._sampler.batch(epoch, number)
+        slot = self.table.order()
+        order_id = next(self._order_ids)
+        self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
+        self._pending.add(seq)
+        worker.outstanding.append(order_id)
+        return Order(order_id, slot, epoch, number, batch.indices, batch.first_position)
+
+    def _on_message(self, worker: _pool.Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "warn":
+            if not self._warned_frameworks:
+                self._warned_frameworks = True
+                log.warning(message[1])
+            return
+        order_id = message[1]
+        if order_id == -1:
+            raise _supervisor.failed_to_start(worker, message)
+        order = self._orders.pop(order_id)
+        if worker.outstanding[0] == order_id:
+            worker.outstanding.popleft()
+        else:
+            worker.outstanding.remove(order_id)
+        if kind == "done":
+            _, _, count, objects, skipped, fill_s = message
+            self.fill_s += fill_s
+            self._check_header(order, count)
+            if order.stale:
+                self.table.discard(order.slot)
+                return
+            self.table.filled(order.slot)
+            self._ready[order.seq] = Ready(order.slot, count, objects, skipped)
+            return
+        self.table.discard(order.slot)
+        if not order.stale:
+            self._failed[order.seq] = _supervisor.record_failed(worker, message, *divmod(order.seq, self._bpe))
+
+    def _check_header(self, order: _Order, count: int) -> None:
+        assert self._headers is not None
+        header = self._headers[order.slot]
+        epoch, number = divmod(order.seq, self._bpe)
+        if (header[H_MAGIC], header[H_EPOCH], header[H_NUMBER], header[H_COUNT]) != (MAGIC, epoch, number, count):
+            raise LoaderError(  # pragma: no cover - guards the slot protocol itself
+                f"slot {order.slot} header {header[:5].tolist()} does not match batch {number} of "
+                f"epoch {epoch} with {count} items: the ring was written out of turn"
+            )
+
+    def _check_progress(self) -> None:
+        assert self._timeout is not None and self._headers is not None
+        now = time.monotonic()
+        for worker in self.workers:
+            if not worker.outstanding or (worker.process is None and worker.thread is None):
+                continue
+            order = self._orders.get(worker.outstanding[0])  # the one it is filling
+            if order is None:
+                continue
+            progress = int(self._headers[order.slot, H_PROGRESS])
+            if progress != order.progress:
+                order.progress, order.progress_at = progress, now
+            elif now - order.progress_at >= self._timeout:
+                index = int(order.indices[min(progress, len(order.indices) - 1)])
+                raise _supervisor.hung(worker, now - order.progress_at, self._timeout, index,
+                                       *divmod(order.seq, self._bpe))
+
+    # ---- shutdown -----------------------------------------------------------------------
+
+    def close(self, grace: float = 0.5) -> None:
+        """Stop the workers and release the ring, after any thread driving the scheduler left.
+
+        A thread waiting for workers is woken and leaves at once. One that is filling a
+        batch itself (``workers=0``) cannot be interrupted: then this warns, naming it, and
+        the release happens when that thread leaves.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.supervisor.wake()
+        if not self.drive.acquire(timeout=_LEAVE_S):
+            warn(
+                f"Loader.close(): thread {self.driver!r} is still inside the loader, filling a "
+                "batch in that thread (workers=0 runs the source in the thread that iterates), "
+                "and cannot be interrupted; the ring is released as soon as that batch is done.")
+            self._release_when_left = grace
+            return
+        try:
+            self._release(grace)
+        finally:
+            self.drive.release()
+
+    def left(self) -> None:
+        """The driving thread has released ``drive``: finish a close() that had to wait for it."""
+        if self._release_when_left is not None:
+            with self.drive:
+                grace, self._release_when_left = self._release_when_left, None
+                if grace is not None:
+                    self._release(grace)
+
+    def _release(self, grace: float) -> None:
+        workers, self.workers = self.workers, []
+        _pool.stop(workers, grace)
+        self.supervisor.close()
+        self._ready.clear()
+        self._orders.clear()
+        self._headers = None  # our own view of the ring: drop it so the mapping can close
+        self.ring.close()

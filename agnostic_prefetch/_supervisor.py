@@ -1,0 +1,197 @@
+"""Watching workers: results, deaths, hangs and wake-ups in one selector; the wording of failures.
+
+The loader waits in :meth:`Supervisor.wait`, blocked in one ``select`` over every worker's
+result pipe, every process's pidfd and a wake-up pipe. So it uses no CPU while it waits, it
+notices a dead worker at once, and whoever must interrupt the wait (``close()`` or
+``cancel()`` from another thread) writes one byte to the wake-up pipe instead of the waiter
+polling for it. Two documented exceptions wake it on a timer: ``timeout=`` (the progress
+counters live in shared memory, which no descriptor signals), and an OS without pidfds,
+where dead processes are looked for every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+import signal
+import sys
+import time
+import traceback
+
+from agnostic_prefetch._pool import InProcessWorker, Worker
+from agnostic_prefetch.errors import LoaderTimeoutError, WorkerDiedError, WorkerError
+
+_NO_PIDFD_POLL_S = 0.1
+_WAKE = "wake"
+
+
+class Supervisor:
+    """The selector every wait for workers blocks in.
+
+    Args:
+        workers: the loader's workers (an in-process worker is run instead of waited for).
+        timeout: the loader's ``timeout=`` (seconds without progress), or ``None``.
+    """
+
+    def __init__(self, workers: list[Worker], timeout: float | None) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, (None, _WAKE))
+        self._local = [w for w in workers if isinstance(w, InProcessWorker)]
+        self._poll_for_deaths = False
+        for w in workers:
+            if w.results is not None:
+                self.selector.register(w.results, selectors.EVENT_READ, (w, "results"))
+            if w.sentinel is not None:
+                self.selector.register(w.sentinel, selectors.EVENT_READ, (w, "sentinel"))
+            elif w.process is not None:
+                self._poll_for_deaths = True
+        self._workers = workers
+        # With timeout=, wake often enough to see a stalled counter within about timeout.
+        periods = [p for p in (timeout / 4 if timeout else None,
+                               _NO_PIDFD_POLL_S if self._poll_for_deaths else None) if p]
+        self._period = min(periods) if periods else None
+
+    def wake(self) -> None:
+        """Make a wait in progress (in any thread) return at once; safe from any thread."""
+        try:
+            os.write(self._wake_w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # a byte is already waiting, or the pipe is closed: either way nobody sleeps
+
+    def wait(self) -> list[tuple[Worker, tuple]]:
+        """Block until a worker reports or dies, a wake-up, or the period; return the reports.
+
+        An in-process worker with an order is run now instead, in this thread.
+
+        Raises:
+            WorkerDiedError: a worker process ended or closed its pipe.
+        """
+        for w in self._local:
+            if w.has_work:
+                return [(w, w.run_next())]
+        events = self.selector.select(self._period)
+        messages = []
+        for key, _ in events:
+            worker, kind = key.data
+            if kind == _WAKE:
+                self._drain_wake()
+            elif kind == "results":
+                try:
+                    messages.append((worker, worker.results.recv()))
+                except (EOFError, OSError):
+                    raise died(worker) from None
+        for key, _ in events:  # after the results: a worker that answered, then died, is reported
+            worker, kind = key.data
+            if kind == "sentinel" and exit_reason(worker) is not None:
+                raise died(worker)
+        if not events and self._poll_for_deaths:
+            for w in self._workers:
+                if w.process is not None and exit_reason(w) is not None:
+                    raise died(w)
+        return messages
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def exit_reason(worker: Worker) -> str | None:
+    """Why a worker ended, or ``None`` while it runs."""
+    if worker.process is None:
+        return None if worker.thread is None or worker.thread.is_alive() else "thread ended"
+    code = worker.process.poll()
+    if code is None:
+        return None
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (SIGKILL is what the kernel's OOM killer sends: check memory)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def died(worker: Worker) -> WorkerDiedError:
+    """The error for a worker that ended, or closed its pipe, while the loader needed it."""
+    reason = exit_reason(worker)
+    if worker.process is not None and reason is None:
+        try:
+            worker.process.wait(1.0)  # the pipe closed first: the exit status follows shortly
+        except Exception:
+            pass
+        reason = exit_reason(worker) or "closed its pipe"
+    return WorkerDiedError(
+        f"{worker.describe()} {reason or 'ended'} unexpectedly while loading. The loader has "
+        "stopped; build a new one to continue (load_state_dict resumes exactly)."
+    )
+
+
+def failed_to_start(worker: Worker, message: tuple) -> WorkerError:
+    _, _, _, exc, description, tb = message
+    error = WorkerError(f"{worker.describe()} failed to start: {description}\n\nWorker traceback:\n{tb}",
+                        index=None, epoch=-1, batch=-1, worker_traceback=tb)
+    error.__cause__ = exc
+    return error
+
+
+def record_failed(worker: Worker, message: tuple, epoch: int, number: int) -> WorkerError:
+    """The error for an ``("error", ...)`` report: the record, batch, epoch, worker and cause."""
+    _, _, index, exc, description, tb = message
+    where = f"record {index}" if index is not None else "a batch"
+    error = WorkerError(
+        f"{where} (epoch {epoch}, batch {number}) failed in {worker.describe()}: {description}\n\n"
+        f"Worker traceback:\n{tb}\nUse on_error='skip' to leave bad records out (they are "
+        "counted in stats()['skipped']).", index=index, epoch=epoch, batch=number, worker_traceback=tb)
+    if exc is not None:
+        error.__cause__ = exc
+    return error
+
+
+def hung(worker: Worker, stalled_s: float, timeout: float, index: int, epoch: int, number: int) -> LoaderTimeoutError:
+    """The error for a worker without progress for ``timeout``: the record and its stack."""
+    return LoaderTimeoutError(
+        f"{worker.describe()} made no progress for {stalled_s:.1f} s (timeout={timeout}) on "
+        f"record {index} of batch {number}, epoch {epoch}. Its stack:\n{stack_of(worker)}\n"
+        "Raise timeout= if records are this slow, or fix the source where it blocks."
+    )
+
+
+def stack_of(worker: Worker) -> str:
+    """The worker's current Python stack, for a hung-worker report."""
+    if worker.thread is not None:
+        frame = sys._current_frames().get(worker.thread.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+    stack_fd = getattr(worker, "stack_fd", None)
+    if worker.process is None or stack_fd is None or worker.process.poll() is not None:
+        return "(process gone)"
+    os.kill(worker.process.pid, signal.SIGUSR1)  # the worker's faulthandler writes its stacks
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stack_fd], [], [], 0.2)
+        if not ready:
+            if chunks:
+                break
+            continue
+        chunk = os.read(stack_fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace") or "(the worker did not answer SIGUSR1)"
+
