@@ -22,7 +22,8 @@ from agnostic_prefetch.sampler import BatchOrderSource
 
 if TYPE_CHECKING:
     from agnostic_prefetch.device import prefetch_to_device
-    from agnostic_prefetch.loader import Loader
+    from agnostic_prefetch.loader import Loader, LoaderIterator
+    from agnostic_prefetch.prefetch import Prefetcher
     from agnostic_prefetch.sources import ArraySource, ImageListSource, LMDBSource, WindowSource
     from agnostic_prefetch.transforms import CaffeTransform
 
@@ -36,9 +37,11 @@ __all__ = [
     "LayoutError",
     "Loader",
     "LoaderError",
+    "LoaderIterator",
     "LoaderTimeoutError",
     "RingTooLargeError",
     "WorkerDiedError",
+    "Prefetcher",
     "WorkerError",
     "prefetch_to_device",
 ]
@@ -48,6 +51,8 @@ __version__ = "0.1.0"
 # these (the loader's process management, Pillow, lmdb, JAX): each costs start-up time.
 _LAZY = {
     "Loader": "agnostic_prefetch.loader",
+    "LoaderIterator": "agnostic_prefetch.loader",
+    "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
     "ImageListSource": "agnostic_prefetch.sources",
     "LMDBSource": "agnostic_prefetch.sources",

@@ -1,36 +1,45 @@
-"""``cupy_prefetch``: loader batches as CuPy arrays, copied ahead on a non-blocking CUDA stream."""
+"""``cupy_prefetch``: the prefetch stage's CuPy placement, copying on a non-blocking CUDA stream."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from agnostic_prefetch._tree import flatten, unflatten
 from agnostic_prefetch.adapters._dlpack import array_kind, import_cupy, to_numpy
-from agnostic_prefetch.adapters._inflight import InFlight
 from agnostic_prefetch.adapters._pinned import PinnedRegistry
+from agnostic_prefetch.adapters._torch_stage import legacy_positional
+from agnostic_prefetch.prefetch import Prefetcher
 
 
-def cupy_prefetch(iterator: Iterable[Any], size: int = 2, device: int = 0) -> InFlight:
-    """Yield the batches of ``iterator`` as CuPy arrays on GPU ``device``, ``size`` batches ahead.
+@legacy_positional("size", "device")
+def cupy_prefetch(iterable: Iterable[Any], size: int = 2, *, device: int = 0, stream: Any = None,
+                  thread: bool = True) -> Prefetcher:
+    """Yield the batches of ``iterable`` as CuPy arrays on GPU ``device``, ``size`` batches ahead.
 
-    The same contract as :func:`torch_prefetch` on CUDA: the loader's ring is registered as
-    page-locked memory once, each batch is copied on a non-blocking stream as soon as it is
-    pulled, the consumer's current stream waits on the copy's event (not the host), and the
-    ring slot stays leased until the copy has completed. The arrays are allocated on the
-    stream that is current when the batch is pulled (CuPy's pool reuses memory per stream),
-    and their copy starts after the work already queued on that stream: use the batches on
-    that stream.
+    The same contract as :func:`~agnostic_prefetch.adapters.torch_prefetch` on CUDA: the
+    loader's ring is registered as page-locked memory once, each batch is copied on a
+    non-blocking stream as soon as it is pulled (in the stage's thread), the consumer
+    stream waits on the copy's event in your ``next()`` (not the host), and the ring slot
+    stays leased until the copy has completed.
+
+    CuPy's memory pool keeps one arena per stream and has no ``record_stream``, so each
+    batch is allocated on the *consumer* stream — ``stream=``, or else the stream current
+    when ``cupy_prefetch`` is called — and its copy starts after the work already queued
+    there: use the batches on that stream.
 
     Args:
-        iterator: an iterable of pytrees of numpy arrays (a ``Loader``, a generator, ...).
+        iterable: an iterable of pytrees of numpy arrays (a ``Loader``, a generator, ...).
         size: batches kept in flight (>= 1).
         device: CUDA device ordinal.
+        stream: the ``cupy.cuda.Stream`` your step runs on.
+        thread: pull and copy in a background thread (the default); ``False`` does it in
+            ``next()``.
 
     Returns:
-        An iterator with ``state_dict()`` and ``close()``.
+        A :class:`~agnostic_prefetch.prefetch.Prefetcher`.
 
     Raises:
         ImportError: CuPy is not installed. RuntimeError: no CUDA device (CuPy needs an
@@ -41,15 +50,19 @@ def cupy_prefetch(iterator: Iterable[Any], size: int = 2, device: int = 0) -> In
         ...     step(batch["image"])
     """
     cupy = import_cupy()
-    return InFlight(iterator, size, _CupyPlacement(cupy, device))
+    return Prefetcher(iterable, size, _CupyPlacement(cupy, device, stream), thread=thread,
+                      name="cupy_prefetch")
 
 
 class _CupyPlacement:
-    def __init__(self, cupy: Any, device: int) -> None:
+    def __init__(self, cupy: Any, device: int, stream: Any = None) -> None:
         self.cupy = cupy
         self.device = cupy.cuda.Device(device)
         with self.device:
             self.stream = cupy.cuda.Stream(non_blocking=True)
+            # The consumer's stream, captured in the caller's thread: the stage's thread has
+            # its own current stream.
+            self.consumer = stream if stream is not None else cupy.cuda.get_current_stream()
         runtime = cupy.cuda.runtime
 
         def register(address: int, nbytes: int) -> int:
@@ -64,19 +77,18 @@ class _CupyPlacement:
             return 0
 
         self.pinned = PinnedRegistry(register, unregister)
-        self.events: dict[int, Any] = {}
 
-    def put(self, host: Any) -> tuple[Any, Callable[[], bool]]:
+    def put(self, host: Any) -> tuple[Any, Any]:
         cupy = self.cupy
         leaves, treedef = flatten(host)
         out: list[Any] = []
         copies: list[tuple[Any, np.ndarray]] = []
-        with self.device:
-            # CuPy's pool keeps one arena per stream. Allocated on the side stream, an array
-            # the consumer drops would go back to the side stream's arena and could be
-            # overwritten by the next copy while the consumer's kernels still read it. So
-            # allocate on the consumer's stream (where the batch is used and freed), and
-            # start the copies once the consumer's work queued so far is done.
+        # CuPy's pool keeps one arena per stream. Allocated on the side stream, an array the
+        # consumer drops would go back to the side stream's arena and could be overwritten by
+        # the next copy while the consumer's kernels still read it. So allocate on the
+        # consumer's stream (where the batch is used and freed), and start the copies once
+        # the consumer's work queued so far is done.
+        with self.device, self.consumer:
             for leaf in leaves:
                 kind = array_kind(leaf)
                 if kind is None:
@@ -92,22 +104,21 @@ class _CupyPlacement:
                 d = cupy.empty(a.shape, a.dtype)
                 copies.append((d, a))
                 out.append(d)
-            consumer_ready = cupy.cuda.get_current_stream().record()
-            with self.stream:
-                self.stream.wait_event(consumer_ready)  # on the GPU; the host does not wait
-                for d, a in copies:
-                    d.set(a, stream=self.stream)  # async from page-locked memory
-                event = self.stream.record()
-        tree = unflatten(treedef, out)
-        self.events[id(tree)] = event
-        return tree, lambda: event.done
+            consumer_ready = self.consumer.record()
+        with self.device, self.stream:
+            self.stream.wait_event(consumer_ready)  # on the GPU; the host does not wait
+            for d, a in copies:
+                d.set(a, stream=self.stream)  # async from page-locked memory
+            event = self.stream.record()
+        return unflatten(treedef, out), event
 
-    def hand_out(self, device_tree: Any) -> None:
-        event = self.events.pop(id(device_tree))
+    def hand_out(self, device_tree: Any, event: Any) -> None:
         with self.device:
-            self.cupy.cuda.get_current_stream().wait_event(event)
+            self.consumer.wait_event(event)
+
+    def done(self, event: Any) -> bool:
+        return bool(event.done)
 
     def close(self) -> None:
         self.stream.synchronize()
-        self.events.clear()
         self.pinned.close()

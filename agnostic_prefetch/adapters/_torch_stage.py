@@ -1,42 +1,88 @@
-"""``torch_prefetch``: loader batches as torch tensors, on the CPU without a copy, on CUDA ahead of time."""
+"""``torch_prefetch``: the prefetch stage's torch placements (CPU without a copy, CUDA on a side stream)."""
 
 from __future__ import annotations
 
+import functools
+import numbers
+import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from agnostic_prefetch._tree import flatten, unflatten
 from agnostic_prefetch.adapters._dlpack import array_kind, to_torch
-from agnostic_prefetch.adapters._inflight import InFlight
 from agnostic_prefetch.adapters._pinned import PinnedRegistry
+from agnostic_prefetch.prefetch import Prefetcher
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
-def torch_prefetch(iterator: Iterable[Any], device: Any = "cpu", size: int = 2) -> InFlight:
-    """Yield the batches of ``iterator`` as torch tensors on ``device``, ``size`` batches ahead.
+def legacy_positional(*names: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Accept the 0.1 positional order ``(iterable, *names)`` when its first extra is not a size.
+
+    ``torch_prefetch(loader, "cuda")`` and ``torch_prefetch(loader, "cuda", size=2)`` (as the
+    0.1 docs show) keep working, with a ``DeprecationWarning``; ``(loader, 3)`` is the size.
+    """
+    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            extra = args[1:]
+            legacy = len(extra) > 1 or (extra and not isinstance(extra[0], numbers.Integral))
+            if legacy:
+                given = dict(zip(names, extra, strict=False))
+                clash = sorted(set(given) & set(kwargs))
+                if clash:
+                    raise TypeError(f"{fn.__name__}() got {clash[0]!r} both by position and by keyword")
+                warnings.warn(
+                    f"{fn.__name__}(iterable, {', '.join(names[:len(extra)])}) by position is "
+                    f"deprecated; pass {', '.join(f'{k}=' for k in given if k != 'size')} by "
+                    f"keyword: {fn.__name__}(iterable, size=2, *, ...).",
+                    DeprecationWarning, stacklevel=2)
+                kwargs.update(given)
+                args = args[:1]
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+@legacy_positional("device", "size")
+def torch_prefetch(iterable: Iterable[Any], size: int = 2, *, device: Any = "cpu",
+                   stream: Any = None, thread: bool = True) -> Prefetcher:
+    """Yield the batches of ``iterable`` as torch tensors on ``device``, ``size`` batches ahead.
+
+    The same stage as :func:`~agnostic_prefetch.prefetch_to_device` (read-ahead thread,
+    ``state_dict()``, ``load_state_dict()``, ``len()``, ``stats()``, ``close()``), with a
+    torch placement.
 
     On the CPU every array leaf becomes a tensor sharing the loader's memory (DLPack, no
-    copy); the ring slot stays leased while you hold the tensor, so it never changes
-    under you.
+    copy); the ring slot stays leased while you hold the tensor, so it never changes under
+    you.
 
     On CUDA the loader's ring is registered as page-locked memory once
     (``cudaHostRegister``), each batch is copied on a dedicated non-blocking stream as soon
-    as it is pulled, and when the batch is handed out the *current* stream is made to wait
-    on the copy's event (the host never waits); each tensor is recorded on that stream so
-    the caching allocator does not reuse its memory early. The host batch, and so its ring
-    slot, stays leased until the copy has completed. Arrays that do not come from a ring
-    are copied from pageable memory (correct, slower).
+    as it is pulled (in the stage's thread), and in your ``next()`` the consumer stream is
+    made to wait on the copy's event (the host never waits); each tensor is
+    ``record_stream``-ed on that stream so the caching allocator does not reuse its memory
+    early. The consumer stream is ``stream=``, or else the stream current in your thread
+    when you call ``next()``. The host batch, and so its ring slot, stays leased until the
+    copy has completed. Arrays that do not come from a ring are copied from pageable
+    memory (correct, slower).
 
     When it helps: on CUDA, when the copy of a batch takes a noticeable part of a step. On
     the CPU it only converts (and reads ``size`` batches ahead).
 
     Args:
-        iterator: an iterable of pytrees of numpy arrays (a ``Loader``, a generator, ...).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
+        iterable: an iterable of pytrees of numpy arrays (a ``Loader``, a generator, ...).
         size: batches kept in flight (>= 1).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``.
+        stream: the ``torch.cuda.Stream`` your step runs on (CUDA only).
+        thread: pull and copy in a background thread (the default); ``False`` does it in
+            ``next()``.
 
     Returns:
-        An iterator with ``state_dict()`` (the position of what you received, for
-        ``Loader.load_state_dict``) and ``close()``.
+        A :class:`~agnostic_prefetch.prefetch.Prefetcher`.
 
     Raises:
         ValueError: ``size < 1``, or a device type other than cpu or cuda.
@@ -45,7 +91,7 @@ def torch_prefetch(iterator: Iterable[Any], device: Any = "cpu", size: int = 2) 
     Example:
         >>> import numpy as np
         >>> batches = ({"x": np.full(3, i)} for i in range(2))
-        >>> [b["x"].tolist() for b in torch_prefetch(batches, "cpu")]
+        >>> [b["x"].tolist() for b in torch_prefetch(batches, device="cpu")]
         [[0, 0, 0], [1, 1, 1]]
     """
     import torch
@@ -56,35 +102,35 @@ def torch_prefetch(iterator: Iterable[Any], device: Any = "cpu", size: int = 2) 
     elif device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch_prefetch to {device}: this torch build sees no CUDA device")
-        placement = _CudaPlacement(device)
+        placement = _CudaPlacement(device, stream)
     else:
         raise ValueError(f"torch_prefetch supports cpu and cuda devices, got {device}")
-    return InFlight(iterator, size, placement)
-
-
-def _done() -> bool:
-    return True
+    return Prefetcher(iterable, size, placement, thread=thread, name="torch_prefetch")
 
 
 class _CpuPlacement:
-    def put(self, host: Any) -> tuple[Any, Callable[[], bool]]:
-        return to_torch(host), _done
+    def put(self, host: Any) -> tuple[Any, None]:
+        return to_torch(host), None
 
-    def hand_out(self, device: Any) -> None:
+    def hand_out(self, device: Any, token: Any) -> None:
         pass
+
+    def done(self, token: Any) -> bool:
+        return True  # the tensors view the host batch: their own references keep its slot
 
     def close(self) -> None:
         pass
 
 
 class _CudaPlacement:
-    """Copies on a side stream from page-locked ring memory; the consumer waits on an event."""
+    """Copies on a side stream from page-locked ring memory; the consumer stream waits on an event."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, stream: Any = None) -> None:
         import torch
 
         self.torch = torch
         self.device = device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        self.consumer = stream  # None: the caller's current stream, asked in its own next()
         # PyTorch's pool streams are created non-blocking: no implicit sync with stream 0.
         self.stream = torch.cuda.Stream(device=self.device)
         cudart = torch.cuda.cudart()
@@ -92,39 +138,42 @@ class _CudaPlacement:
             register=lambda address, nbytes: cudart.cudaHostRegister(address, nbytes, 0),
             unregister=lambda address: cudart.cudaHostUnregister(address),
         )
-        self.events: dict[int, Any] = {}  # id(device tree) -> its copy's event, until handed out
 
-    def put(self, host: Any) -> tuple[Any, Callable[[], bool]]:
+    def put(self, host: Any) -> tuple[Any, tuple[Any, list[Any]]]:
         torch = self.torch
         leaves, treedef = flatten(host)
         out = []
+        tensors = []
+        # The current device and stream are per thread: set both here, in the stage's thread.
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for leaf in leaves:
-                if array_kind(leaf) is None:
+                kind = array_kind(leaf)
+                if kind is None:
                     out.append(leaf)
                     continue
-                if array_kind(leaf) == "numpy":
+                if kind == "numpy":
                     self.pinned.ensure(leaf)
                 cpu = to_torch(leaf)  # zero-copy view of the slot
                 # non_blocking from page-locked memory is a true async DMA on self.stream;
                 # from pageable memory torch stages it synchronously (correct, slower).
-                out.append(cpu.to(self.device, non_blocking=True))
+                tensor = cpu.to(self.device, non_blocking=True)
+                out.append(tensor)
+                tensors.append(tensor)
             event = torch.cuda.Event()
             event.record(self.stream)
-        tree = unflatten(treedef, out)
-        self.events[id(tree)] = (event, out)
-        return tree, event.query
+        return unflatten(treedef, out), (event, tensors)
 
-    def hand_out(self, device_tree: Any) -> None:
-        event, leaves = self.events.pop(id(device_tree))
-        consumer = self.torch.cuda.current_stream(self.device)
+    def hand_out(self, device_tree: Any, token: tuple[Any, list[Any]]) -> None:
+        event, tensors = token
+        consumer = self.consumer or self.torch.cuda.current_stream(self.device)
         consumer.wait_event(event)  # the consumer's stream waits, the host does not
-        for leaf in leaves:
-            if isinstance(leaf, self.torch.Tensor):
-                # Allocated on the copy stream, used on the consumer's: tell the allocator.
-                leaf.record_stream(consumer)
+        for tensor in tensors:
+            # Allocated on the copy stream, used on the consumer's: tell the allocator.
+            tensor.record_stream(consumer)
+
+    def done(self, token: tuple[Any, list[Any]]) -> bool:
+        return bool(token[0].query())
 
     def close(self) -> None:
         self.stream.synchronize()  # no copy may still read the ring when it is unregistered
-        self.events.clear()
         self.pinned.close()

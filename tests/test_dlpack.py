@@ -1,4 +1,4 @@
-"""DLPack adapters and the torch / CuPy stagers: zero copy where the protocol allows, values kept."""
+"""DLPack hand-off between numpy, JAX, torch and CuPy: zero copy where the protocol allows, values kept."""
 
 from __future__ import annotations
 
@@ -14,14 +14,7 @@ torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 import agnostic_prefetch as ap  # noqa: E402
-from agnostic_prefetch.adapters import (  # noqa: E402
-    cupy_prefetch,
-    to_cupy,
-    to_jax,
-    to_numpy,
-    to_torch,
-    torch_prefetch,
-)
+from agnostic_prefetch.adapters import to_cupy, to_jax, to_numpy, to_torch  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # Without jax_enable_x64 JAX keeps 32-bit types only (64-bit ones become 32-bit, as with
@@ -214,86 +207,35 @@ def test_numpy_torch_jax_numpy_round_trip_preserves_values_dtype_and_shape(a):
     assert out.tobytes() == np.ascontiguousarray(a).tobytes()
 
 
-# ---- torch stager -----------------------------------------------------------------------
-
-
-def test_torch_prefetch_on_cpu_yields_zero_copy_tensors_of_the_loader_ring():
-    source = ap.ArraySource({"x": np.arange(80, dtype=np.float32).reshape(20, 4)})
-    with ap.Loader(source, 5, workers=0, slots=8) as loader:
-        seen = []
-        for batch in torch_prefetch(loader, "cpu", size=2):
-            assert isinstance(batch["x"], torch.Tensor)
-            seen.append(batch["x"].clone())
-        assert len(seen) == 4
-    np.testing.assert_array_equal(torch.cat(seen).numpy(), source[slice(0, 20)]["x"])
-
-
-def test_torch_prefetch_tensors_view_the_ring():
-    source = ap.ArraySource({"x": np.arange(40, dtype=np.float32)})
-    captured = []
-
-    def spy(loader):  # the numpy batches the stager receives
-        for b in loader:
-            captured.append(b["x"].ctypes.data)
-            yield b
-
-    with ap.Loader(source, 4, workers=0) as loader:
-        for i, batch in enumerate(torch_prefetch(spy(loader), "cpu", size=2)):
-            assert batch["x"].data_ptr() == captured[i]
-
-
-def test_torch_prefetch_reads_at_most_size_ahead_and_resumes_exactly():
-    source = ap.ArraySource({"x": np.arange(48.0)})
-    with ap.Loader(source, 4, workers=0, shuffle=True, seed=1) as loader:
-        full = [b["x"].tolist() for b in torch_prefetch(loader, "cpu", size=3)]
-    with ap.Loader(source, 4, workers=0, shuffle=True, seed=1) as loader:
-        it = torch_prefetch(loader, "cpu", size=3)
-        first = [next(it)["x"].tolist() for _ in range(4)]
-        assert loader.state_dict()["batch"] - it.state_dict()["batch"] == 3
-        state = it.state_dict()
-        it.close()
-    with ap.Loader(source, 4, workers=0, shuffle=True, seed=1) as loader:
-        loader.load_state_dict(state)
-        rest = [b["x"].tolist() for b in torch_prefetch(loader, "cpu")]
-    assert first + rest == full
-
-
-def test_torch_prefetch_rejects_other_devices():
-    with pytest.raises(ValueError, match="cpu and cuda"):
-        torch_prefetch(iter([]), "meta")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-def test_torch_prefetch_on_cuda_copies_from_the_page_locked_ring_on_a_side_stream():
-    source = ap.ArraySource({"x": np.arange(4000, dtype=np.float32).reshape(1000, 4)})
-    with ap.Loader(source, 50, workers=2) as loader:
-        out = []
-        for batch in torch_prefetch(loader, "cuda", size=2):
-            assert batch["x"].is_cuda
-            out.append(batch["x"].sum().item())
-    assert sum(out) == float(source[slice(0, 1000)]["x"].sum())
-
-
 # ---- CuPy -------------------------------------------------------------------------------
 
 HAVE_CUPY_GPU = importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
 
 
 @pytest.mark.skipif(HAVE_CUPY_GPU, reason="CuPy and a GPU are present: the error path does not apply")
-def test_cupy_without_cupy_or_a_gpu_is_a_clear_error():
+def test_to_cupy_without_cupy_or_a_gpu_is_a_clear_error():
     with pytest.raises((ImportError, RuntimeError), match="GPU"):
         to_cupy({"x": np.zeros(2)})
-    with pytest.raises((ImportError, RuntimeError), match="GPU"):
-        cupy_prefetch(iter([]))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_CUPY_GPU, reason="needs CuPy and a CUDA GPU (neither is on this machine)")
-def test_cupy_prefetch_and_to_cupy_on_a_gpu():
+def test_to_cupy_copies_host_arrays_to_the_gpu_and_back():
     import cupy
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert cupy.asnumpy(to_cupy({"a": a})["a"]).tolist() == a.tolist()
-    source = ap.ArraySource({"x": np.arange(400, dtype=np.float32)})
-    with ap.Loader(source, 40, workers=1) as loader:
-        total = sum(float(b["x"].sum()) for b in cupy_prefetch(loader, size=2))
-    assert total == float(np.arange(400).sum())
+    on_gpu = torch.arange(6, device="cuda", dtype=torch.float32)
+    shared = to_cupy({"t": on_gpu})["t"]
+    assert shared.data.ptr == on_gpu.data_ptr()  # on the GPU already: zero-copy
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+def test_cuda_tensors_reach_jax_and_back_without_a_copy():
+    if jax.default_backend() != "gpu":
+        pytest.skip(f"JAX runs on {jax.default_backend()}, not the GPU")
+    t = torch.arange(8, device="cuda", dtype=torch.float32)
+    x = to_jax({"t": t})["t"]
+    assert x.unsafe_buffer_pointer() == t.data_ptr()
+    assert to_torch({"x": x})["x"].data_ptr() == t.data_ptr()
