@@ -18,14 +18,14 @@ from agnostic_prefetch.errors import (
     WorkerDiedError,
     WorkerError,
 )
-from agnostic_prefetch.sampler import BatchOrderSource
+from agnostic_prefetch.sources.protocol import BatchOrderSource
 
 if TYPE_CHECKING:
+    from agnostic_prefetch.caffe import CaffeTransform, ImageListSource, LMDBSource, WindowSource
     from agnostic_prefetch.device import prefetch_to_device
     from agnostic_prefetch.loader import Loader, LoaderIterator
     from agnostic_prefetch.prefetch import Prefetcher
-    from agnostic_prefetch.sources import ArraySource, ImageListSource, LMDBSource, WindowSource
-    from agnostic_prefetch.transforms import CaffeTransform
+    from agnostic_prefetch.sources import ArraySource
 
 __all__ = [
     "ArraySource",
@@ -54,10 +54,10 @@ _LAZY = {
     "LoaderIterator": "agnostic_prefetch.loader",
     "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
-    "ImageListSource": "agnostic_prefetch.sources",
-    "LMDBSource": "agnostic_prefetch.sources",
-    "WindowSource": "agnostic_prefetch.sources",
-    "CaffeTransform": "agnostic_prefetch.transforms",
+    "ImageListSource": "agnostic_prefetch.caffe",
+    "LMDBSource": "agnostic_prefetch.caffe",
+    "WindowSource": "agnostic_prefetch.caffe",
+    "CaffeTransform": "agnostic_prefetch.caffe",
     "prefetch_to_device": "agnostic_prefetch.device",
 }
 

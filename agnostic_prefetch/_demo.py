@@ -76,7 +76,7 @@ def build_database(data_dir: str, db: str, records: int, seed: int = 0) -> None:
     import skimage.data
     from PIL import Image
 
-    from agnostic_prefetch._convert import convert_imageset
+    from agnostic_prefetch.caffe.convert import convert_imageset
 
     images_dir = os.path.join(data_dir, "images")
     os.makedirs(images_dir, exist_ok=True)
@@ -168,9 +168,9 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
     import jax
     from tqdm import tqdm
 
+    from agnostic_prefetch.caffe import LMDBSource
     from agnostic_prefetch.device import prefetch_to_device
     from agnostic_prefetch.loader import Loader
-    from agnostic_prefetch.sources import LMDBSource
 
     source = LMDBSource(db)
     params = init_params(jax.random.PRNGKey(0), len(PHOTOS))

@@ -12,7 +12,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Shared-memory ring loader for JAX and PyTorch: tools and demo.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    from agnostic_prefetch._convert import add_commands
+    from agnostic_prefetch.caffe.convert import add_commands
 
     add_commands(commands)
     from agnostic_prefetch._demo import add_command as add_demo

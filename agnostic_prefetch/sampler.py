@@ -8,7 +8,7 @@ Rules, in the order they are applied:
 
 1. The epoch's global order. For a plain map-style source it is ``range(len(source))``,
    permuted by ``numpy.random.default_rng([seed, epoch]).permutation(n)`` when
-   ``shuffle``. A source that defines :meth:`BatchOrderSource.batch_order` supplies the
+   ``shuffle``. A source that defines ``batch_order`` (see :class:`BatchOrderSource`) supplies the
    epoch's global *batches* itself instead.
 2. Sharding. Items (or, for a batch-order source, whole batches) are split into
    ``shard_count`` contiguous runs whose lengths differ by at most one: shard ``s`` takes
@@ -26,47 +26,14 @@ the other items either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch.sources.protocol import BatchOrderSource
+
 __all__ = ["BatchOrderSource", "Batch", "Sampler", "item_rng"]
-
-
-@runtime_checkable
-class BatchOrderSource(Protocol):
-    """A map-style source that decides the batches of each epoch itself.
-
-    Define ``batch_order`` on a source (for example a window sampler that draws a fixed
-    share of foreground windows into every batch) and :class:`~agnostic_prefetch.Loader`
-    uses it instead of its own shuffle. The loader still shards the returned batches,
-    applies ``drop_remainder``, derives each item's random generator from
-    ``(seed, epoch, position)`` and resumes exactly.
-
-    Indices in the returned batches are passed to ``__getitem__`` unchanged; they may
-    range over a larger index space than ``len(source)`` (for example window × flip),
-    as long as ``__getitem__`` is a pure function of the index.
-
-    Example:
-        >>> class Pairs:
-        ...     def __len__(self): return 6
-        ...     def __getitem__(self, i): return {"x": i}
-        ...     def batch_order(self, *, seed, epoch, batch_size):
-        ...         return [[0, 1], [2, 3], [4, 5]][::-1] if epoch % 2 else [[0, 1], [2, 3], [4, 5]]
-    """
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Any: ...
-
-    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> Sequence[Sequence[int]]:
-        """All batches of ``epoch`` before sharding; a pure function of the arguments.
-
-        Batches may hold at most ``batch_size`` indices each.
-        """
-        ...
 
 
 @dataclass(frozen=True)

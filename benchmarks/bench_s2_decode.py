@@ -37,14 +37,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from agnostic_prefetch.caffe._datum import Datum, decode_datum, encode_datum
+from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
+from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.caffe.lmdb import LMDBSource
+from agnostic_prefetch.caffe.transform import CaffeTransform
 from agnostic_prefetch.sampler import item_rng
-from agnostic_prefetch.sources import _decode
-from agnostic_prefetch.sources._datum import Datum, decode_datum, encode_datum
-from agnostic_prefetch.sources._decode import decode_image
-from agnostic_prefetch.sources._lmdb_write import LMDBWriter
-from agnostic_prefetch.sources._resize import resize_bilinear
-from agnostic_prefetch.sources.lmdb import LMDBSource
-from agnostic_prefetch.transforms import CaffeTransform
+from agnostic_prefetch.sources import images as _decode
+from agnostic_prefetch.sources.images import decode_image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
 BATCH = 64

@@ -36,9 +36,9 @@ import numpy as np
 import pytest
 
 from agnostic_prefetch import _demo
+from agnostic_prefetch.caffe import LMDBSource
 from agnostic_prefetch.device import prefetch_to_device
 from agnostic_prefetch.loader import Loader
-from agnostic_prefetch.sources import LMDBSource
 
 
 def loop(batches: Iterable[Any], steps: int, step: Callable[[Any], None]) -> dict[str, float]:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agnostic_prefetch._convert import compute_mean, convert_imageset
-from agnostic_prefetch.sources.image_list import ImageListSource
-from agnostic_prefetch.sources.lmdb import LMDBSource
-from agnostic_prefetch.sources.window import WindowSource
-from agnostic_prefetch.transforms import CaffeTransform
+from agnostic_prefetch.caffe.convert import compute_mean, convert_imageset
+from agnostic_prefetch.caffe.image_list import ImageListSource
+from agnostic_prefetch.caffe.lmdb import LMDBSource
+from agnostic_prefetch.caffe.transform import CaffeTransform
+from agnostic_prefetch.caffe.window import WindowSource
 
 skdata = pytest.importorskip("skimage.data")
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera"]  # camera is gray

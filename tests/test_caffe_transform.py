@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_datum import caffe_messages
 
-from agnostic_prefetch.transforms import CaffeTransform
+from agnostic_prefetch.caffe.transform import CaffeTransform
 
 
 def image(h=8, w=10, c=3, seed=0):
@@ -142,7 +142,7 @@ def test_repr_states_the_parameters():
 
 def _before_fast_path(t, example, draws):
     """CaffeTransform.__call__ as it was before the single-pass fill (numpy's whole-array ops), for bit-exact comparison."""
-    from agnostic_prefetch.sources._mean import mean_for
+    from agnostic_prefetch.caffe._mean import mean_for
 
     image = np.asarray(example["image"])
     h, w, c = image.shape

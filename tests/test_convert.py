@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from test_datum import caffe_messages
 
-from agnostic_prefetch._convert import add_commands, compute_mean, convert_imageset, inspect_db
-from agnostic_prefetch.sources.lmdb import LMDBSource
+from agnostic_prefetch.caffe.convert import add_commands, compute_mean, convert_imageset, inspect_db
+from agnostic_prefetch.caffe.lmdb import LMDBSource
 
 
 @pytest.fixture

@@ -10,14 +10,14 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agnostic_prefetch.sources._datum import (
+from agnostic_prefetch.caffe._datum import (
     Datum,
     decode_blobproto,
     decode_datum,
     encode_blobproto,
     encode_datum,
 )
-from agnostic_prefetch.sources._protowire import WireError, encode_packed_floats
+from agnostic_prefetch.caffe._protowire import WireError, encode_packed_floats
 
 F = descriptor_pb2.FieldDescriptorProto
 

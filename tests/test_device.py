@@ -79,7 +79,7 @@ def test_state_dict_is_none_without_a_stateful_source():
 @pytest.mark.parametrize("thread", [False, True])
 def test_state_dict_is_the_position_of_what_the_caller_received(thread):
     source = ap.ArraySource({"x": np.arange(40.0)})
-    with ap.Loader(source, 4, workers=0) as loader:
+    with ap.Loader(source, 4, workers=0, slots=8) as loader:  # room for size=3 with the thread
         before = loader.state_dict()
         it = prefetch_to_device(loader, size=3, thread=thread)
         # Nothing received yet, though batches were pulled: the iteration's start.

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from agnostic_prefetch.sources._decode import ImageDecodeError, ImageTooLargeError
-from agnostic_prefetch.sources.image_list import ImageListError, ImageListSource, parse_image_list
+from agnostic_prefetch.caffe.image_list import ImageListError, ImageListSource, parse_image_list
+from agnostic_prefetch.sources.images import ImageDecodeError, ImageTooLargeError
 
 # a path: no line breaks, not blank, no trailing whitespace (a trailing space would be a separator)
 paths = st.text(

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from test_datum import caffe_messages
 
-from agnostic_prefetch.sources._records import RecordError, decode_record, encode_record
-from agnostic_prefetch.sources.lmdb import LMDBSource, write_array_records
-from agnostic_prefetch.transforms import CaffeTransform
+from agnostic_prefetch.caffe.lmdb import LMDBSource, write_array_records
+from agnostic_prefetch.caffe.transform import CaffeTransform
+from agnostic_prefetch.sources.records import RecordError, decode_record, encode_record
 
 
 def rgb_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -273,7 +273,7 @@ def test_forked_child_reopens_after_the_parent_read(tmp_path, images):
     db = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
     script = textwrap.dedent(f"""
         import multiprocessing, sys
-        from agnostic_prefetch.sources.lmdb import LMDBSource
+        from agnostic_prefetch.caffe.lmdb import LMDBSource
 
         def read(source, index, queue):
             queue.put(int(source[index]["label"]))
@@ -308,13 +308,13 @@ def _jpeg(image: np.ndarray, mode: str | None = None, **save: object) -> bytes:
 @pytest.fixture
 def pillow_only(monkeypatch):
     """Decode as if simplejpeg were not installed."""
-    from agnostic_prefetch.sources import _decode
+    from agnostic_prefetch.sources import images as _decode
 
     monkeypatch.setattr(_decode, "_simplejpeg", None)
 
 
 def _decode_both(data: bytes, monkeypatch, **kw) -> tuple[np.ndarray, np.ndarray]:
-    from agnostic_prefetch.sources import _decode
+    from agnostic_prefetch.sources import images as _decode
 
     fast = _decode.decode_image(data, name="x", **kw)
     with monkeypatch.context() as m:
@@ -358,7 +358,7 @@ def test_cmyk_jpeg_goes_through_pillow(monkeypatch):
 
 
 def test_corrupt_and_truncated_jpegs_raise_pillows_error_naming_the_record(tmp_path):
-    from agnostic_prefetch.sources._decode import ImageDecodeError, decode_image
+    from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
 
     good = _jpeg(rgb_image(64, 64), quality=90)
     for bad in (good[: len(good) // 2], good[:4] + b"\x00" * 100):
@@ -367,7 +367,7 @@ def test_corrupt_and_truncated_jpegs_raise_pillows_error_naming_the_record(tmp_p
 
 
 def test_jpeg_above_the_pixel_limit_is_refused_by_both_paths(monkeypatch):
-    from agnostic_prefetch.sources import _decode
+    from agnostic_prefetch.sources import images as _decode
 
     data = _jpeg(rgb_image(40, 40), quality=90)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 pixels: above twice the limit
@@ -381,7 +381,7 @@ def test_jpeg_above_the_pixel_limit_is_refused_by_both_paths(monkeypatch):
 
 def test_jpeg_datums_read_in_place_give_the_same_pixels_as_pillow(tmp_path, monkeypatch):
     # the source hands the memory-mapped bytes to the decoder without copying them
-    from agnostic_prefetch.sources import _decode
+    from agnostic_prefetch.sources import images as _decode
 
     photos = [rgb_image(24, 24, seed=i) for i in range(5)]
     source = LMDBSource(write_db(tmp_path / "db", [encoded_datum(p, i, "JPEG", quality=90) for i, p in enumerate(photos)]))
@@ -404,7 +404,7 @@ def test_pillow_is_forced_by_the_environment_variable():
     import subprocess
     import sys
 
-    code = "from agnostic_prefetch.sources import _decode; print(_decode._simplejpeg is None)"
+    code = "from agnostic_prefetch.sources import images as _decode; print(_decode._simplejpeg is None)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "AGNOSTIC_PREFETCH_JPEG": "pillow"}).stdout
     assert out.strip() == "True"
@@ -417,7 +417,7 @@ def test_without_simplejpeg_installed_jpegs_decode_with_pillow():
     code = (
         "import sys, io; sys.modules['simplejpeg'] = None\n"  # makes `import simplejpeg` raise ImportError
         "import numpy as np; from PIL import Image\n"
-        "from agnostic_prefetch.sources import _decode\n"
+        "from agnostic_prefetch.sources import images as _decode\n"
         "assert _decode._simplejpeg is None\n"
         "b = io.BytesIO(); Image.new('RGB', (9, 7), (10, 200, 30)).save(b, 'JPEG')\n"
         "print(_decode.decode_image(b.getvalue(), name='x').shape)\n"

@@ -18,8 +18,9 @@ import pytest
 from sources_for_tests import Counting, lease_holder, rows_loader
 
 import agnostic_prefetch as ap
+from agnostic_prefetch._stage import _Channel
 from agnostic_prefetch.adapters._pinned import mapping_of
-from agnostic_prefetch.prefetch import Prefetcher, _Channel
+from agnostic_prefetch.prefetch import Prefetcher
 
 BOTH = pytest.mark.parametrize("thread", [False, True], ids=["inline", "thread"])
 

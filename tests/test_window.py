@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agnostic_prefetch.sources._resize import resize_bilinear
-from agnostic_prefetch.sources.window import (
+from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.caffe.window import (
     WindowFileError,
     WindowSource,
     _c_round,

@@ -1,32 +1,36 @@
-"""Map-style sources: arrays, and Caffe's LMDB cursor, image list and window sampler.
+"""Generic reading: the map-style source protocol, ``ArraySource``, array records, image decoding.
 
-The Caffe sources import Pillow and lmdb; they load on first use so that a worker (or a
-program) that never touches them does not pay for those imports.
+A source is any object with ``__len__`` and ``__getitem__`` (see
+:class:`~agnostic_prefetch.sources.protocol.MapSource`); it is sent to the workers by value
+and should open files lazily. Caffe's sources live in :mod:`agnostic_prefetch.caffe`.
+
+Example:
+    >>> import numpy as np
+    >>> from agnostic_prefetch.sources import ArraySource
+    >>> ArraySource({"x": np.arange(3)})[1]["x"].item()
+    1
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
 from agnostic_prefetch.sources.array import ArraySource
+from agnostic_prefetch.sources.protocol import BatchOrderSource, MapSource
 
-if TYPE_CHECKING:
-    from agnostic_prefetch.sources.image_list import ImageListSource
-    from agnostic_prefetch.sources.lmdb import LMDBSource, write_array_records
-    from agnostic_prefetch.sources.window import WindowSource
+__all__ = ["ArraySource", "BatchOrderSource", "MapSource"]
 
-_LAZY = {
-    "ImageListSource": "agnostic_prefetch.sources.image_list",
-    "LMDBSource": "agnostic_prefetch.sources.lmdb",
-    "write_array_records": "agnostic_prefetch.sources.lmdb",
-    "WindowSource": "agnostic_prefetch.sources.window",
-}
-
-__all__ = ["ArraySource", "ImageListSource", "LMDBSource", "WindowSource", "write_array_records"]
+# Where these lived in 0.1; the Caffe sources moved to agnostic_prefetch.caffe.
+_MOVED = {name: f"agnostic_prefetch.caffe.{module}" for name, module in (
+    ("ImageListSource", "image_list"), ("LMDBSource", "lmdb"),
+    ("WindowSource", "window"), ("write_array_records", "lmdb"))}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _MOVED:
+        warnings.warn(f"agnostic_prefetch.sources.{name} moved to agnostic_prefetch.caffe.{name} "
+                      f"(also ap.{name})", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

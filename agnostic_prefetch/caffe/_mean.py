@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch.sources._datum import decode_blobproto
-from agnostic_prefetch.sources._protowire import WireError
+from agnostic_prefetch.caffe._datum import decode_blobproto
+from agnostic_prefetch.caffe._protowire import WireError
 
 __all__ = ["load_mean_file", "resolve_mean", "describe_mean"]
 

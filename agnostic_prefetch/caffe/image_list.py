@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch.sources._decode import load_image
-from agnostic_prefetch.sources._resize import resize_bilinear
+from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.sources.images import load_image
 
 __all__ = ["ImageListSource", "parse_image_list", "read_image_list", "ImageListError"]
 

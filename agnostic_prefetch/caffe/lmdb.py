@@ -18,11 +18,11 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from agnostic_prefetch.sources._datum import decode_datum
-from agnostic_prefetch.sources._decode import decode_image, probe_image
-from agnostic_prefetch.sources._lmdb_write import LMDBWriter
-from agnostic_prefetch.sources._protowire import WireError
-from agnostic_prefetch.sources._records import (
+from agnostic_prefetch.caffe._datum import decode_datum
+from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
+from agnostic_prefetch.caffe._protowire import WireError
+from agnostic_prefetch.sources.images import decode_image, probe_image
+from agnostic_prefetch.sources.records import (
     RecordError,
     decode_record,
     encode_record,

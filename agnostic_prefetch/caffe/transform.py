@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch.sources._mean import describe_mean, mean_for, resolve_mean
+from agnostic_prefetch.caffe._mean import describe_mean, mean_for, resolve_mean
 
 __all__ = ["CaffeTransform"]
 

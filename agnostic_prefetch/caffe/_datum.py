@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agnostic_prefetch.sources._protowire import (
+from agnostic_prefetch.caffe._protowire import (
     I32,
     LEN,
     VARINT,
@@ -184,7 +184,7 @@ def _blobshape_dims(view: memoryview) -> list[int]:
 
 
 def _varint_at(view: memoryview, pos: int) -> tuple[int, int]:
-    from agnostic_prefetch.sources._protowire import _read_varint
+    from agnostic_prefetch.caffe._protowire import _read_varint
 
     return _read_varint(view, pos)
 

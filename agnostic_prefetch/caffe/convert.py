@@ -3,7 +3,7 @@
 ``convert`` does what Caffe's ``tools/convert_imageset`` does — keys ``%08d_<listed
 path>`` (numbered after shuffling), raw ``Datum`` records in BGR C×H×W unless
 ``--encoded``, commits every 1000 records — so the database reads in Caffe and in
-:class:`~agnostic_prefetch.sources.lmdb.LMDBSource`. Unreadable images are skipped with a
+:class:`~agnostic_prefetch.caffe.lmdb.LMDBSource`. Unreadable images are skipped with a
 warning each and counted at the end, as Caffe skips them.
 """
 
@@ -21,13 +21,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from agnostic_prefetch.sources._datum import Datum, decode_datum, encode_blobproto, encode_datum
-from agnostic_prefetch.sources._decode import ImageDecodeError, decode_image, probe_image
-from agnostic_prefetch.sources._lmdb_write import LMDBWriter
-from agnostic_prefetch.sources._records import decode_record, is_array_record
-from agnostic_prefetch.sources._resize import resize_bilinear
-from agnostic_prefetch.sources.image_list import read_image_list
-from agnostic_prefetch.sources.lmdb import LMDBSource
+from agnostic_prefetch.caffe._datum import Datum, decode_datum, encode_blobproto, encode_datum
+from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
+from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.caffe.image_list import read_image_list
+from agnostic_prefetch.caffe.lmdb import LMDBSource
+from agnostic_prefetch.sources.images import ImageDecodeError, decode_image, probe_image
+from agnostic_prefetch.sources.records import decode_record, is_array_record
 
 __all__ = ["add_commands", "convert_imageset", "inspect_db", "compute_mean"]
 

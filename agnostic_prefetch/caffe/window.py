@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch.sources._decode import load_image
-from agnostic_prefetch.sources._mean import describe_mean, mean_for, resolve_mean
-from agnostic_prefetch.sources._resize import resize_bilinear
+from agnostic_prefetch.caffe._mean import describe_mean, mean_for, resolve_mean
+from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.sources.images import load_image
 
 __all__ = ["WindowSource", "WindowFileError", "parse_window_file"]
 

@@ -1,0 +1,67 @@
+"""The source protocol: what the loader asks of a source (a map-style dataset).
+
+Example:
+    >>> import numpy as np
+    >>> class Squares:
+    ...     def __len__(self): return 4
+    ...     def __getitem__(self, i): return {"x": np.float32(i * i)}
+    >>> isinstance(Squares(), MapSource)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["BatchOrderSource", "MapSource"]
+
+
+@runtime_checkable
+class MapSource(Protocol):
+    """Any object with ``len(source)`` and ``source[i]``, returning a pytree of arrays and scalars.
+
+    It travels to the workers by value (cloudpickle), so it should open files lazily, on
+    its first ``__getitem__`` in each process, and ``__getitem__`` should be a pure function
+    of the index. A ``__repr__`` that says what it reads makes errors easier to place.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+@runtime_checkable
+class BatchOrderSource(Protocol):
+    """A map-style source that decides the batches of each epoch itself.
+
+    Define ``batch_order`` on a source (for example a window sampler that draws a fixed
+    share of foreground windows into every batch) and :class:`~agnostic_prefetch.Loader`
+    uses it instead of its own shuffle. The loader still shards the returned batches,
+    applies ``drop_remainder``, derives each item's random generator from
+    ``(seed, epoch, position)`` and resumes exactly.
+
+    Indices in the returned batches are passed to ``__getitem__`` unchanged; they may
+    range over a larger index space than ``len(source)`` (for example window × flip),
+    as long as ``__getitem__`` is a pure function of the index.
+
+    Example:
+        >>> class Pairs:
+        ...     def __len__(self): return 6
+        ...     def __getitem__(self, i): return {"x": i}
+        ...     def batch_order(self, *, seed, epoch, batch_size):
+        ...         return [[0, 1], [2, 3], [4, 5]][::-1] if epoch % 2 else [[0, 1], [2, 3], [4, 5]]
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> Sequence[Sequence[int]]:
+        """All batches of ``epoch`` before sharding; a pure function of the arguments.
+
+        Batches may hold at most ``batch_size`` indices each.
+        """
+        ...
+
+
