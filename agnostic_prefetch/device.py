@@ -17,7 +17,7 @@ from agnostic_prefetch.prefetch import Prefetcher
 
 __all__ = ["DevicePrefetcher", "prefetch_to_device"]
 
-DevicePrefetcher = Prefetcher  # the name this iterator type had before the stages were one
+DevicePrefetcher = Prefetcher  # an alias for code written against 0.1, which named the type so
 
 _PASS_THROUGH = (str, bytes, type(None))  # leaves that never go to a device (e.g. file names)
 

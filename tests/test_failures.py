@@ -175,3 +175,15 @@ def test_close_from_another_thread_wakes_a_thread_waiting_in_the_loader(backend)
     assert not waiter.is_alive(), "the waiting thread never noticed the close"
     assert time.monotonic() - closed_at < 2.0
     assert len(box) == 1 and isinstance(box[0], ap.LoaderError), box
+
+
+def test_without_pidfds_a_killed_worker_is_still_noticed_by_the_documented_poll(monkeypatch):
+    monkeypatch.delattr(os, "pidfd_open")  # an OS without pidfds
+    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
+    assert loader._workers[0].sentinel is None
+    box = {}
+    killer = _kill_later(loader, 0.15, box)
+    with pytest.raises(ap.WorkerDiedError, match="SIGKILL"):
+        next(iter(loader))
+    killer.join()
+    assert time.monotonic() - box["t"] < 1.0

@@ -116,7 +116,8 @@ def _to_hwc(chw: np.ndarray, *, reverse: bool) -> np.ndarray:
     """A new H×W×C array from C×H×W planes (channel order reversed if ``reverse``).
 
     One plane at a time: numpy's own ``ascontiguousarray(chw.transpose(1, 2, 0)[..., ::-1])``
-    runs its inner loop over the C channels and took 445 µs for 256×256×3 against 65 µs here.
+    runs its inner loop over the C channels, which is several times slower (S2 in
+    docs/benchmarks.md).
     """
     c, h, w = chw.shape
     out = np.empty((h, w, c), chw.dtype)

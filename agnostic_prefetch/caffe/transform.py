@@ -16,7 +16,7 @@ __all__ = ["CaffeTransform"]
 def _fill(dest: np.ndarray, src: np.ndarray, mean: np.ndarray | None) -> None:
     """``dest[...] = src - mean`` (or ``= src``) in ``dest``'s dtype, for H×W×C views of any strides.
 
-    numpy would run its innermost loop over the 3 channels, about 5× slower than this: when
+    numpy would run its innermost loop over the 3 channels, several times slower: when
     a row of ``src`` is contiguous (no mirror) a row is one run of W·C values and the mean is
     tiled along it; otherwise each channel is one strided pass with a long inner loop.
     """

@@ -1,7 +1,7 @@
 """Image decoding: file or bytes in, H×W×C uint8 (RGB or gray) out, errors naming the image.
 
 JPEGs go through ``simplejpeg`` (libjpeg-turbo, decoding straight into one numpy array)
-when it is importable, about twice as fast as Pillow here; everything else, and any JPEG
+when it is importable (faster than Pillow: S2 in docs/benchmarks.md); everything else, and any JPEG
 simplejpeg declines (CMYK/YCCK, a colour change such as color JPEG to gray, above Pillow's
 pixel limit, or an error), goes through Pillow, so errors and edge cases stay Pillow's.
 Both use libjpeg-turbo's accurate integer DCT and fancy upsampling: on the scikit-image
