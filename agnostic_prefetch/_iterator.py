@@ -86,8 +86,9 @@ class LoaderIterator:
 
     def cancel(self) -> None:
         """End this iterator from any thread; a ``next()`` waiting for a worker wakes at once."""
-        self._ended = True
-        self._scheduler.supervisor.wake()
+        if not self._ended:
+            self._ended = True
+            self._scheduler.supervisor.wake()
 
     def close(self) -> None:
         """End this iterator (like a generator's ``close()``)."""
@@ -100,7 +101,7 @@ class LoaderIterator:
         started = time.perf_counter()
         scheduler.drive.acquire()
         try:
-            scheduler.driver = threading.current_thread().name
+            scheduler.driver = threading.get_ident()
             return self._next_batch(scheduler)
         except LoaderError:
             if not scheduler.closed:  # a failed pipeline stops with its error, at once

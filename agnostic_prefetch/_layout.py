@@ -8,6 +8,7 @@ slot; they travel as short lists next to the "done" message.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +53,9 @@ class Layout:
     arrays: tuple[ArrayLeaf, ...]
     slot_bytes: int
 
-    @property
+    @functools.cached_property
     def object_paths(self) -> list[str]:
+        """Paths of the leaves that travel as lists (computed once: every fill asks)."""
         paths = key_paths(self.treedef)
         return [p for p, k in zip(paths, self.kinds, strict=True) if k == "object"]
 

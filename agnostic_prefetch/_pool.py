@@ -36,6 +36,7 @@ class WorkerHandle:
 
     Attributes:
         capacity: orders it holds at once (one filling, the rest queued).
+        on_demand: False: it fills orders by itself, ahead of the caller.
         outstanding: ids of the orders sent and not yet answered, oldest first.
         sentinel: a pidfd, readable when the process ends (``None`` for threads, or where
             the OS has no pidfd).
@@ -46,6 +47,7 @@ class WorkerHandle:
         self.orders = orders
         self.results: Connection | None = results
         self.capacity = capacity
+        self.on_demand = False
         self.outstanding: collections.deque[int] = collections.deque()
         self.process: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
@@ -65,11 +67,13 @@ class WorkerHandle:
 class InProcessWorker:
     """``workers=0``: the same filler, run by the thread that waits for a batch, one order at a time.
 
-    It holds one order at most, so the caller fills exactly what it is about to take.
+    It holds one order at most, and is given one only when no batch is ready (``on_demand``),
+    so the caller fills exactly what it is about to take.
     """
 
     worker_id = 0
     capacity = 1
+    on_demand = True
     results = None
     sentinel = None
     process = None

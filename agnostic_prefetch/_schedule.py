@@ -48,6 +48,10 @@ log = logging.getLogger("agnostic_prefetch")
 _LEAVE_S = 0.2
 
 
+def _load(worker: _pool.Worker) -> int:
+    return len(worker.outstanding)
+
+
 @dataclass(slots=True)
 class _Order:
     seq: int
@@ -103,7 +107,7 @@ class Scheduler:
         self._dispatch_seq = 0
         self._warned_frameworks = False
         self._release_when_left: float | None = None
-        self.driver = ""  # the name of the thread driving now, for close()'s warning
+        self.driver = 0  # the ident of the thread driving now, for close()'s warning
 
     # ---- what an iterator calls, holding ``drive`` ------------------------------------------
 
@@ -134,24 +138,34 @@ class Scheduler:
         """
         table = self.table
         table.reclaim()
-        if not table.free:
+        free = table.free
+        if not free:
             self._make_room(position.next_seq)
+            free = table.free
         seq = max(self._dispatch_seq, position.next_seq)
         limit = end + self._lookahead if end < ENDLESS else ENDLESS
-        pending: dict[Any, list[Order]] = {}
+        pending_seqs, ahead = self._pending, position.ahead
         workers = self.workers
-        while table.free and seq < limit:
-            if seq in self._pending or position.delivered(seq):
+        only = workers[0] if len(workers) == 1 else None
+        batches: dict[Any, list[Order]] = {}
+        while free and seq < limit:
+            if seq in pending_seqs or (ahead and seq in ahead):
                 seq += 1
                 continue
-            worker = workers[0] if len(workers) == 1 else min(workers, key=lambda w: len(w.outstanding))
+            worker = only or min(workers, key=_load)
             load = len(worker.outstanding)
-            if load >= worker.capacity or (worker not in pending and load > worker.capacity // 2):
+            if load >= worker.capacity or (worker not in batches and load > worker.capacity // 2):
                 break
-            pending.setdefault(worker, []).append(self._order(seq, worker))
+            if worker.on_demand and (self._ready or self._failed):
+                # It fills in the caller's thread when the caller waits: an order placed
+                # before it is needed would only take a slot early (and a cache-cold one:
+                # the caller has not let go of its previous batch yet).
+                break
+            batches.setdefault(worker, []).append(self._order(seq, worker))
             seq += 1
+            free -= 1
         self._dispatch_seq = seq
-        for worker, orders in pending.items():
+        for worker, orders in batches.items():
             try:
                 worker.send(orders)
             except OSError:
@@ -276,8 +290,9 @@ class Scheduler:
         self.closed = True
         self.supervisor.wake()
         if not self.drive.acquire(timeout=_LEAVE_S):
+            driver = next((t.name for t in threading.enumerate() if t.ident == self.driver), self.driver)
             warn(
-                f"Loader.close(): thread {self.driver!r} is still inside the loader, filling a "
+                f"Loader.close(): thread {driver!r} is still inside the loader, filling a "
                 "batch in that thread (workers=0 runs the source in the thread that iterates), "
                 "and cannot be interrupted; the ring is released as soon as that batch is done.")
             self._release_when_left = grace
@@ -301,5 +316,7 @@ class Scheduler:
         self.supervisor.close()
         self._ready.clear()
         self._orders.clear()
+        self.table.reclaim()
+        self.table.discard_unleased()  # only the consumer's leases outlive the loader
         self._headers = None  # our own view of the ring: drop it so the mapping can close
         self.ring.close()

@@ -126,6 +126,7 @@ class Stage:
         self.queue: collections.deque[Entry] = collections.deque()  # without a thread
         self.error: BaseException | None = None  # without a thread: raised once the queue drains
         self.closed = False
+        self.placement_closed = False  # set under the reader's lock: copies synced, safe to drop
 
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
         reader = self.reader = _Reader(source, self.placement, stats)
@@ -149,7 +150,9 @@ class Stage:
                 item = END
             if not channel.put(item):
                 if isinstance(item, Entry):
-                    self.retired.append(item)  # its copy may be running: freed once done
+                    with reader.place_lock:  # close() clears ``retired`` under this lock
+                        if not self.placement_closed:
+                            self.retired.append(item)  # its copy may be running: freed once done
                 return
             if not isinstance(item, Entry):
                 break
@@ -237,12 +240,11 @@ class Stage:
         self.stop_reading()
         # placement.close() first: it waits for the copies still reading host batches, so
         # their ring slots go back to the loader only after that.
-        if reader is not None:
-            with reader.place_lock:
-                self.placement.close()
-        else:
+        lock = reader.place_lock if reader is not None else threading.Lock()
+        with lock:
             self.placement.close()
-        self.retired.clear()
+            self.placement_closed = True
+            self.retired.clear()
         self.last = None
 
 

@@ -13,6 +13,9 @@ with the step timed alone on one reused batch (a sleep step overshoots its sleep
     (b) flax.jax_utils.prefetch_to_device(size=2) over torch's DataLoader (2 workers)
     (c) Loader (2 workers) + prefetch_to_device(size=2, thread=False): pull and dispatch in next()
     (d) the same with thread=True, the default (pull and dispatch in a background thread)
+    (h) Loader (2 workers) + torch_prefetch(size=2, device="cpu", thread=False): the same
+        stage with the torch placement (zero-copy CPU tensors), in next()
+    (i) the same with thread=True, the default
 
 Part 2, a real XLA CPU step (the demo's CNN, jitted) instead of the sleep: now the step's
 XLA threads and the two loader workers share the machine's cores.
@@ -63,6 +66,16 @@ def sleep_step(seconds: float) -> Callable[[Any], None]:
         batch = jax.device_put(batch)  # a no-op for arrays already on device
         jax.block_until_ready(batch)
         time.sleep(seconds)  # the accelerator is busy; the host cores are free
+
+    return step
+
+
+def tensor_sleep_step(seconds: float) -> Callable[[Any], None]:
+    """The sleep step for torch tensors: touch each batch, then hold the loop."""
+
+    def step(batch: Any) -> None:
+        batch["image"].data_ptr()
+        time.sleep(seconds)
 
     return step
 
@@ -127,6 +140,18 @@ def ours(db: str, batch_size: int, workers: int, thread: bool) -> tuple[Loader, 
     return loader, prefetch_to_device(loader, size=2, thread=thread)
 
 
+def torch_stage(loader: Loader, thread: bool) -> Any:
+    from agnostic_prefetch.adapters import torch_prefetch
+
+    return torch_prefetch(loader, 2, device="cpu", thread=thread)
+
+
+def ours_torch(db: str, batch_size: int, workers: int, thread: bool) -> tuple[Loader, Any]:
+    loader = Loader(LMDBSource(db), batch_size, workers=workers, shuffle=True, epochs=None,
+                    drop_remainder=True, transform=_demo.augment)
+    return loader, torch_stage(loader, thread)
+
+
 def load_time_per_batch(db: str, batch_size: int, workers: int, batches: int) -> float:
     """The loader's own time per batch at full speed (nothing else running)."""
     with Loader(LMDBSource(db), batch_size, workers=workers, shuffle=True, epochs=None,
@@ -148,6 +173,7 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--records", type=int, default=2400)
     p.add_argument("--skip-torch", action="store_true", help="leave out (b)")
+    p.add_argument("--skip-torch-stage", action="store_true", help="leave out (h) and (i)")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_s3_")
     runs: dict[str, list[dict[str, float]]] = {}
@@ -174,6 +200,9 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         # 1.25 x load shows the same loops with a little slack.
         steps = {f"sleep {ratio:.2f}x load": sleep_step(ratio * load) for ratio in (1.0, 1.25)}
         steps["XLA step"] = xla_step()
+        tensor_steps = {f"sleep {ratio:.2f}x load": tensor_sleep_step(ratio * load) for ratio in (1.0, 1.25)}
+        with Loader(LMDBSource(db), args.batch_size, workers=0, transform=_demo.augment) as one:
+            fixed_tensors = next(iter(torch_stage([next(iter(one))], thread=False)))
         for _ in range(args.rounds):
             for tag, step in steps.items():
                 xla = tag == "XLA step"
@@ -192,6 +221,16 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                     with loader:
                         letter = ("g" if thread else "f") if xla else ("d" if thread else "c")
                         record(f"({letter}) ours thread={thread}, {tag}", loop(batches, args.steps, step), ideal)
+                        batches.close()
+                if xla or args.skip_torch_stage:
+                    continue
+                tensor_step = tensor_steps[tag]
+                tensor_alone = loop(iter(lambda: fixed_tensors, None), args.steps, tensor_step)["wall"]
+                for thread in (False, True):
+                    loader, batches = ours_torch(db, args.batch_size, args.workers, thread)
+                    with loader:
+                        record(f"({'i' if thread else 'h'}) torch_prefetch thread={thread}, {tag}",
+                               loop(batches, args.steps, tensor_step), max(tensor_alone, args.steps * load))
                         batches.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

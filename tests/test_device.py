@@ -195,3 +195,23 @@ def test_sharding_splits_the_batch_axis_over_a_mesh_and_refuses_an_indivisible_b
             print("OK")
     """)
     assert "OK" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("thread", [False, True])
+def test_on_a_gpu_batches_land_intact_resume_exactly_and_never_change_under_ring_reuse(thread):
+    if jax.default_backend() != "gpu":
+        pytest.skip(f"needs JAX on a GPU (the default backend here is {jax.default_backend()})")
+    source = ap.ArraySource({"x": np.arange(40000, dtype=np.float32).reshape(1000, 40)})
+    with ap.Loader(source, 50, workers=2, shuffle=True, seed=1) as loader:  # 8 slots, 20 batches
+        it = prefetch_to_device(loader, size=2, thread=thread)
+        received = [next(it) for _ in range(7)]
+        it.load_state_dict(it.state_dict())
+        received += list(it)
+        assert loader.stats()["copied_out"] == 0
+    with ap.Loader(source, 50, workers=0, shuffle=True, seed=1) as reference:
+        want = [b["x"].copy() for b in reference]
+    assert len(received) == len(want) == 20
+    for batch, expected in zip(received, want, strict=True):
+        assert next(iter(batch["x"].devices())).platform == "gpu"
+        np.testing.assert_array_equal(np.asarray(batch["x"]), expected)  # unchanged, though slots were reused

@@ -187,6 +187,8 @@ def test_after_close_and_the_last_view_nothing_of_the_ring_is_left(workers, stop
         if k == stop:
             break
     loader.close()
+    counts = loader._scheduler.table.counts()
+    assert counts["ordered"] == counts["ready"] == 0 and counts["leased"] <= len(held) + 1
     assert ring_mappings() == before + 1  # the caller's views keep the ring mapped
     del batch
     held.clear()
