@@ -21,6 +21,7 @@ Part 2, a real XLA CPU step (the demo's CNN, jitted) instead of the sleep: now t
 XLA threads and the two loader workers share the machine's cores.
 
     python benchmarks/bench_s3_device.py [--steps 150] [--rounds 3] [--batch-size 64] [--workers 2]
+    python benchmarks/bench_s3_device.py --step-ms 7.5 --loops cd --rounds 1 --steps 400   # fixed step
     pytest -m bench benchmarks/bench_s3_device.py        # a short run as a test
 """
 
@@ -174,6 +175,10 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--records", type=int, default=2400)
     p.add_argument("--skip-torch", action="store_true", help="leave out (b)")
     p.add_argument("--skip-torch-stage", action="store_true", help="leave out (h) and (i)")
+    p.add_argument("--step-ms", type=float, default=None,
+                   help="fix the sleep step (1.00x) at this length instead of the loader's own "
+                        "time per batch: a fixed step compares versions across noisy runs")
+    p.add_argument("--loops", default="abcdefghi", help="letters of the loops to run (default all)")
     args = p.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="bench_s3_")
     runs: dict[str, list[dict[str, float]]] = {}
@@ -198,9 +203,13 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             fixed = next(prefetch_to_device([next(iter(one))]))
         # At step == load a queue fed exactly as fast as it drains waits on every hiccup;
         # 1.25 x load shows the same loops with a little slack.
-        steps = {f"sleep {ratio:.2f}x load": sleep_step(ratio * load) for ratio in (1.0, 1.25)}
-        steps["XLA step"] = xla_step()
-        tensor_steps = {f"sleep {ratio:.2f}x load": tensor_sleep_step(ratio * load) for ratio in (1.0, 1.25)}
+        base = load if args.step_ms is None else args.step_ms / 1000
+        if args.step_ms is not None:
+            print(f"step fixed at {args.step_ms:.2f} ms (1.00x) by --step-ms")
+        steps = {f"sleep {ratio:.2f}x load": sleep_step(ratio * base) for ratio in (1.0, 1.25)}
+        if set(args.loops) & set("efg"):
+            steps["XLA step"] = xla_step()
+        tensor_steps = {f"sleep {ratio:.2f}x load": tensor_sleep_step(ratio * base) for ratio in (1.0, 1.25)}
         with Loader(LMDBSource(db), args.batch_size, workers=0, transform=_demo.augment) as one:
             fixed_tensors = next(iter(torch_stage([next(iter(one))], thread=False)))
         for _ in range(args.rounds):
@@ -209,17 +218,19 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 alone = {tag: loop(iter(lambda: fixed, None), args.steps, step)["wall"]}  # this round's
                 print(f"{tag}: the step alone takes {1000 * alone[tag] / args.steps:.2f} ms")
                 ideal = max(alone[tag], args.steps * load)
-                if xla or tag.startswith("sleep 1.00"):
+                if (xla or tag.startswith("sleep 1.00")) and set(args.loops) & set("ae"):
                     with fresh_loop(0) as loader:
                         record(f"({'e' if xla else 'a'}) no prefetch, {tag}", loop(loader, args.steps, step),
                                alone[tag] + args.steps * one_core)
-                if not xla and not args.skip_torch:
+                if not xla and not args.skip_torch and "b" in args.loops:
                     record(f"(b) flax prefetch over torch DataLoader, {tag}",
                            loop(torch_flax_batches(db, args.batch_size, args.workers), args.steps, step), ideal)
                 for thread in (False, True):
+                    letter = ("g" if thread else "f") if xla else ("d" if thread else "c")
+                    if letter not in args.loops:
+                        continue
                     loader, batches = ours(db, args.batch_size, args.workers, thread)
                     with loader:
-                        letter = ("g" if thread else "f") if xla else ("d" if thread else "c")
                         record(f"({letter}) ours thread={thread}, {tag}", loop(batches, args.steps, step), ideal)
                         batches.close()
                 if xla or args.skip_torch_stage:
@@ -227,6 +238,8 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 tensor_step = tensor_steps[tag]
                 tensor_alone = loop(iter(lambda: fixed_tensors, None), args.steps, tensor_step)["wall"]
                 for thread in (False, True):
+                    if ("i" if thread else "h") not in args.loops:
+                        continue
                     loader, batches = ours_torch(db, args.batch_size, args.workers, thread)
                     with loader:
                         record(f"({'i' if thread else 'h'}) torch_prefetch thread={thread}, {tag}",
