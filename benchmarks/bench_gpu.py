@@ -42,20 +42,7 @@ import pytest
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to torch and CuPy
 
-IMAGE = (224, 224, 3)
-
-
-class FreshImages:
-    """Each item a newly written 224x224x3 uint8 image (module level: workers import it by name)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"image": np.full(IMAGE, int(i) % 251, np.uint8)}
+from bench_core import IMAGE, FreshImages  # noqa: E402  (workers import it by name)
 
 
 def held_ring_batches(batch: int, count: int) -> tuple[Any, list[dict[str, np.ndarray]]]:

@@ -39,6 +39,20 @@ def host_syncs(log: list[tuple]) -> list[tuple]:
     return [entry for entry in log if "synchronize" in entry[0]]
 
 
+def assert_close_synchronizes_then_unregisters(placement, log: list[tuple], register: str) -> None:
+    """After one batch, ``close()`` is: synchronise the side stream, then unregister the ring."""
+    from sources_for_tests import rows_loader
+
+    with rows_loader() as loader:
+        placement.put({"x": next(iter(loader))["x"]})
+        [(_, address, _, _)] = of(log, register)
+        mark = len(log)
+        placement.close()
+        after = log[mark:]
+        assert [entry[0] for entry in after] == ["stream.synchronize", register.replace("Register", "Unregister")]
+        assert after[0][1] is placement.stream and after[1][1] == address
+
+
 def ring_address_and_length(m: mmap.mmap) -> tuple[int, int]:
     """The mapping's start address, found another way than the library's ``_address``."""
     view = ctypes.c_char.from_buffer(m)

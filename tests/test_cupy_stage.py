@@ -12,7 +12,14 @@ import threading
 
 import numpy as np
 import pytest
-from fake_cuda import FakeCupy, host_syncs, index_of, of, ring_address_and_length
+from fake_cuda import (
+    FakeCupy,
+    assert_close_synchronizes_then_unregisters,
+    host_syncs,
+    index_of,
+    of,
+    ring_address_and_length,
+)
 from sources_for_tests import NamedRows, rows_loader
 
 import agnostic_prefetch as ap
@@ -145,15 +152,7 @@ def test_put_rejects_bfloat16_naming_it(fake_cupy):
 
 
 def test_close_synchronizes_the_side_stream_before_unregistering_the_ring(fake_cupy):
-    placement = _CupyPlacement(fake_cupy, 0)
-    with rows_loader() as loader:
-        placement.put({"x": next(iter(loader))["x"]})
-        [(_, address, _, _)] = of(fake_cupy.log, "hostRegister")
-        mark = len(fake_cupy.log)
-        placement.close()
-        after = fake_cupy.log[mark:]
-        assert [entry[0] for entry in after] == ["stream.synchronize", "hostUnregister"]
-        assert after[0][1] is placement.stream and after[1][1] == address
+    assert_close_synchronizes_then_unregisters(_CupyPlacement(fake_cupy, 0), fake_cupy.log, "hostRegister")
 
 
 def test_a_failed_registration_is_logged_once_and_copies_still_happen(fake_cupy, caplog):

@@ -16,6 +16,7 @@ from fake_cuda import (
     FakeStream,
     FakeTensor,
     FakeTorch,
+    assert_close_synchronizes_then_unregisters,
     host_syncs,
     index_of,
     of,
@@ -198,15 +199,7 @@ def test_hand_out_makes_the_consumer_stream_wait_and_records_each_tensor_on_it(f
 
 
 def test_close_synchronizes_the_side_stream_before_unregistering_the_ring(fake_torch):
-    placement = _CudaPlacement(CUDA1)
-    with rows_loader() as loader:
-        placement.put({"x": next(iter(loader))["x"]})
-        [(_, address, _, _)] = of(fake_torch.log, "cudaHostRegister")
-        mark = len(fake_torch.log)
-        placement.close()
-        after = fake_torch.log[mark:]
-        assert [entry[0] for entry in after] == ["stream.synchronize", "cudaHostUnregister"]
-        assert after[0][1] is placement.stream and after[1][1] == address
+    assert_close_synchronizes_then_unregisters(_CudaPlacement(CUDA1), fake_torch.log, "cudaHostRegister")
 
 
 @BOTH
