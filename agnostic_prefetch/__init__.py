@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.device import prefetch_to_device
     from agnostic_prefetch.loader import Loader, LoaderIterator
     from agnostic_prefetch.prefetch import Prefetcher
+    from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "Prefetcher",
     "WorkerError",
     "prefetch_to_device",
+    "shard_for",
 ]
 __version__ = "0.1.0"
 
@@ -59,6 +61,7 @@ _LAZY = {
     "WindowSource": "agnostic_prefetch.caffe",
     "CaffeTransform": "agnostic_prefetch.caffe",
     "prefetch_to_device": "agnostic_prefetch.device",
+    "shard_for": "agnostic_prefetch.sharding",
 }
 
 

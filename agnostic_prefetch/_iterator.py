@@ -12,7 +12,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from agnostic_prefetch._resume import ENDLESS, Position, encode
+import numpy as np
+
+from agnostic_prefetch._resume import ENDLESS, Position, decode, encode
 from agnostic_prefetch._schedule import Ready, Scheduler
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch.errors import LoaderError
@@ -54,6 +56,8 @@ class LoaderIterator:
         self._layout = loader.layout
         self._stats = loader._stats
         self._only_arrays = "object" not in self._layout.kinds
+        self._padded = loader._mask_key is not None  # every batch full; a mask marks real rows
+        self._by_source = loader._by_source
 
     def __iter__(self) -> LoaderIterator:
         return self
@@ -83,6 +87,15 @@ class LoaderIterator:
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterator delivered: small and JSON-able."""
         return encode(self._position, self._loader._settings, endless=self._end >= ENDLESS)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue *this* iterator from ``state`` (see ``Loader.load_state_dict``); the
+        loader's other live iterator, if any, ends. Not while another thread iterates it."""
+        self._loader._begin(self, decode(state, self._loader._settings))
+
+    def _restart(self, position: Position) -> None:
+        assert position.end is not None
+        self._position, self._end, self._ended = position, position.end, False
 
     def cancel(self) -> None:
         """End this iterator from any thread; a ``next()`` waiting for a worker wakes at once."""
@@ -135,16 +148,30 @@ class LoaderIterator:
             for index, reason in ready.skipped:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)
-            if ready.count == 0:  # every record of this batch was skipped
+            if ready.count == 0 and not self._padded:  # every record of this batch was skipped
                 scheduler.table.discard(ready.slot)
                 continue
             self._stats["batches"] += 1
             self._stats["items"] += ready.count
-            return self._deliver(scheduler, ready)
+            if self._by_source is not None:
+                self._count_by_source(ready)
+            rows = ready.count
+            if self._padded:
+                rows = self._layout.batch_size
+                self._stats["padded"] += rows - ready.count
+            return self._deliver(scheduler, ready, rows)
 
-    def _deliver(self, scheduler: Scheduler, ready: Ready) -> Any:
+    def _count_by_source(self, ready: Ready) -> None:
+        totals = self._stats["items_per_source"]
+        for name, n in self._by_source(ready.indices).items():
+            totals[name] += n
+        if ready.skipped:
+            for name, n in self._by_source(np.array([i for i, _ in ready.skipped], np.int64)).items():
+                totals[name] -= n
+
+    def _deliver(self, scheduler: Scheduler, ready: Ready, rows: int) -> Any:
         table = scheduler.table
-        arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, ready.count)
+        arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows)
         if copied:
             self._stats["copied_out"] += 1
             if not self._loader._warned_copy:

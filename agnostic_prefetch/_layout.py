@@ -89,6 +89,24 @@ def _spec_of(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     return None
 
 
+def with_mask(example: Any, key: str) -> Any:
+    """``example`` with the boolean leaf ``key`` that padding (``remainder="pad"``) adds.
+
+    Raises:
+        LayoutError: the example is not a dict, or already has ``key``.
+    """
+    if not isinstance(example, dict):
+        raise LayoutError(
+            f"remainder='pad' adds a boolean mask leaf to each batch, so examples must be dicts; "
+            f"this source yields {type(example).__name__}. Wrap each example in a dict in the "
+            "transform, or use drop_remainder=True.")
+    if key in example:
+        raise LayoutError(
+            f"remainder='pad' adds the mask leaf {key!r}, but the examples already have a "
+            f"{key!r} key; pass mask_key= another name.")
+    return {**example, key: np.True_}
+
+
 def layout_from_example(example: Any, batch_size: int) -> Layout:
     """Lay out a slot for batches of ``batch_size`` items shaped like ``example``.
 
@@ -138,6 +156,11 @@ class SlotWriter:
         arrays = iter(self.leaves)
         return unflatten(self.layout.treedef, [next(arrays)[j] if kind == "array" else None
                                                for kind in self.layout.kinds])
+
+    def pad(self, count: int) -> None:
+        """Zero rows ``count`` on of every array leaf (the mask leaf among them: ``False``)."""
+        for leaf in self.leaves:
+            leaf[count:] = 0
 
     def write(self, j: int, example: Any, index: int) -> list[Any]:
         """Write ``example`` as item ``j``; return its non-array leaves.

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 ENDLESS = 1 << 62  # the end of an iteration with epochs=None
-# Settings that change which records form batch k of epoch e: a state saved under other
-# values would resume into other batches.
-ORDER_SETTINGS = ("seed", "batch_size", "batches_per_epoch", "shard_index", "shard_count",
-                  "shuffle", "drop_remainder")
+# Settings that decide which records form global batch k of epoch e: a state saved under
+# other values would resume into other batches. The shard count and index are not among
+# them: global batches do not depend on them (see ``check_shards`` for the one exception).
+ORDER_SETTINGS = ("seed", "shuffle", "source_order", "source_len", "global_batch_size",
+                  "drop_remainder", "batches_per_epoch")
+
+
+def order_settings(sampler: Any, ordered: bool) -> dict[str, Any]:
+    """What a loader's state must record about its order (``sampler`` is a ``Sampler``)."""
+    return {
+        "seed": sampler.seed, "shuffle": sampler.shuffle, "source_len": sampler.source_len,
+        "global_batch_size": sampler.global_batch_size, "drop_remainder": sampler.drop_remainder,
+        "batches_per_epoch": sampler.batches_per_epoch, "batch_size": sampler.batch_size,
+        "shard_index": sampler.shard_index, "shard_count": sampler.shard_count,
+        "remainder": sampler.remainder, "ordered": ordered,
+    }
 
 
 class Position(NamedTuple):
@@ -70,30 +82,38 @@ def encode(position: Position, settings: dict[str, Any], *, endless: bool) -> di
     epoch, number = divmod(position.next_seq, bpe)
     return {
         "version": STATE_VERSION,
-        "seed": settings["seed"],
         "epoch": epoch,
-        "batch": number,
+        "batch": number,  # global batches of this epoch delivered (on every shard alike)
         "delivered_ahead": [list(divmod(s, bpe)) for s in sorted(position.ahead)],
         # An interrupted iteration (epochs > 1, or a break) resumes up to its own end.
         "end_epoch": None if position.end is None or endless else position.end // bpe,
-        **{key: settings[key] for key in ORDER_SETTINGS if key != "seed"},
+        **settings,
     }
 
 
-def decode(state: dict[str, Any], settings: dict[str, Any]) -> Position:
-    """The position a state dict describes, after checking it was saved under ``settings``.
+def decode(state: dict[str, Any] | list[dict[str, Any]], settings: dict[str, Any]) -> Position:
+    """The position a state dict describes, after checking it can be honoured under ``settings``.
+
+    A state saved with any shard count loads into any other that divides the same global
+    batch, except where an out-of-order set belongs to one process (``check_shards``).
+    ``state`` may be the list of every process's states (see :func:`pick`).
 
     Raises:
-        ValueError: an unknown version, or a setting that differs (naming both values).
+        ValueError: an unknown version, or a state this loader cannot continue exactly
+            (naming both values and the remedy).
     """
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"unknown state version {state.get('version')!r}; expected {STATE_VERSION}")
+    if isinstance(state, list | tuple):
+        state = pick(list(state), settings)
+    version = state.get("version")
+    if version == 1:
+        state = _from_version_1(state)
+    elif version != STATE_VERSION:
+        raise ValueError(f"unknown state version {version!r}; this agnostic_prefetch reads "
+                         f"versions 1 and {STATE_VERSION}")
     for key in ORDER_SETTINGS:
-        if state[key] != settings[key]:
-            raise ValueError(
-                f"state_dict was saved with {key}={state[key]!r} but this loader has "
-                f"{key}={settings[key]!r}; build the loader with the same settings to resume."
-            )
+        if key in state and state[key] != settings[key]:
+            raise ValueError(_mismatch(key, state, settings))
+    check_shards(state, settings)
     bpe = settings["batches_per_epoch"]
     ahead = frozenset(e * bpe + b for e, b in state["delivered_ahead"])
     next_seq = state["epoch"] * bpe + state["batch"]
@@ -102,3 +122,94 @@ def decode(state: dict[str, Any], settings: dict[str, Any]) -> Position:
     end_epoch = state.get("end_epoch")
     return Position(next_seq, frozenset(s for s in ahead if s > next_seq),
                     None if end_epoch is None else end_epoch * bpe)
+
+
+_POSITION = ("epoch", "batch", "delivered_ahead", "end_epoch")
+
+
+def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """The state this shard continues from, out of every process's states of one run.
+
+    They must agree on the order; in an ordered run (or one with a single shard) every
+    process delivered the same global batches, so they must agree on the position too and
+    any of them will do. Out of order, each shard's own state is taken.
+
+    Raises:
+        ValueError: no states, or states that are not one run's checkpoint at one step.
+    """
+    if not states:
+        raise ValueError("no states to resume from (an empty list)")
+    first = states[0]
+    shared = ("version", *ORDER_SETTINGS, "shard_count", "ordered")
+    whole = first.get("ordered", True) or first.get("shard_count") == 1
+    for i, state in enumerate(states[1:], 1):
+        for key in shared + (_POSITION if whole else ()):
+            if state.get(key) != first.get(key):
+                raise ValueError(
+                    f"the processes' states disagree: process 0 saved {key}={first.get(key)!r}, "
+                    f"process {i} {key}={state.get(key)!r}. An ordered run's processes deliver the "
+                    "same global batches in step, so these are not one checkpoint: save every "
+                    "process's state at the same step, from loaders with the same settings.")
+    if whole:
+        return first
+    mine = [s for s in states if s.get("shard_index") == settings["shard_index"]]
+    return mine[0] if mine else first  # decode refuses another shard count, naming it
+
+
+def check_shards(state: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse another shard where the saved position is one process's own.
+
+    With ``ordered=False`` and several shards, each process delivered its own set of
+    batches out of order: that set says nothing about the other processes' slices.
+    """
+    saved_count, saved_index = state["shard_count"], state["shard_index"]
+    if state["ordered"] or saved_count == 1:
+        return
+    if saved_count != settings["shard_count"]:
+        raise ValueError(
+            f"this state was saved with ordered=False by shard {saved_index} of {saved_count}; "
+            f"out of order, each process delivered its own set of batches, so the run cannot "
+            f"continue on shard_count={settings['shard_count']}. Resume with shard_count="
+            f"{saved_count}, or train with ordered=True to change the number of hosts.")
+    if saved_index != settings["shard_index"]:
+        raise ValueError(
+            f"this state was saved with ordered=False by shard {saved_index} of {saved_count}, "
+            f"but this loader is shard {settings['shard_index']}: out of order, each process "
+            "must load its own state (agnostic_prefetch.orbax.CheckpointRestore picks it).")
+
+
+def _mismatch(key: str, state: dict[str, Any], settings: dict[str, Any]) -> str:
+    saved, here = state[key], settings[key]
+    if key == "global_batch_size":
+        count = settings["shard_count"]
+        if saved % count == 0:
+            remedy = (f"build the loader with batch_size={saved // count} (or "
+                      f"global_batch_size={saved}) for shard_count={count}")
+        else:
+            divisors = [d for d in range(1, saved + 1) if saved % d == 0]
+            remedy = (f"{saved} does not split into {count} equal slices; resume on a shard "
+                      f"count that divides it ({', '.join(map(str, divisors))})")
+        return (f"state_dict was saved with a global batch of {saved} items but this loader's "
+                f"is {here} (batch_size={settings['batch_size']} x shard_count={count}); {remedy}.")
+    if key == "source_order":
+        return (f"state_dict was saved over a source whose order is defined by {saved!r}, but "
+                f"this source's is {here!r} (another mixture's weights or components, say); "
+                "resume with the same source.")
+    if key == "source_len":
+        return (f"state_dict was saved over a source of {saved} records but this source has "
+                f"{here}: the order of a different source would differ. Resume with the same "
+                "source.")
+    return (f"state_dict was saved with {key}={saved!r} but this loader has {key}={here!r}; "
+            "build the loader with the same setting to resume.")
+
+
+def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 sharded each epoch into contiguous runs: with one shard its batch k is global
+    # batch k, with several no global batch corresponds to what a shard has seen.
+    if state["shard_count"] > 1:
+        raise ValueError(
+            f"this state (version 1) was saved by shard {state['shard_index']} of "
+            f"{state['shard_count']}, when shards were contiguous runs of each epoch; it cannot "
+            "be mapped onto global batches. Resume it with the agnostic_prefetch release that "
+            "saved it, or start the data order afresh (a new Loader without load_state_dict).")
+    return {**state, "global_batch_size": state["batch_size"], "ordered": True}

@@ -71,6 +71,7 @@ class Ready:
     count: int
     objects: list[list[Any]]
     skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
+    indices: np.ndarray  # the records ordered (skipped ones among them)
 
 
 class Scheduler:
@@ -243,7 +244,7 @@ class Scheduler:
                 self.table.discard(order.slot)
                 return
             self.table.filled(order.slot)
-            self._ready[order.seq] = Ready(order.slot, count, objects, skipped)
+            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices)
             return
         self.table.discard(order.slot)
         if not order.stale:

@@ -96,6 +96,7 @@ class Job:
     seed: int
     skip_errors: bool
     worker_init: Any = None
+    mask_key: str | None = None  # remainder="pad": every batch is full, real rows marked here
 
 
 class Filler:
@@ -119,6 +120,7 @@ class Filler:
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
         into_slot = getattr(job.transform, "writes_into_slot", False)
+        mask_key = job.mask_key
         started = time.perf_counter()
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
@@ -132,6 +134,8 @@ class Filler:
                                             out=writer.item_out(count))
                 elif job.transform is not None:
                     example = job.transform(example, item_rng(job.seed, epoch, position))
+                if mask_key is not None:
+                    example = {**example, mask_key: True}
                 item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it
                 if job.skip_errors:
@@ -142,6 +146,10 @@ class Filler:
             for column, value in zip(objects, item_objects, strict=True):
                 column.append(value)
             count += 1
+        if mask_key is not None and count < job.layout.batch_size:
+            writer.pad(count)
+            for column in objects:
+                column.extend([None] * (job.layout.batch_size - count))
         header[H_PROGRESS] = len(indices)
         header[H_COUNT] = count
         return ("done", order_id, count, objects, skipped, time.perf_counter() - started)

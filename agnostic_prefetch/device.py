@@ -55,11 +55,12 @@ def prefetch_to_device(
       ``flax.jax_utils.prefetch_to_device``);
     * ``sharding=``: a ``jax.sharding.Sharding`` for global arrays, e.g.
       ``NamedSharding(mesh, P("data"))`` splits the batch axis over a mesh. With several
-      JAX processes each passes its own part of the batch (load with
-      ``shard_index=jax.process_index(), shard_count=jax.process_count()``) and the stage
-      assembles global arrays with ``jax.make_array_from_process_local_data``. Every
-      process must then feed the same local shape every step, or the collective that
-      follows hangs: load with ``drop_remainder=True``.
+      JAX processes each passes the rows of the global batch that its devices hold (load
+      with ``ap.Loader(..., global_batch_size=G, **ap.shard_for(sharding, G))``; the stage
+      checks a Loader's slice against the sharding) and the stage assembles global arrays
+      with ``jax.make_array_from_process_local_data``. Every process must then feed the
+      same local shape every step, or the collective that follows hangs: load with
+      ``remainder="pad"`` (a mask marks the padding) or ``drop_remainder=True``.
 
     Resume: the returned iterator's ``state_dict()`` is the position after the batches
     *you* have received (the source iterator's position, taken right after each pull),
@@ -87,7 +88,8 @@ def prefetch_to_device(
         ValueError: both ``devices`` and ``sharding``; ``size < 1``; a leaf whose leading
             axis does not match ``len(devices)`` or does not divide over ``sharding``; a
             local batch shape that differs from the first one when several processes feed
-            one global array. Each message names the leaf, its shape and the remedy.
+            one global array; a Loader whose slice is not the rows this process's devices
+            hold. Each message names the leaf, its shape and the remedy.
 
     Example:
         >>> import numpy as np
@@ -97,8 +99,21 @@ def prefetch_to_device(
     """
     if devices is not None and sharding is not None:
         raise ValueError("pass devices= (flax's leading device axis) or sharding=, not both")
-    return Prefetcher(iterable, size, _JaxPlacement(devices, sharding), thread=thread,
-                      name="prefetch_to_device")
+    placement = _JaxPlacement(devices, sharding)
+    loader = _loader_of(iterable)
+    if sharding is not None and loader is not None:
+        placement.check_loader(loader)
+    return Prefetcher(iterable, size, placement, thread=thread, name="prefetch_to_device")
+
+
+def _loader_of(iterable: Any) -> Any:
+    from agnostic_prefetch.loader import Loader, LoaderIterator
+
+    if isinstance(iterable, Loader):
+        return iterable
+    if isinstance(iterable, LoaderIterator):
+        return iterable._loader
+    return None
 
 
 class _JaxPlacement:
@@ -112,6 +127,8 @@ class _JaxPlacement:
         self.multi_process = False
         self.first_shapes: list[tuple[str, tuple[int, ...]]] | None = None
         self.checked: tuple[Any, list[tuple[int, ...]]] | None = None  # the last layout checked
+        self.global_batch: int | None = None  # known when the source is a Loader
+        self.local_rows = 0
         if self.devices is not None:
             if not self.devices:
                 raise ValueError("devices=[] is empty; pass at least one device, or None")
@@ -135,13 +152,33 @@ class _JaxPlacement:
         out = list(leaves)
         placed: list[Any] = []
         if self.multi_process:
-            placed = [jax.make_array_from_process_local_data(self.sharding, leaves[i]) for i in moving]
+            g = self.global_batch
+            placed = [jax.make_array_from_process_local_data(
+                self.sharding, leaves[i], None if g is None else (g, *np.shape(leaves[i])[1:]))
+                for i in moving]
         elif moving:
             # One call for all leaves: JAX dispatches the transfers together.
             placed = jax.device_put([leaves[i] for i in moving], self.sharding)
         for i, array in zip(moving, placed, strict=True):
             out[i] = array
         return jax.tree_util.tree_unflatten(treedef, out), placed
+
+    def check_loader(self, loader: Any) -> None:
+        """Refuse a loader whose slice of each global batch is not the rows this process's
+        devices hold (the global arrays would be assembled from the wrong rows)."""
+        from agnostic_prefetch.sharding import process_rows, shard_for
+
+        g = loader.global_batch_size
+        want = shard_for(self.sharding, g)
+        have = {"shard_index": loader.shard_index, "shard_count": loader.shard_count}
+        lo, hi = process_rows(self.sharding, g)[self.jax.process_index()]
+        if want != have:
+            raise ValueError(
+                f"this process's devices hold rows [{lo}, {hi}) of each global batch of {g}: "
+                f"slice {want['shard_index']} of {want['shard_count']}, but the Loader loads "
+                f"slice {have['shard_index']} of {have['shard_count']}. Build it with "
+                f"ap.Loader(..., global_batch_size={g}, **ap.shard_for(sharding, {g})).")
+        self.global_batch, self.local_rows = g, hi - lo
 
     def hand_out(self, device: Any, token: Any) -> None:
         pass  # JAX orders its own transfers before any computation that reads them
@@ -158,6 +195,14 @@ class _JaxPlacement:
         named = [(self.jax.tree_util.keystr(paths_leaves[i][0]) or "<batch>", paths_leaves[i][1]) for i in moving]
         if self.multi_process:
             self._check_same_local_shapes([(name, np.shape(leaf)) for name, leaf in named])
+        if self.global_batch is not None:
+            for name, leaf in named:
+                if np.shape(leaf)[:1] != (self.local_rows,):
+                    raise ValueError(
+                        f"leaf {name} has shape {np.shape(leaf)}, but this process's devices "
+                        f"hold {self.local_rows} rows of each global batch of "
+                        f"{self.global_batch}. A short last batch cannot be placed: load "
+                        "with remainder='pad' or drop_remainder=True.")
         for name, leaf in named:
             self._check_leaf(name, leaf)
 
@@ -180,8 +225,8 @@ class _JaxPlacement:
                 raise ValueError(
                     f"leaf {name} with shape {shape} cannot be split by {self.sharding}: "
                     f"{exc}. Make the batch size a multiple of the number of devices on the "
-                    "sharded axis, and load with drop_remainder=True so the last batch is "
-                    "full too."
+                    "sharded axis, and load with remainder='pad' or drop_remainder=True so "
+                    "the last batch is full too."
                 ) from exc
 
     def _check_same_local_shapes(self, shapes: list[tuple[str, tuple[int, ...]]]) -> None:
@@ -195,7 +240,7 @@ class _JaxPlacement:
                     f"{self.jax.process_index()}, but the first batch had {first}. With "
                     f"{self.jax.process_count()} processes every process must feed the same "
                     "local shape every step, or the step's collectives hang. Load with "
-                    "drop_remainder=True (and the same batch_size everywhere)."
+                    "remainder='pad' or drop_remainder=True (and the same batch_size everywhere)."
                 )
         if len(shapes) != len(self.first_shapes):
             raise ValueError(

@@ -18,8 +18,8 @@ import numpy as np
 
 from agnostic_prefetch import _pool
 from agnostic_prefetch._iterator import LoaderIterator
-from agnostic_prefetch._layout import Layout, layout_from_example
-from agnostic_prefetch._resume import START, Position, decode, encode, iteration_end
+from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
+from agnostic_prefetch._resume import START, Position, decode, encode, iteration_end, order_settings
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._sizing import plan_ring
@@ -43,7 +43,9 @@ class Loader:
             (dicts, lists, tuples) of arrays and scalars. Sent to workers with cloudpickle;
             it should open files lazily. It may define ``batch_order`` (see
             :class:`~agnostic_prefetch.BatchOrderSource`).
-        batch_size: items per batch.
+        batch_size: items per batch on this shard (this process).
+        global_batch_size: instead of ``batch_size``: items per global batch, over all
+            ``shard_count`` shards (``batch_size = global_batch_size / shard_count``).
         workers: worker count; 0 loads in the thread that iterates, on demand (for debugging).
         backend: ``"process"`` (fresh processes, off the GIL) or ``"thread"``.
         slots: ring slots; default ``workers + 6`` (``8 * workers + 6`` for slots of at most
@@ -55,14 +57,27 @@ class Loader:
             prefetch stage that would hold more warns, naming the ``slots=`` to pass.
         shuffle, seed: permute items per epoch from ``(seed, epoch)``.
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
-        drop_remainder: every batch full and every shard the same length.
+        drop_remainder: leave out a last global batch that would be short
+            (``remainder="drop"``).
+        remainder: what happens to a last global batch with fewer items than
+            ``batch_size * shard_count``: ``"short"`` (the default with one shard: a shorter
+            last batch), ``"pad"`` (every shard yields full batches, with a boolean leaf
+            ``mask_key`` marking real rows; padding rows are zeros; examples must be dicts)
+            or ``"drop"``. With several shards an uneven last batch needs ``"pad"`` or
+            ``"drop"``: processes must feed equal shapes. ``"pad"`` also keeps shapes equal
+            when ``on_error="skip"`` leaves records out (needed then with several shards).
+        mask_key: the mask leaf's key with ``remainder="pad"``.
         transform: ``transform(example, rng) -> example``, run in the workers; ``rng`` is a
             ``numpy.random.Generator`` seeded from ``(seed, epoch, position)``. A transform
             with ``writes_into_slot = True`` is called with ``out=``, this item's place in
             the ring (a tree like the example, ``None`` for list leaves); an array it writes
             there is not copied again (``CaffeTransform`` does this).
         ordered: ``False`` delivers batches as they complete; contents stay the same.
-        shard_index, shard_count: this process's part of every epoch.
+        shard_index, shard_count: which slice of every global batch this process loads
+            (slice ``s`` of ``S`` equal ones; :func:`~agnostic_prefetch.shard_for` derives
+            them from a JAX sharding). The global batches do not depend on the shard count,
+            so a ``state_dict`` saved with ``S`` shards resumes on any ``S'`` that divides
+            the global batch (docs/elastic.md).
         on_error: ``"raise"`` or ``"skip"`` (bad records are left out, counted, logged).
         timeout: seconds a worker may go without progress before it is reported as hung.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
@@ -89,8 +104,9 @@ class Loader:
     def __init__(
         self,
         source: Any,
-        batch_size: int,
+        batch_size: int | None = None,
         *,
+        global_batch_size: int | None = None,
         workers: int = 2,
         backend: str = "process",
         slots: int | None = None,
@@ -98,6 +114,8 @@ class Loader:
         seed: int = 0,
         epochs: int | None = 1,
         drop_remainder: bool = False,
+        remainder: str | None = None,
+        mask_key: str = "mask",
         transform: Callable[[Any, np.random.Generator], Any] | None = None,
         ordered: bool = True,
         shard_index: int = 0,
@@ -117,8 +135,10 @@ class Loader:
             raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        batch_size = _local_batch_size(batch_size, global_batch_size, shard_count)
+        remainder = _remainder(remainder, drop_remainder, on_error, shard_count)
         self._sampler = Sampler(source, batch_size, shuffle=shuffle, seed=seed,
-                                drop_remainder=drop_remainder, shard_index=shard_index,
+                                remainder=remainder, shard_index=shard_index,
                                 shard_count=shard_count)
         self._bpe = self._sampler.batches_per_epoch
         self.workers = workers
@@ -128,23 +148,27 @@ class Loader:
         self.timeout = timeout
         self._skip = on_error == "skip"
         example = spec if spec is not None else self._read_example(source, transform)
+        self._mask_key = mask_key if remainder == "pad" else None
+        if self._mask_key is not None:
+            example = with_mask(example, self._mask_key)
         self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
         self._plan = plan_ring(workers, self.layout.slot_bytes, slots)
         self.slots = self._plan.slots
-        self._settings = {
-            "seed": self._sampler.seed, "batch_size": self._sampler.batch_size,
-            "batches_per_epoch": self._bpe, "shard_index": self._sampler.shard_index,
-            "shard_count": self._sampler.shard_count, "shuffle": self._sampler.shuffle,
-            "drop_remainder": self._sampler.drop_remainder,
-        }
-        self._stats = {"batches": 0, "items": 0, "wait_s": 0.0, "skipped": 0, "copied_out": 0}
+        self._settings = order_settings(self._sampler, ordered)
+        self._settings["source_order"] = getattr(source, "order_fingerprint", None)
+        self._by_source = getattr(source, "items_by_source", None)
+        self._stats: dict[str, Any] = {"batches": 0, "items": 0, "padded": 0, "wait_s": 0.0,
+                                       "skipped": 0, "copied_out": 0}
+        if self._by_source is not None:
+            self._stats["items_per_source"] = self._by_source(np.zeros(0, np.int64))
         self._warned_copy = False
         self._latest: LoaderIterator | None = None
         self._start: Position = START  # where the next iter() starts when there is no latest
         self._ring = Ring(self.slots, self.layout.slot_bytes)
         workers_started: list[_pool.Worker] = []
         try:
-            job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init)
+            job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init,
+                      self._mask_key)
             workers_started = _pool.start(workers, backend, job, self._ring, self._plan.orders_per_worker)
             self._scheduler = Scheduler(self._sampler, self._ring, SlotTable(self.slots, self._plan.max_held),
                                         workers_started, timeout, lookahead=self.slots)
@@ -159,8 +183,26 @@ class Loader:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches one epoch yields on this shard."""
+        """Batches one epoch yields (global batches: the same on every shard)."""
         return self._bpe
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of each batch this shard loads (``global_batch_size / shard_count``)."""
+        return self._sampler.batch_size
+
+    @property
+    def global_batch_size(self) -> int:
+        """Items per global batch, over all shards."""
+        return self._sampler.global_batch_size
+
+    @property
+    def shard_index(self) -> int:
+        return self._sampler.shard_index
+
+    @property
+    def shard_count(self) -> int:
+        return self._sampler.shard_count
 
     def __len__(self) -> int:
         """Batches the next iteration yields (from where ``state_dict()`` says)."""
@@ -170,16 +212,24 @@ class Loader:
         return position.remaining(iteration_end(position, self.epochs, self._bpe))
 
     def __iter__(self) -> LoaderIterator:
+        return self._begin(None, None)
+
+    def _begin(self, iterator: LoaderIterator | None, position: Position | None) -> LoaderIterator:
+        """Start an iteration from ``position`` (default: where the latest stands), run by
+        ``iterator`` (default: a new one); the iterator it takes over from ends."""
         self._check_open()
         latest = self._latest
-        if latest is not None:
+        if latest is not None and latest is not iterator:
             latest.cancel()  # its thread, if one waits inside, wakes and leaves
         scheduler = self._scheduler
         with scheduler.drive:
             self._check_open()
-            start = self._position()
+            start = self._position() if position is None else position
             end = iteration_end(start, self.epochs, self._bpe)
-            iterator = LoaderIterator(self, scheduler, start._replace(end=end))
+            if iterator is None:
+                iterator = LoaderIterator(self, scheduler, start._replace(end=end))
+            else:
+                iterator._restart(start._replace(end=end))
             scheduler.restart(iterator._position, end)
             self._latest = iterator
         scheduler.left()
@@ -194,9 +244,14 @@ class Loader:
 
         A live iterator ends (its next ``next()`` raises ``StopIteration``).
 
+        The state may come from any shard of a run with another shard count, worker count
+        or backend, as long as the global batch is the same (docs/elastic.md).
+
         Raises:
-            ValueError: the state was taken with another seed, batch size, shard or
-                shuffle setting (the batches would differ), naming both values.
+            ValueError: the state cannot be continued exactly here: another seed, shuffle,
+                source length or global batch (or one this shard count does not divide),
+                another shard of an ``ordered=False`` run, or a version 1 state saved with
+                several shards. The message names both values and the remedy.
         """
         self._check_open()
         position = decode(state, self._settings)
@@ -209,8 +264,9 @@ class Loader:
         self._scheduler.left()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: batches, items, wait_s (caller waited), fill_s (worker time), ring_bytes,
-        skipped, copied_out, slots, workers."""
+        """Counters: batches, items, padded (rows of padding), wait_s (caller waited), fill_s
+        (worker time), ring_bytes, skipped, copied_out, slots, workers; items_per_source for
+        a source that counts them (a :class:`~agnostic_prefetch.Mixture`)."""
         return {**self._stats, "fill_s": self._scheduler.fill_s, "ring_bytes": self._ring.nbytes,
                 "slots": self.slots, "workers": self.workers}
 
@@ -255,9 +311,9 @@ class Loader:
             raise LoaderError("this Loader is closed; build a new one (load_state_dict resumes exactly)")
 
     def _read_example(self, source: Any, transform: Any) -> Any:
-        first = self._sampler.batch(0, 0)
+        # From the whole global batch: this shard's slice of it may be empty (padding).
         errors = []
-        for index, position in zip(first.indices.tolist(), first.positions.tolist(), strict=True):
+        for position, index in enumerate(self._sampler.global_batch(0, 0).tolist()):
             try:
                 example = source[index]
                 if transform is not None:
@@ -272,3 +328,35 @@ class Loader:
                     ) from exc
                 errors.append(f"record {index}: {exc}")
         raise LoaderError("every record of the first batch failed; cannot lay out the ring:\n" + "\n".join(errors))
+
+
+def _local_batch_size(batch_size: int | None, global_batch_size: int | None, shard_count: int) -> int:
+    if batch_size is None and global_batch_size is None:
+        raise ValueError("pass batch_size= (per shard) or global_batch_size= (over all shards)")
+    if batch_size is not None and global_batch_size is not None and batch_size * shard_count != global_batch_size:
+        raise ValueError(
+            f"batch_size={batch_size} x shard_count={shard_count} is not global_batch_size="
+            f"{global_batch_size}; pass one of them")
+    if batch_size is not None:
+        return batch_size
+    assert global_batch_size is not None
+    if not isinstance(global_batch_size, int | np.integer) or global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
+    if shard_count < 1 or global_batch_size % shard_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} does not split into shard_count={shard_count} "
+            "equal slices; use a global batch that is a multiple of the shard count")
+    return int(global_batch_size) // shard_count
+
+
+def _remainder(remainder: str | None, drop_remainder: bool, on_error: str, shard_count: int) -> str:
+    if drop_remainder and remainder not in (None, "drop"):
+        raise ValueError(f"drop_remainder=True contradicts remainder={remainder!r}; pass one of them")
+    chosen = "drop" if drop_remainder else (remainder or "short")
+    if on_error == "skip" and shard_count > 1 and chosen != "pad":
+        raise ValueError(
+            f"on_error='skip' with shard_count={shard_count} needs remainder='pad': a skipped "
+            "record would make this shard's batch shorter than the other shards' (and an "
+            "all-skipped batch would change its step count), so the processes would feed "
+            "different shapes. Padding keeps every batch full and marks real rows in a mask.")
+    return chosen

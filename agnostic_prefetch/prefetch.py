@@ -148,16 +148,15 @@ class Prefetcher:
         """Drop the read-ahead and restart the source from ``state`` (``Loader.load_state_dict``).
 
         Raises:
-            TypeError: the source cannot load a state (pass the ``Loader`` itself, not an
-                iterator of it).
+            TypeError: the source cannot load a state (a generator, say).
             RuntimeError: the prefetcher is closed.
         """
         load = getattr(self._iterable, "load_state_dict", None)
         if load is None:
             raise TypeError(
                 f"{self._name}: its source ({type(self._iterable).__name__}) has no "
-                "load_state_dict(). Pass the Loader itself (not iter(loader)) to resume in "
-                "place, or resume the Loader and build a new prefetcher over it.")
+                "load_state_dict(). Pass a Loader (or its iterator) to resume in place, or "
+                "resume the source yourself and build a new prefetcher over it.")
         if self._stage.closed:
             raise RuntimeError(f"{self._name}: this prefetcher is closed; build a new one")
         self._stage.stop_reading()

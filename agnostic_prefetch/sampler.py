@@ -1,27 +1,28 @@
-"""The order: which indices form batch k of epoch e on one shard (a pure function).
+"""The order: which indices form global batch k of epoch e, and which slice shard s takes.
 
 Nothing here knows about processes, memory or frameworks. Every other part asks this
-module "what is batch k of epoch e?" and gets the same answer whatever the worker count,
-backend or timing.
+module "what is batch k of epoch e on this shard?" and gets the same answer whatever the
+worker count, backend or timing, and the same *global* batches whatever the shard count.
 
-Rules, in the order they are applied:
+Rules, in the order they are applied (``G = batch_size * shard_count``, the global batch):
 
 1. The epoch's global order. For a plain map-style source it is ``range(len(source))``,
    permuted by ``numpy.random.default_rng([seed, epoch]).permutation(n)`` when
-   ``shuffle``. A source that defines ``batch_order`` (see :class:`BatchOrderSource`) supplies the
-   epoch's global *batches* itself instead.
-2. Sharding. Items (or, for a batch-order source, whole batches) are split into
-   ``shard_count`` contiguous runs whose lengths differ by at most one: shard ``s`` takes
-   ``[s * n // shard_count, (s + 1) * n // shard_count)``. With ``drop_remainder`` every
-   shard is first cut to ``n // shard_count`` so all shards have the same length.
-3. Batching. A shard's items are cut into batches of ``batch_size``; ``drop_remainder``
-   drops the partial last batch. (A batch-order source's short batches are dropped
-   before sharding.)
+   ``shuffle``. Global batch ``k`` is items ``[k * G, (k + 1) * G)`` of it. A source that
+   defines ``batch_order`` (see :class:`BatchOrderSource`) is called with
+   ``batch_size=G`` and supplies the epoch's global batches itself.
+2. The remainder: a last global batch with fewer than ``G`` items is dropped
+   (``"drop"``), kept short (``"short"``, only with one shard: several processes must
+   feed equal shapes) or padded (``"pad"``: every shard's batch is full, with a boolean
+   mask marking real rows).
+3. Sharding. Shard ``s`` of ``S`` takes rows ``[s * batch_size, (s + 1) * batch_size)``
+   of every global batch (fewer, maybe none, of a short last one; padding fills the rest).
 
-Each item also carries its *position*: its place in the epoch's global order (for a
-batch-order source, ``global_batch * batch_size + j``). The per-item random generator is
-seeded from ``(seed, epoch, position)``, so draws do not depend on the shard layout of
-the other items either.
+So the global sequence of batches is a pure function of ``(seed, epoch, k, G)``: a
+checkpoint taken with ``S`` shards resumes exactly on ``S'``. Each item also carries its
+*position*, its row in the epoch's global order (``k * G + row``); the per-item random
+generator is seeded from ``(seed, epoch, position)``, so draws do not depend on the shard
+count, worker count or timing either.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ import numpy as np
 
 from agnostic_prefetch.sources.protocol import BatchOrderSource
 
-__all__ = ["BatchOrderSource", "Batch", "Sampler", "item_rng"]
+__all__ = ["REMAINDERS", "BatchOrderSource", "Batch", "Sampler", "item_rng"]
+
+REMAINDERS = ("short", "pad", "drop")
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch of one epoch on this shard: what to read and where it sits in the epoch."""
+    """One shard's slice of one global batch: what to read and where it sits in the epoch."""
 
     epoch: int
-    number: int  # batch number within the epoch, on this shard
-    indices: np.ndarray  # int64 record indices, in batch order
+    number: int  # the global batch's number within the epoch (the same on every shard)
+    indices: np.ndarray  # int64 record indices, in batch order (fewer than rows: padding)
     first_position: int  # item j sits at first_position + j in the epoch's global order
 
     @property
@@ -56,26 +59,20 @@ def item_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, position])))
 
 
-def _split(n: int, shard_index: int, shard_count: int, equal: bool) -> tuple[int, int]:
-    if equal:
-        per = n // shard_count
-        return shard_index * per, (shard_index + 1) * per
-    return shard_index * n // shard_count, (shard_index + 1) * n // shard_count
-
-
 class Sampler:
-    """Batches of each epoch for one shard, computed on demand and cached per epoch.
+    """One shard's slices of each epoch's global batches, computed on demand, cached per epoch.
 
     Args:
         source: the map-style source (only ``len`` and an optional ``batch_order`` are used).
-        batch_size: items per batch.
+        batch_size: items per batch on this shard; the global batch is
+            ``batch_size * shard_count``.
         shuffle: permute items per epoch from ``(seed, epoch)``.
         seed: the run's seed.
-        drop_remainder: every batch full and every shard the same length.
-        shard_index, shard_count: which contiguous part of each epoch this process reads.
+        remainder: ``"short"``, ``"pad"`` or ``"drop"`` (see the module's rules).
+        shard_index, shard_count: which slice of every global batch this process reads.
 
     Raises:
-        ValueError: on a bad batch size or shard, naming the numbers and the remedy.
+        ValueError: on a bad batch size, shard or remainder, naming the numbers and the remedy.
     """
 
     def __init__(
@@ -85,7 +82,7 @@ class Sampler:
         *,
         shuffle: bool = False,
         seed: int = 0,
-        drop_remainder: bool = False,
+        remainder: str = "short",
         shard_index: int = 0,
         shard_count: int = 1,
     ) -> None:
@@ -96,89 +93,113 @@ class Sampler:
                 f"shard_index must be in [0, shard_count); got shard_index={shard_index}, "
                 f"shard_count={shard_count}"
             )
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
         self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_remainder = bool(drop_remainder)
         self.shard_index = int(shard_index)
         self.shard_count = int(shard_count)
-        self._source_len = len(source)
+        self.global_batch_size = self.batch_size * self.shard_count
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.remainder = remainder
+        self.source_len = len(source)
         self._batch_order = getattr(source, "batch_order", None)
         if self._batch_order is not None and not callable(self._batch_order):
             self._batch_order = None
-        self._orders: dict[int, Any] = {}  # per recent epoch: the shard's order (or batches)
+        self._orders: dict[int, Any] = {}  # per recent epoch: the global order (or batches)
+        self.batches_per_epoch = self._count_batches()
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"an epoch has no batches on shard {shard_index} of {shard_count}: the source "
-                f"has {self._source_len} records and batch_size={batch_size}"
-                f"{' with drop_remainder=True' if drop_remainder else ''}. Use a smaller "
-                "batch_size, fewer shards, or drop_remainder=False."
+                f"an epoch has no batches: the source has {self.source_len} records and the "
+                f"global batch is {self.global_batch_size} (batch_size={self.batch_size} x "
+                f"shard_count={self.shard_count}) with remainder='drop'. Use a smaller "
+                "batch_size, fewer shards, or keep the remainder (remainder='pad')."
             )
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches one epoch yields on this shard (the same for every epoch)."""
+    def drop_remainder(self) -> bool:
+        return self.remainder == "drop"
+
+    def _count_batches(self) -> int:
         if self._batch_order is not None:
             return len(self._source_batches(0))
-        lo, hi = _split(self._source_len, self.shard_index, self.shard_count, self.drop_remainder)
-        n = hi - lo
-        return n // self.batch_size if self.drop_remainder else -(-n // self.batch_size)
+        n, g = self.source_len, self.global_batch_size
+        if n % g and self.remainder == "short" and self.shard_count > 1:
+            raise ValueError(self._uneven_message(n // g, n % g, 0))
+        return n // g if self.drop_remainder else -(-n // g)
+
+    def _uneven_message(self, k: int, items: int, epoch: int) -> str:
+        g = self.global_batch_size
+        return (
+            f"global batch {k} of epoch {epoch} has {items} of {g} items, so the "
+            f"{self.shard_count} shards would get batches of different sizes (and several "
+            "JAX processes would feed different shapes). Pass remainder='pad' (every shard "
+            "gets a full batch and a mask of its real rows) or drop_remainder=True (those "
+            f"{items} items are left out of each epoch)."
+        )
 
     def batch(self, epoch: int, number: int) -> Batch:
-        """Batch ``number`` of ``epoch`` on this shard (computed from the epoch's order)."""
-        if self._batch_order is not None:
-            return self._source_batches(epoch)[number]
-        order, lo = self._shard_order(epoch)
-        start = number * self.batch_size
+        """This shard's slice of global batch ``number`` of ``epoch``."""
         if not 0 <= number < self.batches_per_epoch:
             raise IndexError(f"batch {number} of an epoch with {self.batches_per_epoch} batches")
-        return Batch(epoch, number, order[start : start + self.batch_size], lo + start)
+        whole = self.global_batch(epoch, number)
+        lo = self.shard_index * self.batch_size
+        return Batch(epoch, number, whole[lo : lo + self.batch_size],
+                     number * self.global_batch_size + lo)
+
+    def global_batch(self, epoch: int, number: int) -> np.ndarray:
+        """Every index of global batch ``number`` of ``epoch`` (the same for any shard count)."""
+        if self._batch_order is not None:
+            return self._source_batches(epoch)[number]
+        g = self.global_batch_size
+        return self._epoch_order(epoch)[number * g : (number + 1) * g]
 
     def epoch(self, epoch: int) -> list[Batch]:
-        """All batches of ``epoch`` on this shard."""
+        """All of this shard's batches of ``epoch``."""
         return [self.batch(epoch, k) for k in range(self.batches_per_epoch)]
 
-    def _shard_order(self, epoch: int) -> tuple[np.ndarray, int]:
-        """This shard's records of ``epoch`` in order, and the global position of the first.
+    def _keep(self, epoch: int, value: Any) -> Any:
+        # Only the two most recent epochs: the loader's look-ahead straddles an epoch boundary.
+        self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
+        self._orders[epoch] = value
+        return value
 
-        Only the order array is kept (8 bytes a record), for the two most recent epochs: the
-        loader's look-ahead straddles an epoch boundary.
-        """
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         cached = self._orders.get(epoch)
         if cached is not None:
             return cached
-        n = self._source_len
+        n = self.source_len
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
         else:
             order = np.arange(n, dtype=np.int64)
-        lo, hi = _split(n, self.shard_index, self.shard_count, self.drop_remainder)
-        if self.drop_remainder:
-            hi = lo + (hi - lo) // self.batch_size * self.batch_size
-        cached = (order[lo:hi], lo)
-        self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
-        self._orders[epoch] = cached
-        return cached
+        return self._keep(epoch, order)
 
-    def _source_batches(self, epoch: int) -> list[Batch]:
+    def _source_batches(self, epoch: int) -> list[np.ndarray]:
         cached = self._orders.get(epoch)
         if cached is not None:
             return cached
         assert self._batch_order is not None
-        bs = self.batch_size
-        raw = self._batch_order(seed=self.seed, epoch=epoch, batch_size=bs)
+        g = self.global_batch_size
+        raw = self._batch_order(seed=self.seed, epoch=epoch, batch_size=g)
         batches = [np.asarray(b, dtype=np.int64).reshape(-1) for b in raw]
         for k, b in enumerate(batches):
-            if len(b) > bs:
+            if len(b) > g or (len(b) < g and k != len(batches) - 1) or len(b) == 0:
                 raise ValueError(
                     f"batch_order() returned batch {k} of epoch {epoch} with {len(b)} indices; "
-                    f"batch_size is {bs}. Return batches of at most batch_size indices."
+                    f"the global batch is {g} (batch_size={self.batch_size} x shard_count="
+                    f"{self.shard_count}). Return batches of exactly {g} indices; only the "
+                    "last may be shorter (and not empty)."
                 )
-        numbered = list(enumerate(batches))
-        if self.drop_remainder:  # drop short batches first, so every shard gets as many
-            numbered = [(g, b) for g, b in numbered if len(b) == bs]
-        lo, hi = _split(len(numbered), self.shard_index, self.shard_count, self.drop_remainder)
-        result = [Batch(epoch, k, b, g * bs) for k, (g, b) in enumerate(numbered[lo:hi])]
-        self._orders = {e: v for e, v in self._orders.items() if e == epoch - 1}
-        self._orders[epoch] = result
-        return result
+        if batches and len(batches[-1]) < g:
+            if self.drop_remainder:
+                batches.pop()
+            elif self.remainder == "short" and self.shard_count > 1:
+                raise ValueError(self._uneven_message(len(batches) - 1, len(batches[-1]), epoch))
+        if epoch and len(batches) != self.batches_per_epoch:
+            raise ValueError(
+                f"batch_order() returned {len(batches)} batches for epoch {epoch} but "
+                f"{self.batches_per_epoch} for epoch 0; every epoch must have as many batches "
+                "(a checkpoint counts batches)."
+            )
+        return self._keep(epoch, batches)

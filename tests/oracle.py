@@ -11,19 +11,27 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(n)]
 
 
+def global_batches(n, global_batch, *, shuffle=False, seed=0, epoch=0, drop_remainder=False):
+    """The epoch's global batches of record indices (the same for every shard count)."""
+    order = epoch_order(n, shuffle, seed, epoch)
+    batches = [order[start:start + global_batch] for start in range(0, n, global_batch)]
+    if drop_remainder and batches and len(batches[-1]) < global_batch:
+        batches.pop()
+    return batches
+
+
 def shard_batches(n, batch_size, *, shuffle=False, seed=0, epoch=0, drop_remainder=False,
                   shard_index=0, shard_count=1) -> list[list[int]]:
-    """Batches of record indices for one shard and epoch."""
-    order = epoch_order(n, shuffle, seed, epoch)
-    if drop_remainder:
-        per = n // shard_count
-        part = order[shard_index * per:(shard_index + 1) * per]
-    else:
-        part = order[shard_index * n // shard_count:(shard_index + 1) * n // shard_count]
-    batches = []
-    for start in range(0, len(part), batch_size):
-        chunk = part[start:start + batch_size]
-        if drop_remainder and len(chunk) < batch_size:
-            break
-        batches.append(chunk)
-    return batches
+    """One shard's real rows of every global batch of one epoch (padding left out)."""
+    lo = shard_index * batch_size
+    return [b[lo:lo + batch_size] for b in global_batches(
+        n, batch_size * shard_count, shuffle=shuffle, seed=seed, epoch=epoch,
+        drop_remainder=drop_remainder)]
+
+
+def real_rows(batch, key="i"):
+    """The rows of a batch that are not padding (all of them without a mask)."""
+    values = batch[key]
+    if "mask" in batch:
+        values = values[np.asarray(batch["mask"])]
+    return values.tolist()

@@ -320,14 +320,28 @@ def test_load_state_dict_drops_the_read_ahead_and_continues_exactly_from_the_sta
 
 def test_load_state_dict_needs_a_source_that_can_load_one():
     with rows_loader() as loader:
-        it = Prefetcher(iter(loader), 2, OnHost())
-        with pytest.raises(TypeError, match=r"LoaderIterator.*Pass the Loader itself"):
-            it.load_state_dict(it.state_dict())
+        it = Prefetcher((b for b in loader), 2, OnHost())
+        with pytest.raises(TypeError, match=r"generator.*Pass a Loader \(or its iterator\)"):
+            it.load_state_dict(loader.state_dict())
         it.close()
         closed = Prefetcher(loader, 2, OnHost())
         closed.close()
         with pytest.raises(RuntimeError, match="closed"):
             closed.load_state_dict(loader.state_dict())
+
+
+@BOTH
+def test_a_prefetcher_over_a_loader_iterator_resumes_that_iterator_in_place(thread):
+    with rows_loader(rows=10, batch_size=2) as loader:
+        it = iter(loader)
+        stage = Prefetcher(it, 2, OnHost(), thread=thread)
+        first = [next(stage)["x"][:, 0].tolist() for _ in range(2)]
+        state = stage.state_dict()
+        next(stage)
+        stage.load_state_dict(state)  # back to after the first two
+        rest = [b["x"][:, 0].tolist() for b in stage]
+        assert first + rest == [[0.0, 4.0], [8.0, 12.0], [16.0, 20.0], [24.0, 28.0], [32.0, 36.0]]
+        assert loader._latest is it
 
 
 @BOTH

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from agnostic_prefetch.caffe._resize import resize_bilinear
@@ -53,14 +55,28 @@ def test_windows_split_by_thresholds_and_middle_ones_are_unused(mixed):
     assert items[0]["box"].tolist() == [2, 2, 11, 11] and items[0]["box"].dtype == np.int32
 
 
-def test_batches_hold_background_then_the_foreground_share(mixed):
+def test_batches_hold_the_foreground_share_spread_evenly(mixed):
     path, root = mixed
     source = WindowSource(path, root_folder=root, crop_size=8, fg_fraction=0.25, mirror=True)
     batches = source.batch_order(seed=1, epoch=0, batch_size=8)
     assert len(batches) == 1 and len(batches[0]) == 8  # ceil(5 / 8) batches of full draws
-    windows = np.asarray(batches[0]) // 2
-    assert (windows[:6] >= source.num_fg).all() and (windows[6:] < source.num_fg).all()  # int(8 * 0.25) = 2 fg
+    is_fg = np.asarray(batches[0]) // 2 < source.num_fg
+    assert is_fg.tolist() == [False, False, False, True, False, False, False, True]  # int(8 * 0.25) = 2
     assert len(source.batch_order(seed=1, epoch=0, batch_size=3)) == 2
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 64), st.floats(0.0, 1.0), st.data())
+def test_every_slice_of_a_global_batch_keeps_the_foreground_share_to_within_one_window(mixed, g, fraction, data):
+    path, root = mixed
+    source = WindowSource(path, root_folder=root, crop_size=8, fg_fraction=fraction)
+    num_fg = source._split(g)[0]
+    batch = source.batch_order(seed=2, epoch=0, batch_size=g)[0]
+    is_fg = np.asarray(batch) // 2 < source.num_fg
+    assert is_fg.sum() == num_fg
+    count = data.draw(st.sampled_from([d for d in range(1, g + 1) if g % d == 0]))
+    for part in is_fg.reshape(count, -1):  # the slices of `count` shards
+        assert abs(part.sum() - len(part) * num_fg / g) < 1
 
 
 def test_draws_are_a_pure_function_of_seed_epoch_batch(mixed):

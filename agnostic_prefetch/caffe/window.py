@@ -120,7 +120,10 @@ class WindowSource:
     > 0); windows with ``overlap < bg_threshold`` are background (label 0, overlap 0); those
     in between are never used. ``len()`` is the number of usable windows; an epoch is
     ``ceil(len / batch_size)`` batches, each with ``int(batch_size * fg_fraction)``
-    foreground windows (after the background ones), drawn with replacement.
+    foreground windows drawn with replacement, spread evenly through the batch (row ``j``
+    is foreground when ``floor((j + 1) * f) > floor(j * f)``, ``f`` the foreground share):
+    every contiguous slice of a batch, so every shard's part of a global batch, holds its
+    share of foreground to within one window.
 
     Each item is ``{"image": crop_size×crop_size×C float32, "label": int32, "overlap":
     float32, "box": int32[4]}`` (``box`` is the window as listed, x1 y1 x2 y2). The window,
@@ -229,10 +232,11 @@ class WindowSource:
         return num_fg, batch_size - num_fg
 
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
-        """All batches of ``epoch``: background draws then foreground draws, each index ``window * 2 + flip``.
+        """All (global) batches of ``epoch``, each index ``window * 2 + flip``.
 
         A pure function of ``(seed, epoch, batch_size)``; batch ``k`` draws from
-        ``numpy.random.default_rng([seed, epoch, k])`` only.
+        ``numpy.random.default_rng([seed, epoch, k])`` only: the background windows, then
+        the foreground ones, then the flips, placed at the rows described above.
 
         Raises:
             ValueError: the batch needs foreground (or background) windows and there are none.
@@ -245,12 +249,14 @@ class WindowSource:
                     f"has none at fg_threshold={self.fg_threshold}, bg_threshold={self.bg_threshold}; "
                     "adjust the thresholds or fg_fraction"
                 )
+        rows = np.arange(batch_size)
+        fg_rows = (rows + 1) * num_fg // batch_size > rows * num_fg // batch_size
         batches = []
         for k in range(-(-len(self) // batch_size)):
             rng = np.random.default_rng([seed, epoch, k])
-            bg = self.num_fg + rng.integers(0, max(self.num_bg, 1), num_bg)
-            fg = rng.integers(0, max(self.num_fg, 1), num_fg)
-            windows = np.concatenate([bg, fg]).astype(np.int64)
+            windows = np.empty(batch_size, np.int64)
+            windows[~fg_rows] = self.num_fg + rng.integers(0, max(self.num_bg, 1), num_bg)
+            windows[fg_rows] = rng.integers(0, max(self.num_fg, 1), num_fg)
             flips = rng.integers(0, 2, batch_size) if self.mirror else np.zeros(batch_size, np.int64)
             batches.append(windows * 2 + flips)
         return batches
