@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.prefetch import Prefetcher
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
+    from agnostic_prefetch.sources.mixture import Mixture
 
 __all__ = [
     "ArraySource",
@@ -40,6 +41,7 @@ __all__ = [
     "LoaderError",
     "LoaderIterator",
     "LoaderTimeoutError",
+    "Mixture",
     "RingTooLargeError",
     "WorkerDiedError",
     "Prefetcher",
@@ -56,6 +58,7 @@ _LAZY = {
     "LoaderIterator": "agnostic_prefetch.loader",
     "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
+    "Mixture": "agnostic_prefetch.sources.mixture",
     "ImageListSource": "agnostic_prefetch.caffe",
     "LMDBSource": "agnostic_prefetch.caffe",
     "WindowSource": "agnostic_prefetch.caffe",

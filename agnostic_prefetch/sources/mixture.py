@@ -1,0 +1,233 @@
+"""``Mixture``: several map-style sources interleaved in fixed proportions, deterministically.
+
+A mixture orders its own batches (it is a :class:`~agnostic_prefetch.BatchOrderSource`), so
+the loader shards, resumes and seeds per-item draws for it like for any source.
+
+How a mixture's epoch is laid out (``G`` the global batch, ``w_c`` the normalised weights):
+
+* **Length.** An epoch holds ``len(mixture)`` items: by default as many as the component
+  that runs out first, relative to its weight, allows (``min_c floor(len_c / w_c)``), so
+  that component is read once per epoch and the others in proportion. ``epoch_items=``
+  sets another length.
+* **Counts per global batch.** Batch ``k`` (the last may be shorter, ``g`` items) gives
+  component ``c`` either ``floor(w_c * g)`` or one more item: the items left over after the
+  floors go to the components furthest behind their share so far in this epoch (ties to
+  the earlier component). Every global batch holds each component's share to within one
+  item, and every epoch the same counts.
+* **Places in the batch.** Each component's items are spread evenly through the batch
+  (its ``j``-th of ``n`` at ``(j + 0.5) / n`` of the way), so every shard's slice holds
+  about its share too.
+* **Which records.** Component ``c`` walks its own epochs: its ``m``-th draw of the run is
+  record ``m % len_c`` of its epoch ``m // len_c``, in an order permuted from
+  ``(seed, c, that epoch)`` when ``shuffle`` (the loader's own ``shuffle`` does not apply
+  to a source that orders its batches). So each component reshuffles when it has gone
+  through all of its records, whatever the mixture's epochs.
+
+Indices are ``offset_c + record`` (the components' records back to back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch._tree import flatten, key_paths
+
+__all__ = ["Mixture"]
+
+
+class Mixture:
+    """Interleave ``sources`` in the proportions ``weights``; see the module for the rules.
+
+    Args:
+        sources: map-style sources, as a sequence or a mapping of names to sources.
+        weights: positive numbers, one per source (in the same order or under the same
+            names); normalised to sum to one.
+        shuffle: permute each component's records on each of its own epochs.
+        epoch_items: items per mixture epoch (default: see the module).
+
+    Every component must yield examples with the same tree structure (the same keys, in
+    the same nesting); it is checked on each component's first record, in the process
+    that builds the mixture. Map a component to the common structure with a wrapper
+    source first. Shapes and dtypes are checked per record by the loader, as for any source.
+
+    ``Loader.stats()["items_per_source"]`` counts the items delivered from each component.
+
+    Raises:
+        ValueError: mismatched names or counts, a weight that is not positive, an empty
+            component, or components whose examples differ in structure (naming both).
+
+    Example:
+        >>> import numpy as np, agnostic_prefetch as ap
+        >>> web = ap.ArraySource({"x": np.zeros(100)})
+        >>> books = ap.ArraySource({"x": np.ones(30)})
+        >>> mix = ap.Mixture({"web": web, "books": books}, {"web": 3, "books": 1})
+        >>> len(mix)  # books run out first: 30 / 0.25
+        120
+        >>> with ap.Loader(mix, 8, workers=0) as loader:
+        ...     x = next(iter(loader))["x"]
+        ...     int(x.sum()), loader.stats()["items_per_source"]
+        (2, {'web': 6, 'books': 2})
+    """
+
+    def __init__(self, sources: Sequence[Any] | Mapping[str, Any], weights: Sequence[float] | Mapping[str, float],
+                 *, shuffle: bool = True, epoch_items: int | None = None) -> None:
+        names, parts, raw = _pair(sources, weights)
+        self.names = names
+        self.sources = parts
+        self.shuffle = bool(shuffle)
+        self.lengths = [len(s) for s in parts]
+        empty = [n for n, length in zip(names, self.lengths, strict=True) if length == 0]
+        if empty:
+            raise ValueError(f"Mixture: component {empty[0]!r} has no records")
+        total = sum(raw, Fraction(0))
+        self.weights = [w / total for w in raw]
+        if epoch_items is None:
+            epoch_items = min(int(length / w) for length, w in zip(self.lengths, self.weights, strict=True))
+        if epoch_items < 1:
+            raise ValueError(f"Mixture: epoch_items must be >= 1, got {epoch_items}")
+        self.epoch_items = int(epoch_items)
+        self._offsets = np.cumsum([0, *self.lengths])
+        self._check_structures()
+        self._permutations: dict[tuple[int, int, int], np.ndarray] = {}
+        self._counts: dict[int, np.ndarray] = {}  # per global batch size: counts per batch
+
+    def __len__(self) -> int:
+        return self.epoch_items
+
+    def __getitem__(self, index: int) -> Any:
+        index = int(index)
+        c = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        if not 0 <= c < len(self.sources):
+            raise IndexError(f"index {index} out of range for a Mixture of {int(self._offsets[-1])} records")
+        return self.sources[c][index - int(self._offsets[c])]
+
+    @property
+    def order_fingerprint(self) -> dict[str, Any]:
+        """What decides the order beyond the loader's settings (checked on resume)."""
+        return {"mixture": self.names, "lengths": self.lengths,
+                "weights": [str(w) for w in self.weights], "shuffle": self.shuffle,
+                "epoch_items": self.epoch_items}
+
+    def items_by_source(self, indices: np.ndarray) -> dict[str, int]:
+        """How many of ``indices`` come from each component."""
+        c = np.searchsorted(self._offsets, indices, side="right") - 1
+        return dict(zip(self.names, np.bincount(c, minlength=len(self.names)).tolist(), strict=True))
+
+    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
+        """All global batches of ``epoch`` (see the module's rules)."""
+        counts = self._batch_counts(batch_size)  # (batches, components)
+        per_epoch = counts.sum(axis=0)
+        taken = np.cumsum(counts, axis=0) - counts  # each batch's first draw, per component
+        draws = [self._draws(seed, c, epoch * int(per_epoch[c]), int(per_epoch[c]))
+                 for c in range(len(self.sources))]
+        batches = []
+        for k, row in enumerate(counts):
+            parts, keys = [], []
+            for c, n in enumerate(row.tolist()):
+                if n:
+                    start = int(taken[k, c])
+                    parts.append(draws[c][start : start + n] + int(self._offsets[c]))
+                    keys.append((np.arange(n) + 0.5) / n)
+            order = np.argsort(np.concatenate(keys), kind="stable")
+            batches.append(np.concatenate(parts)[order])
+        return batches
+
+    def _batch_counts(self, g: int) -> np.ndarray:
+        cached = self._counts.get(g)
+        if cached is not None:
+            return cached
+        sizes = [g] * (self.epoch_items // g) + ([self.epoch_items % g] if self.epoch_items % g else [])
+        behind = [Fraction(0)] * len(self.weights)  # share so far minus items given, per component
+        counts = np.zeros((len(sizes), len(self.weights)), np.int64)
+        for k, size in enumerate(sizes):
+            shares = [w * size for w in self.weights]
+            base = [int(s) for s in shares]  # floor: shares are non-negative
+            behind = [b + s - f for b, s, f in zip(behind, shares, base, strict=True)]
+            extra = size - sum(base)
+            for c in sorted(range(len(base)), key=lambda c: (-behind[c], c))[:extra]:
+                base[c] += 1
+                behind[c] -= 1
+            counts[k] = base
+        self._counts = {g: counts}
+        return counts
+
+    def _draws(self, seed: int, c: int, first: int, n: int) -> np.ndarray:
+        """Records of component ``c`` for its draws ``first .. first + n`` of the run."""
+        length = self.lengths[c]
+        out = np.empty(n, np.int64)
+        done = 0
+        while done < n:
+            m = first + done
+            epoch, at = divmod(m, length)
+            take = min(n - done, length - at)
+            out[done : done + take] = self._permutation(seed, c, epoch)[at : at + take]
+            done += take
+        return out
+
+    def _permutation(self, seed: int, c: int, epoch: int) -> np.ndarray:
+        key = (seed, c, epoch)
+        cached = self._permutations.get(key)
+        if cached is None:
+            length = self.lengths[c]
+            if self.shuffle:
+                cached = np.random.default_rng([seed, 1 + c, epoch]).permutation(length)
+            else:
+                cached = np.arange(length, dtype=np.int64)
+            # A mixture epoch spans at most a few component epochs: keep the latest per component.
+            self._permutations = {k: v for k, v in self._permutations.items()
+                                  if k[:2] != (seed, c) or k[2] == epoch - 1}
+            self._permutations[key] = cached
+        return cached
+
+    def _check_structures(self) -> None:
+        first = None
+        for name, source in zip(self.names, self.sources, strict=True):
+            paths = ", ".join(key_paths(flatten(source[0])[1]))
+            if first is None:
+                first = (name, paths)
+            elif paths != first[1]:
+                raise ValueError(
+                    f"Mixture: component {name!r} yields examples with leaves {paths}, but "
+                    f"component {first[0]!r} yields {first[1]}. Every component must yield the "
+                    "same structure; wrap a component in a source that maps its examples to "
+                    "the common keys first.")
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: {len_} records x {float(w):.3g}"
+                          for n, len_, w in zip(self.names, self.lengths, self.weights, strict=True))
+        return f"Mixture({parts}; epoch_items={self.epoch_items}, shuffle={self.shuffle})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The caches are rebuilt where needed (workers only index).
+        return {**self.__dict__, "_permutations": {}, "_counts": {}}
+
+
+def _pair(sources: Any, weights: Any) -> tuple[list[str], list[Any], list[Fraction]]:
+    if isinstance(sources, Mapping):
+        names = [str(n) for n in sources]
+        parts = list(sources.values())
+        if isinstance(weights, Mapping):
+            if set(map(str, weights)) != set(names):
+                raise ValueError(f"Mixture: weights are named {sorted(map(str, weights))} but sources {sorted(names)}")
+            by_name = {str(k): v for k, v in weights.items()}
+            weights = [by_name[n] for n in names]
+    else:
+        parts = list(sources)
+        names = [str(i) for i in range(len(parts))]
+        if isinstance(weights, Mapping):
+            raise ValueError("Mixture: named weights need named sources (a mapping)")
+    weights = list(weights)
+    if len(weights) != len(parts) or not parts:
+        raise ValueError(f"Mixture: {len(parts)} sources but {len(weights)} weights; give one weight per source")
+    raw = []
+    for name, w in zip(names, weights, strict=True):
+        if not isinstance(w, int | float | Fraction | np.integer | np.floating) or not np.isfinite(float(w)) or w <= 0:
+            raise ValueError(f"Mixture: the weight of {name!r} is {w!r}; weights must be positive numbers")
+        # Exact arithmetic from the number as written (0.1 is 1/10), so counts never drift.
+        raw.append(w if isinstance(w, Fraction) else Fraction(repr(float(w))) if isinstance(w, float | np.floating)
+                   else Fraction(int(w)))
+    return names, parts, raw
