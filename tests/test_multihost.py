@@ -1,7 +1,10 @@
-"""Two JAX processes on loopback: each loads its shard, the device stage assembles global arrays."""
+"""Several JAX processes on loopback (gloo): global arrays assembled from each process's slice,
+an Orbax checkpoint taken on 2 processes resumed on 3 and then on 1, every step's global
+arrays equal to an uninterrupted single-process run's."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,53 +15,78 @@ import numpy as np
 import pytest
 
 pytest.importorskip("jax")
+pytest.importorskip("orbax.checkpoint")
 
 import agnostic_prefetch as ap  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROCESSES = 2
+GLOBAL_BATCH = 12  # a multiple of 6: it splits over 1, 2 and 3 processes
+RECORDS, EPOCHS = 50, 2  # 5 global batches an epoch, the last one of 2 items (padded)
+
+
+def draws(example, rng):
+    """A per-item random draw, so the test sees that draws follow the item, not the shard."""
+    return {**example, "r": np.float32(rng.random())}
+
+
+def source():
+    return ap.ArraySource({"i": np.arange(RECORDS), "x": np.arange(RECORDS, dtype=np.float32) * 0.5})
+
 
 SCRIPT = textwrap.dedent("""
-    import sys
+    import json, sys
     import jax
-    process_id, port = int(sys.argv[1]), int(sys.argv[2])
+    process_id, count, port, directory, first, last = sys.argv[1:7]
+    process_id, count, first, last = int(process_id), int(count), int(first), int(last)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=count,
                                process_id=process_id, initialization_timeout=60)
     import numpy as np
-    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import agnostic_prefetch as ap
-    from agnostic_prefetch.device import prefetch_to_device
+    from agnostic_prefetch.orbax import CheckpointRestore, CheckpointSave
+    from test_multihost import GLOBAL_BATCH, EPOCHS, draws, source
 
-    assert jax.process_count() == 2 and len(jax.devices()) == 2
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
-    source = ap.ArraySource({"x": np.arange(100, dtype=np.float32), "y": np.arange(100) % 7})
-    step = jax.jit(lambda b: (jnp.sum(b["x"]), jnp.sum(b["y"]), b["x"].shape[0]))
+    shard = ap.shard_for(sharding, GLOBAL_BATCH)
+    assert shard == {"shard_index": process_id, "shard_count": count}, shard
 
-    def loader(drop_remainder):
-        return ap.Loader(source, 8, workers=1, shuffle=True, seed=5,
-                         shard_index=jax.process_index(), shard_count=jax.process_count(),
-                         drop_remainder=drop_remainder)
+    def loader(**where):
+        return ap.Loader(source(), global_batch_size=GLOBAL_BATCH, workers=1, backend="thread",
+                         shuffle=True, seed=5, epochs=EPOCHS, remainder="pad", transform=draws,
+                         **where)
 
-    sums, steps = [0.0, 0], 0
-    with loader(True) as shard:
-        for batch in prefetch_to_device(shard, 2, sharding=sharding):
-            assert batch["x"].sharding == sharding and not batch["x"].is_fully_addressable
-            x, y, rows = step(batch)
-            assert rows == 16
-            sums[0] += float(x); sums[1] += int(y); steps += 1
-    print("SUMS", sums[0], sums[1], steps, flush=True)
+    if count > 1 and first == 0:  # the slice must be the rows this process's devices hold
+        with loader(shard_index=(process_id + 1) % count, shard_count=count) as wrong:
+            try:
+                ap.prefetch_to_device(wrong, 2, sharding=sharding)
+            except ValueError as e:
+                assert "ap.shard_for(sharding, 12)" in str(e), e
+                print("REFUSED", flush=True)
 
-    # Without drop_remainder the last local batch is short in both processes: the stage
-    # must refuse it before any collective could hang.
-    with loader(False) as shard:
-        try:
-            for batch in prefetch_to_device(shard, 2, sharding=sharding):
-                step(batch)
-        except ValueError as e:
-            assert "drop_remainder=True" in str(e) and "['x']" in str(e), e
-            print("REFUSED", flush=True)
+    manager = ocp.CheckpointManager(directory)
+    with loader(**shard) as data:
+        it = ap.prefetch_to_device(data, 2, sharding=sharding)
+        model = {"step": np.array(first)}
+        if first:
+            restored = manager.restore(first, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(model), data=CheckpointRestore(it)))
+            assert int(restored["model"]["step"]) == first
+            assert len(restored["data"]) == int(sys.argv[7])  # every file of the saved run
+        for step in range(first, last):
+            batch = next(it)
+            assert batch["i"].shape == (GLOBAL_BATCH,) and batch["i"].sharding == sharding
+            full = {k: multihost_utils.process_allgather(batch[k], tiled=True).tolist()
+                    for k in ("i", "x", "r", "mask")}
+            if process_id == 0:
+                print("STEP", step, json.dumps(full), flush=True)
+        manager.save(last, args=ocp.args.Composite(
+            model=ocp.args.StandardSave({"step": np.array(last)}), data=CheckpointSave(it)))
+        manager.wait_until_finished()
+        it.close()
+    manager.close()
 """)
 
 
@@ -68,35 +96,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def expected_sums() -> tuple[float, int, int]:
-    """What the two shards hold together, read in this process without JAX."""
-    source = ap.ArraySource({"x": np.arange(100, dtype=np.float32), "y": np.arange(100) % 7})
-    x = y = steps = 0
-    for index in range(PROCESSES):
-        with ap.Loader(source, 8, workers=0, shuffle=True, seed=5, shard_index=index,
-                       shard_count=PROCESSES, drop_remainder=True) as shard:
-            for batch in shard:
-                x += float(batch["x"].sum())
-                y += int(batch["y"].sum())
-                steps += 1
-    return x, y, steps // PROCESSES
-
-
-def test_two_processes_assemble_global_batches_and_a_jitted_reduction_sees_both_shards(tmp_path):
+def run_processes(tmp_path, count, first, last, saved_by):
     script = tmp_path / "multihost_worker.py"
     script.write_text(SCRIPT)
     port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     env.pop("XLA_FLAGS", None)  # one CPU device per process
+    directory = tmp_path / "checkpoints"
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env, cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(PROCESSES)
+        subprocess.Popen([sys.executable, str(script), str(i), str(count), str(port), str(directory),
+                          str(first), str(last), str(saved_by)],
+                         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(count)
     ]
     outputs = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=90)
+            out, err = proc.communicate(timeout=120)
             outputs.append((proc.returncode, out, err))
     finally:
         for proc in procs:  # a hung collective must not outlive the test
@@ -105,9 +121,28 @@ def test_two_processes_assemble_global_batches_and_a_jitted_reduction_sees_both_
                 proc.wait()
     for code, _out, err in outputs:
         assert code == 0, err[-3000:]
-    x, y, steps = expected_sums()
-    for _, out, _ in outputs:
-        lines = out.splitlines()
-        sums = next(line for line in lines if line.startswith("SUMS")).split()
-        assert float(sums[1]) == x and int(sums[2]) == y and int(sums[3]) == steps
-        assert "REFUSED" in lines
+    lines = outputs[0][1].splitlines()
+    steps = {int(line.split()[1]): json.loads(line.split(maxsplit=2)[2]) for line in lines if line.startswith("STEP")}
+    assert sorted(steps) == list(range(first, last))
+    if count > 1 and first == 0:
+        assert all("REFUSED" in out.splitlines() for _, out, _ in outputs)
+    return steps
+
+
+def uninterrupted():
+    """Every step's global batch from one loader in this process, without JAX."""
+    with ap.Loader(source(), global_batch_size=GLOBAL_BATCH, workers=0, shuffle=True, seed=5,
+                   epochs=EPOCHS, remainder="pad", transform=draws) as loader:
+        return [{k: np.asarray(b[k]).tolist() for k in ("i", "x", "r", "mask")} for b in loader]
+
+
+def test_a_run_checkpointed_on_two_processes_resumes_on_three_and_then_on_one(tmp_path):
+    want = uninterrupted()
+    assert len(want) == 10 and sum(want[4]["mask"]) == 2  # padding in the last batch of each epoch
+    got = run_processes(tmp_path, 2, 0, 3, 0)
+    got |= run_processes(tmp_path, 3, 3, 7, 2)  # crosses the epoch boundary
+    got |= run_processes(tmp_path, 1, 7, 10, 3)
+    for step, batch in enumerate(want):
+        assert got[step]["i"] == batch["i"] and got[step]["mask"] == batch["mask"], step
+        np.testing.assert_array_equal(got[step]["x"], np.float32(batch["x"]))
+        np.testing.assert_array_equal(got[step]["r"], np.float32(batch["r"]))
