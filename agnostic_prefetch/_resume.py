@@ -1,9 +1,11 @@
 """Resume: where an iteration stands, and its ``state_dict`` (small, JSON-able, checked on load).
 
 Positions count *global batch sequence numbers*, ``seq = epoch * batches_per_epoch + k``:
-batch ``k`` of ``epoch`` is a pure function of ``seq`` (see ``sampler.py``), so a position
-is all it takes to continue exactly. Positions are immutable tuples, replaced whole on every
-delivery, so another thread can read one (``state_dict()``) without a lock.
+global batch ``k`` of ``epoch`` is a pure function of ``seq`` and the global batch size, not
+of the shard count (see ``sampler.py``), so a position is all it takes to continue exactly,
+on any shard count that divides the global batch (docs/elastic.md has the rules). Positions
+are immutable tuples, replaced whole on every delivery, so another thread can read one
+(``state_dict()``) without a lock.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ ORDER_SETTINGS = ("seed", "shuffle", "source_order", "source_len", "global_batch
 def order_settings(sampler: Any, ordered: bool) -> dict[str, Any]:
     """What a loader's state must record about its order (``sampler`` is a ``Sampler``)."""
     return {
-        "seed": sampler.seed, "shuffle": sampler.shuffle, "source_len": sampler.source_len,
+        "seed": sampler.seed, "shuffle": sampler.shuffle and not sampler.orders_itself,
+        "source_len": sampler.source_len, "batch_order": sampler.orders_itself,
         "global_batch_size": sampler.global_batch_size, "drop_remainder": sampler.drop_remainder,
         "batches_per_epoch": sampler.batches_per_epoch, "batch_size": sampler.batch_size,
         "shard_index": sampler.shard_index, "shard_count": sampler.shard_count,
@@ -106,7 +109,7 @@ def decode(state: dict[str, Any] | list[dict[str, Any]], settings: dict[str, Any
         state = pick(list(state), settings)
     version = state.get("version")
     if version == 1:
-        state = _from_version_1(state)
+        state = _from_version_1(state, settings)
     elif version != STATE_VERSION:
         raise ValueError(f"unknown state version {version!r}; this agnostic_prefetch reads "
                          f"versions 1 and {STATE_VERSION}")
@@ -142,6 +145,12 @@ def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, An
     first = states[0]
     shared = ("version", *ORDER_SETTINGS, "shard_count", "ordered")
     whole = first.get("ordered", True) or first.get("shard_count") == 1
+    every_shard = {s.get("shard_index") for s in states} == set(range(first.get("shard_count", 1)))
+    if not whole and every_shard and all(
+            not s.get("delivered_ahead") and all(s.get(k) == first.get(k) for k in _POSITION) for s in states):
+        # Out of order, but every process stands at the same frontier with nothing ahead:
+        # each delivered exactly its slices of the same global batches.
+        return {**first, "ordered": True}
     for i, state in enumerate(states[1:], 1):
         for key in shared + (_POSITION if whole else ()):
             if state.get(key) != first.get(key):
@@ -203,9 +212,16 @@ def _mismatch(key: str, state: dict[str, Any], settings: dict[str, Any]) -> str:
             "build the loader with the same setting to resume.")
 
 
-def _from_version_1(state: dict[str, Any]) -> dict[str, Any]:
+def _from_version_1(state: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     # Version 1 sharded each epoch into contiguous runs: with one shard its batch k is global
     # batch k, with several no global batch corresponds to what a shard has seen.
+    if settings.get("batch_order"):
+        raise ValueError(
+            "this state (version 1) was saved over a source that orders its own batches; "
+            "version 2 lays those batches out differently (WindowSource spreads its foreground "
+            "windows through each batch), so the state would resume into other batches. "
+            "Resume it with the agnostic_prefetch release that saved it, or start the data "
+            "order afresh (a new Loader without load_state_dict).")
     if state["shard_count"] > 1:
         raise ValueError(
             f"this state (version 1) was saved by shard {state['shard_index']} of "

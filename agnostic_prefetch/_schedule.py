@@ -273,7 +273,8 @@ class Scheduler:
             if progress != order.progress:
                 order.progress, order.progress_at = progress, now
             elif now - order.progress_at >= self._timeout:
-                index = int(order.indices[min(progress, len(order.indices) - 1)])
+                indices = order.indices
+                index = int(indices[min(progress, len(indices) - 1)]) if len(indices) else None
                 raise _supervisor.hung(worker, now - order.progress_at, self._timeout, index,
                                        *divmod(order.seq, self._bpe))
 

@@ -163,11 +163,14 @@ def record_failed(worker: Worker, message: tuple, epoch: int, number: int) -> Wo
     return error
 
 
-def hung(worker: Worker, stalled_s: float, timeout: float, index: int, epoch: int, number: int) -> LoaderTimeoutError:
-    """The error for a worker without progress for ``timeout``: the record and its stack."""
+def hung(worker: Worker, stalled_s: float, timeout: float, index: int | None, epoch: int,
+         number: int) -> LoaderTimeoutError:
+    """The error for a worker without progress for ``timeout``: the record (``None``: a batch
+    of padding only) and its stack."""
+    what = f"record {index}" if index is not None else "a batch of padding only"
     return LoaderTimeoutError(
         f"{worker.describe()} made no progress for {stalled_s:.1f} s (timeout={timeout}) on "
-        f"record {index} of batch {number}, epoch {epoch}. Its stack:\n{stack_of(worker)}\n"
+        f"{what} of batch {number}, epoch {epoch}. Its stack:\n{stack_of(worker)}\n"
         "Raise timeout= if records are this slow, or fix the source where it blocks."
     )
 

@@ -101,7 +101,7 @@ def prefetch_to_device(
         raise ValueError("pass devices= (flax's leading device axis) or sharding=, not both")
     placement = _JaxPlacement(devices, sharding)
     loader = _loader_of(iterable)
-    if sharding is not None and loader is not None:
+    if loader is not None and sharding is not None and not isinstance(sharding, placement.jax.Device):
         placement.check_loader(loader)
     return Prefetcher(iterable, size, placement, thread=thread, name="prefetch_to_device")
 
@@ -178,7 +178,8 @@ class _JaxPlacement:
                 f"slice {want['shard_index']} of {want['shard_count']}, but the Loader loads "
                 f"slice {have['shard_index']} of {have['shard_count']}. Build it with "
                 f"ap.Loader(..., global_batch_size={g}, **ap.shard_for(sharding, {g})).")
-        self.global_batch, self.local_rows = g, hi - lo
+        if self.multi_process:  # one process: a short last batch is split as any batch is
+            self.global_batch, self.local_rows = g, hi - lo
 
     def hand_out(self, device: Any, token: Any) -> None:
         pass  # JAX orders its own transfers before any computation that reads them

@@ -224,6 +224,9 @@ class Loader:
         scheduler = self._scheduler
         with scheduler.drive:
             self._check_open()
+            latest = self._latest  # another thread may have started one meanwhile
+            if latest is not None and latest is not iterator:
+                latest.cancel()
             start = self._position() if position is None else position
             end = iteration_end(start, self.epochs, self._bpe)
             if iterator is None:
@@ -259,6 +262,8 @@ class Loader:
         if latest is not None:
             latest.cancel()
         with self._scheduler.drive:
+            if self._latest is not None:
+                self._latest.cancel()  # one another thread started meanwhile
             self._latest = None
             self._start = position
         self._scheduler.left()
@@ -267,8 +272,11 @@ class Loader:
         """Counters: batches, items, padded (rows of padding), wait_s (caller waited), fill_s
         (worker time), ring_bytes, skipped, copied_out, slots, workers; items_per_source for
         a source that counts them (a :class:`~agnostic_prefetch.Mixture`)."""
-        return {**self._stats, "fill_s": self._scheduler.fill_s, "ring_bytes": self._ring.nbytes,
-                "slots": self.slots, "workers": self.workers}
+        stats = {**self._stats, "fill_s": self._scheduler.fill_s, "ring_bytes": self._ring.nbytes,
+                 "slots": self.slots, "workers": self.workers}
+        if "items_per_source" in stats:
+            stats["items_per_source"] = dict(stats["items_per_source"])
+        return stats
 
     def close(self) -> None:
         """Stop the workers and release the ring (views you hold stay valid).
@@ -291,12 +299,22 @@ class Loader:
     def __repr__(self) -> str:
         return (
             f"Loader(batch_size={self._sampler.batch_size}, batches_per_epoch={self._bpe}, "
-            f"workers={self.workers}, backend={self.backend!r}, ring={self.slots} slots x "
+            f"{self._shard_repr()}workers={self.workers}, backend={self.backend!r}, ring={self.slots} slots x "
             f"{self.layout.slot_bytes:,} B = {self._ring.nbytes:,} B [{self.layout.describe()}]"
             f"{', closed' if self.closed else ''})"
         )
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _shard_repr(self) -> str:
+        sampler = self._sampler
+        parts = []
+        if sampler.shard_count > 1:
+            parts.append(f"shard {sampler.shard_index} of {sampler.shard_count} of global batches of "
+                         f"{sampler.global_batch_size}")
+        if sampler.remainder != "short":
+            parts.append(f"remainder={sampler.remainder!r}")
+        return "".join(f"{p}, " for p in parts)
 
     def _position(self) -> Position:
         return self._latest._position if self._latest is not None else self._start

@@ -108,17 +108,27 @@ class Sampler:
             self._batch_order = None
         self._orders: dict[int, Any] = {}  # per recent epoch: the global order (or batches)
         self.batches_per_epoch = self._count_batches()
-        if self.batches_per_epoch == 0:
+        if self.batches_per_epoch == 0 and self.drop_remainder:
             raise ValueError(
                 f"an epoch has no batches: the source has {self.source_len} records and the "
                 f"global batch is {self.global_batch_size} (batch_size={self.batch_size} x "
                 f"shard_count={self.shard_count}) with remainder='drop'. Use a smaller "
                 "batch_size, fewer shards, or keep the remainder (remainder='pad')."
             )
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has no batches: the source has {self.source_len} records"
+                f"{' and batch_order() returned none' if self._batch_order is not None else ''}; "
+                "give the loader a source with records.")
 
     @property
     def drop_remainder(self) -> bool:
         return self.remainder == "drop"
+
+    @property
+    def orders_itself(self) -> bool:
+        """Whether the source supplies its batches (``batch_order``): ``shuffle`` has no effect."""
+        return self._batch_order is not None
 
     def _count_batches(self) -> int:
         if self._batch_order is not None:

@@ -22,7 +22,8 @@ def process_rows(sharding: Any, global_batch_size: int, shape: tuple[int, ...] |
     """
     g = int(global_batch_size)
     spans: dict[int, list[tuple[int, int]]] = {}
-    for device, index in sharding.devices_indices_map(_global_shape(sharding, g, shape)).items():
+    batch_sharding, global_shape = _batch_axis(sharding, g, shape)
+    for device, index in batch_sharding.devices_indices_map(global_shape).items():
         start, stop, _ = index[0].indices(g)
         spans.setdefault(device.process_index, []).append((start, stop))
     rows = {}
@@ -53,8 +54,8 @@ def shard_for(sharding: Any, global_batch_size: int, *, process_index: int | Non
         sharding: the sharding of the batch's leaves (the batch axis first).
         global_batch_size: items per global batch (``G``).
         process_index: whose slice; default ``jax.process_index()``.
-        shape: a leaf's global shape, when the sharding needs more than one axis
-            (default ``(G,)``, or ``(G, 1, ...)`` for a longer ``PartitionSpec``).
+        shape: a leaf's global shape, for a sharding other than a ``NamedSharding`` that
+            needs more than the batch axis (default ``(G,)``).
 
     Raises:
         ValueError: the processes' rows do not form equal contiguous slices, naming them.
@@ -86,10 +87,19 @@ def shard_for(sharding: Any, global_batch_size: int, *, process_index: int | Non
     return {"shard_index": slices.index(rows[process_index]), "shard_count": count}
 
 
-def _global_shape(sharding: Any, g: int, shape: tuple[int, ...] | None) -> tuple[int, ...]:
+def _batch_axis(sharding: Any, g: int, shape: tuple[int, ...] | None) -> tuple[Any, tuple[int, ...]]:
+    """The sharding and a global shape to read the batch axis's split from.
+
+    A ``NamedSharding`` is reduced to its batch axis (so other axes' splits, which need their
+    own sizes, do not matter); any other sharding needs ``shape``, or is asked with ``(G,)``.
+    """
     if shape is not None:
         if not shape or shape[0] != g:
             raise ValueError(f"shape={shape} must start with the global batch size {g}")
-        return tuple(shape)
-    rank = len(getattr(sharding, "spec", ())) or 1
-    return (g,) + (1,) * (rank - 1)
+        return sharding, tuple(shape)
+    spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+    if spec is not None and mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return NamedSharding(mesh, PartitionSpec(spec[0] if len(spec) else None)), (g,)
+    return sharding, (g,)

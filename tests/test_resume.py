@@ -103,3 +103,21 @@ def test_a_version_1_state_loads_with_one_shard_and_is_refused_with_several():
     assert decode(v1, on(1, 2)) == Position(7, frozenset(), 10)
     with pytest.raises(ValueError, match=r"version 1\) was saved by shard 1 of 2, when shards were contiguous runs"):
         decode({**v1, "shard_index": 1, "shard_count": 2}, SETTINGS)
+
+
+def test_a_version_1_state_of_a_source_that_orders_its_batches_is_refused():
+    v1 = {"version": 1, "seed": 3, "epoch": 0, "batch": 2, "delivered_ahead": [], "end_epoch": 1,
+          "batch_size": 8, "batches_per_epoch": 5, "shard_index": 0, "shard_count": 1,
+          "shuffle": False, "drop_remainder": False}
+    with pytest.raises(ValueError, match="version 1.*orders its own batches.*WindowSource spreads"):
+        decode(v1, {**on(0, 1), "shuffle": False, "batch_order": True})
+
+
+def test_out_of_order_states_all_at_one_frontier_with_nothing_ahead_load_on_another_count():
+    states = [encode(Position(4, frozenset(), 10), on(s, 2, ordered=False), endless=False) for s in range(2)]
+    assert decode(states, on(0, 4)) == Position(4, frozenset(), 10)
+    with pytest.raises(ValueError, match="cannot continue on shard_count=4"):
+        decode(states[:1], on(0, 4))  # one process's state alone says nothing of the other
+    ahead = [encode(Position(4, frozenset({6}), 10), on(0, 2, ordered=False), endless=False), states[1]]
+    with pytest.raises(ValueError, match="cannot continue on shard_count=4"):
+        decode(ahead, on(0, 4))

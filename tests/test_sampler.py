@@ -130,8 +130,10 @@ def test_item_rng_is_a_function_of_seed_epoch_position():
 
 
 def test_empty_shard_is_a_clear_error():
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="no batches.*remainder='drop'"):
         Sampler(Sized(3), 4, remainder="drop")
+    with pytest.raises(ValueError, match="no batches: the source has 0 records; give the loader"):
+        Sampler(Sized(0), 4)
     with pytest.raises(ValueError, match="remainder must be one of"):
         Sampler(Sized(3), 1, remainder="cut")
     with pytest.raises(ValueError, match="shard_index"):

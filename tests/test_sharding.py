@@ -92,11 +92,32 @@ def test_one_process_with_a_real_sharding_holds_every_row_and_the_stage_checks_t
                               r"loads slice 1 of 2.*\*\*ap.shard_for\(sharding, 4\)"):
         ap.prefetch_to_device(wrong, sharding=sharding)
     with ap.Loader(Counting(10), global_batch_size=4, workers=0, **shard_for(sharding, 4)) as right:
+        # One process: a short last batch is placed like any other (several processes must pad).
         stage = ap.prefetch_to_device(iter(right), sharding=sharding, thread=False)
-        assert [int(next(stage)["i"].shape[0]) for _ in range(2)] == [4, 4]
-        with pytest.raises(ValueError, match=r"hold 4 rows of each global batch of 4.*remainder='pad'"):
-            next(stage)  # the short last batch
-        stage.close()
+        assert [int(b["i"].shape[0]) for b in stage] == [4, 4, 2]
+    with ap.Loader(Counting(10), 4, workers=0) as loader:
+        assert [int(b["i"].shape[0]) for b in ap.prefetch_to_device(loader, sharding=jax.devices()[0])] == [4, 4, 2]
     with ap.Loader(Counting(10), global_batch_size=4, workers=0, remainder="pad") as padded:
         assert [int(b["mask"].sum()) for b in ap.prefetch_to_device(padded, sharding=sharding)] == [4, 4, 2]
 
+
+
+def test_a_sharding_that_also_splits_another_axis_gives_the_batch_axis_slice():
+    pytest.importorskip("jax")
+    from test_device import run_with_devices
+
+    out = run_with_devices("""
+        import numpy as np, jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        import agnostic_prefetch as ap
+        mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+        sharding = NamedSharding(mesh, P("data", "model"))
+        assert ap.shard_for(sharding, 4) == {"shard_index": 0, "shard_count": 1}
+        source = ap.ArraySource({"x": np.arange(32, dtype=np.float32).reshape(8, 4)})
+        with ap.Loader(source, 4, workers=0) as loader:
+            shapes = [[s.data.shape for s in b["x"].addressable_shards]
+                      for b in ap.prefetch_to_device(loader, sharding=sharding)]
+        assert shapes == [[(2, 2)] * 4] * 2, shapes
+        print("OK")
+    """, devices=4)
+    assert "OK" in out

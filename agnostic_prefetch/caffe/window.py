@@ -226,6 +226,12 @@ class WindowSource:
     def __len__(self) -> int:
         return len(self._label)
 
+    @property
+    def order_fingerprint(self) -> dict[str, Any]:
+        """What decides :meth:`batch_order` beyond the loader's settings (checked on resume)."""
+        return {"windows": len(self), "foreground": self.num_fg, "background": self.num_bg,
+                "fg_fraction": self.fg_fraction, "mirror": self.mirror}
+
     def _split(self, batch_size: int) -> tuple[int, int]:
         # Caffe: static_cast<int>(static_cast<float>(batch_size) * fg_fraction), in float32
         num_fg = int(_f32(batch_size) * _f32(self.fg_fraction))

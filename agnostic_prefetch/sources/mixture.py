@@ -13,7 +13,8 @@ How a mixture's epoch is laid out (``G`` the global batch, ``w_c`` the normalise
   component ``c`` either ``floor(w_c * g)`` or one more item: the items left over after the
   floors go to the components furthest behind their share so far in this epoch (ties to
   the earlier component). Every global batch holds each component's share to within one
-  item, and every epoch the same counts.
+  item; the running counts stay within 1.5 items of their shares; every epoch has the
+  same counts.
 * **Places in the batch.** Each component's items are spread evenly through the batch
   (its ``j``-th of ``n`` at ``(j + 0.5) / n`` of the way), so every shard's slice holds
   about its share too.

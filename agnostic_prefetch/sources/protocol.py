@@ -37,9 +37,10 @@ class BatchOrderSource(Protocol):
 
     Define ``batch_order`` on a source (for example a window sampler that draws a fixed
     share of foreground windows into every batch) and :class:`~agnostic_prefetch.Loader`
-    uses it instead of its own shuffle. The loader still shards the returned batches,
-    applies ``drop_remainder``, derives each item's random generator from
-    ``(seed, epoch, position)`` and resumes exactly.
+    uses it instead of its own shuffle. It is called with the *global* batch size
+    (``batch_size * shard_count``), so its order does not depend on the shard count; the
+    loader gives each shard its slice of every batch, applies the remainder rule, derives
+    each item's random generator from ``(seed, epoch, position)`` and resumes exactly.
 
     Indices in the returned batches are passed to ``__getitem__`` unchanged; they may
     range over a larger index space than ``len(source)`` (for example window × flip),
@@ -50,7 +51,8 @@ class BatchOrderSource(Protocol):
         ...     def __len__(self): return 6
         ...     def __getitem__(self, i): return {"x": i}
         ...     def batch_order(self, *, seed, epoch, batch_size):
-        ...         return [[0, 1], [2, 3], [4, 5]][::-1] if epoch % 2 else [[0, 1], [2, 3], [4, 5]]
+        ...         order = [5, 4, 3, 2, 1, 0] if epoch % 2 else [0, 1, 2, 3, 4, 5]
+        ...         return [order[i:i + batch_size] for i in range(0, 6, batch_size)]
     """
 
     def __len__(self) -> int: ...
@@ -58,9 +60,10 @@ class BatchOrderSource(Protocol):
     def __getitem__(self, index: int) -> Any: ...
 
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> Sequence[Sequence[int]]:
-        """All batches of ``epoch`` before sharding; a pure function of the arguments.
+        """All global batches of ``epoch``; a pure function of the arguments.
 
-        Batches may hold at most ``batch_size`` indices each.
+        Every batch holds exactly ``batch_size`` indices, except that the last may hold
+        fewer (not none); every epoch has as many batches.
         """
         ...
 
