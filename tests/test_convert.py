@@ -82,16 +82,20 @@ def test_only_one_resize_size_is_an_error(image_set):
         convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", resize_height=3)
 
 
-def test_encoded_keeps_matching_files_as_they_are_and_reencodes_others(image_set):
+def test_encoded_keeps_files_as_they_are_and_reencodes_only_to_another_format(image_set):
     tmp, names, pixels = image_set
     convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "png", encoded=True, progress=False)
     records = read_raw(str(tmp / "png"))
     assert records[0][1].encoded and records[0][1].data == (tmp / "imgs" / names[0]).read_bytes()
-    # a gray file in a colour database is re-encoded, so every record decodes to 3 channels
-    assert records[4][1].data != (tmp / "imgs" / names[4]).read_bytes()
-    source = LMDBSource(tmp / "png")
+    # a gray file is stored as it is too, as convert_imageset does; force_color decodes
+    # every record to 3 channels, as Caffe's transform_param does
+    assert records[4][1].data == (tmp / "imgs" / names[4]).read_bytes()
+    with pytest.raises(ValueError, match="different channel counts.*force_color=True"):
+        LMDBSource(tmp / "png")
+    source = LMDBSource(tmp / "png", force_color=True)
     for i in range(5):
         np.testing.assert_array_equal(source[i]["image"], pixels[i])
+    assert LMDBSource(tmp / "png", force_gray=True)[0]["image"].shape == (6, 8, 1)
     convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "jpg", encoded=True, encode_type="jpg", progress=False)
     assert read_raw(str(tmp / "jpg"))[0][1].data[:2] == b"\xff\xd8"  # a JPEG now
     assert LMDBSource(tmp / "jpg")[0]["image"].shape == (6, 8, 3)

@@ -26,7 +26,7 @@ from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
 from agnostic_prefetch.caffe._resize import resize_bilinear
 from agnostic_prefetch.caffe.image_list import read_image_list
 from agnostic_prefetch.caffe.lmdb import LMDBSource
-from agnostic_prefetch.sources.images import ImageDecodeError, decode_image, probe_image
+from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
 from agnostic_prefetch.sources.records import decode_record, is_array_record
 
 __all__ = ["add_commands", "convert_imageset", "inspect_db", "compute_mean"]
@@ -114,7 +114,7 @@ def convert_imageset(
             try:
                 with open(path, "rb") as f:
                     raw = f.read()
-                image = decode_image(raw, name=repr(path), color=color)
+                image = decode_image(raw, name=repr(path), color=color, orient=True)
             except (OSError, ImageDecodeError) as exc:
                 log.warning("skipping %r: %s", path, exc)
                 skipped.append(path)
@@ -130,10 +130,10 @@ def convert_imageset(
             first_shape = first_shape or image.shape
             if encoded:
                 want = encode_type or _extension(name) or "png"
-                # a gray file stored as is would decode to 1 channel in a colour database
-                native_channels = probe_image(raw, name=repr(path))[2]
-                if not resize_height and native_channels == image.shape[2] and _same_format(name, want):
-                    data = raw  # Caffe's ReadFileToDatum: the file as it is
+                # As convert_imageset: the file as it is whenever it needs no resize and has
+                # the wanted format (a gray file too: the layer's force_color decides later).
+                if not resize_height and _same_format(name, want):
+                    data = raw
                 else:
                     data = _encode(image, want)
                 datum = Datum(data=data, label=label, encoded=True)

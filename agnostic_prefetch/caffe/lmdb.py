@@ -141,7 +141,12 @@ class LMDBSource:
 
     Args:
         path: the database: a directory holding ``data.mdb``, or the data file itself.
-        channel_order: ``"rgb"`` (default) or ``"bgr"`` for Datum images.
+        channel_order: ``"rgb"`` (default) or ``"bgr"`` for Datum images (an alpha
+            channel stays last).
+        force_color, force_gray: decode encoded Datums to 3 channels, or to 1 (a colour
+            JPEG's Y plane), as Caffe's ``transform_param`` options do; otherwise each keeps
+            its own channels as OpenCV's ``IMREAD_UNCHANGED`` decodes them (an RGBA PNG has
+            4). Raw Datums are stored pixels and are never converted.
         allow_varying_sizes: accept images of different sizes (the transform must then
             crop or resize them to one size). Default: refuse them, since a batch needs one size.
         readahead: OS readahead on the memory map; default on when the database fits in
@@ -163,11 +168,17 @@ class LMDBSource:
         path: str | os.PathLike[str],
         *,
         channel_order: str = "rgb",
+        force_color: bool = False,
+        force_gray: bool = False,
         allow_varying_sizes: bool = False,
         readahead: bool | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.channel_order = _check_channel_order(channel_order)
+        if force_color and force_gray:
+            raise ValueError("force_color and force_gray exclude each other; pass one of them")
+        self.force_color, self.force_gray = bool(force_color), bool(force_gray)
+        self._color: bool | None = True if force_color else False if force_gray else None
         self.allow_varying_sizes = bool(allow_varying_sizes)
         if not os.path.exists(self.path):
             raise FileNotFoundError(errno.ENOENT, f"no LMDB database at {self.path!r}", self.path)
@@ -275,6 +286,7 @@ class LMDBSource:
         datum = self._decode_datum(value, index)
         if datum.encoded:
             h, w, c = probe_image(bytes(datum.data), name=self._describe(index))
+            c = {True: 3, False: 1, None: c}[self._color]
             return "datum (encoded)", {"image": ((h, w, c), "|u1"), "label": ((), "<i4")}
         image, _ = self._datum_item(value, index)  # raw pixels: cheap, and checks the lengths
         kind = "datum (float)" if image.dtype == np.float32 else "datum (raw)"
@@ -297,6 +309,12 @@ class LMDBSource:
         def fmt(shapes: Any) -> str:
             return ", ".join(f"{k} {'×'.join(map(str, s)) or 'scalar'} {np.dtype(d)}" for k, (s, d) in shapes.items())
 
+        image_a, image_b = a.get("image", ((),))[0], b.get("image", ((),))[0]
+        if len(image_a) == len(image_b) == 3 and image_a[:2] == image_b[:2] and not self.force_color:
+            return (
+                f"{self.path!r} holds encoded images with different channel counts: "
+                f"{self._describe(i)} has {fmt(a)}, {self._describe(j)} has {fmt(b)}. Remedy: "
+                "pass force_color=True (or force_gray=True), as Caffe's transform_param does.")
         return (
             f"{self.path!r} holds records of different sizes: {self._describe(i)} has {fmt(a)}, "
             f"{self._describe(j)} has {fmt(b)}. A batch needs one size. Remedy: convert with "
@@ -336,9 +354,9 @@ class LMDBSource:
         label = np.int32(datum.label)
         if datum.encoded:
             # the bytes are read in place from the memory map (no copy): decoding ends before the cursor moves
-            image = decode_image(datum.data, name=self._describe(index))
+            image = decode_image(datum.data, name=self._describe(index), color=self._color)
             if self.channel_order == "bgr" and image.shape[2] > 1:
-                image = _to_hwc(image.transpose(2, 0, 1), reverse=True)
+                image = np.ascontiguousarray(image[:, :, [2, 1, 0, 3][: image.shape[2]]])
             return image, label
         c, h, w = datum.channels, datum.height, datum.width
         if datum.float_data is not None and not len(datum.data):
@@ -359,7 +377,8 @@ class LMDBSource:
         )
         return (
             f"LMDBSource({self.path!r}, records={len(self)}, kind={self.kind!r}, {shapes}"
-            f"{', varying sizes' if self.allow_varying_sizes else ''}, channel_order={self.channel_order!r})"
+            f"{', varying sizes' if self.allow_varying_sizes else ''}, channel_order={self.channel_order!r}"
+            f"{', force_color' if self.force_color else ''}{', force_gray' if self.force_gray else ''})"
         )
 
 

@@ -61,41 +61,94 @@ def _open(data: bytes | memoryview, name: str) -> Image.Image:
             raise ImageDecodeError(f"cannot decode {name}: {exc}") from None
 
 
+def _native_mode(img: Image.Image) -> str:
+    """The mode OpenCV's ``IMREAD_UNCHANGED`` decodes an 8-bit image to: gray stays gray, an
+    alpha channel (or a palette's transparency) gives RGBA, gray with alpha too (the gray
+    repeated), anything else RGB."""
+    if img.mode == "LA" or img.mode == "RGBA" or (img.mode in ("P", "PA") and "transparency" in img.info):
+        return "RGBA"
+    return "L" if img.mode in _GRAY_MODES else "RGB"
+
+
 def probe_image(data: bytes | memoryview, *, name: str) -> tuple[int, int, int]:
     """(height, width, channels) that :func:`decode_image` with ``color=None`` would return, header only."""
     img = _open(data, name)
-    return img.height, img.width, 1 if img.mode in _GRAY_MODES else 3
+    return img.height, img.width, {"L": 1, "RGB": 3, "RGBA": 4}[_native_mode(img)]
 
 
-def decode_image(data: bytes | memoryview, *, name: str, color: bool | None = None) -> np.ndarray:
+def decode_image(data: bytes | memoryview, *, name: str, color: bool | None = None,
+                 orient: bool = False) -> np.ndarray:
     """Decode encoded image bytes to an H×W×C uint8 array, channels in RGB order.
 
     Args:
         data: the file's bytes (JPEG, PNG, BMP, ... anything Pillow reads).
         name: how errors refer to the image (a path, or a record key).
-        color: True forces 3 channels, False forces 1 (luma), None keeps the image's own
-            (gray stays 1 channel, anything else becomes RGB; alpha is dropped), as Caffe's
-            ``DecodeDatumNative`` does.
+        color: True forces 3 channels, False forces 1, None keeps the image's own, as
+            OpenCV's ``IMREAD_UNCHANGED`` does for Caffe's ``DecodeDatumToCVMatNative``:
+            gray stays 1 channel, an image with alpha (or a palette with transparency)
+            is RGBA, anything else RGB. One channel from a colour JPEG is its Y plane as
+            libjpeg decodes it, as OpenCV's ``IMREAD_GRAYSCALE`` gives.
+        orient: turn a JPEG as its EXIF orientation says, as OpenCV's ``imread`` does
+            (Caffe's ImageData and WindowData layers and ``convert_imageset`` read files
+            so); ``imdecode`` of an encoded Datum does not.
 
     Raises:
         ImageDecodeError: not decodable; ImageTooLargeError: above Pillow's pixel limit.
     """
-    if _simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
+    arr = _decode(data, name, color, is_jpeg)
+    if orient and is_jpeg and _has_exif(data):
+        arr = _oriented(arr, _open(data, name).getexif().get(_ORIENTATION, 1))
+    return arr
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _has_exif(data: bytes | memoryview) -> bool:
+    """Whether a JPEG has an EXIF segment among the application segments before its frame
+    (a walk over a few segment headers: asking Pillow costs as much as a third of a decode)."""
+    at, end = 2, len(data)
+    while at + 4 <= end and data[at] == 0xFF:
+        marker = data[at + 1]
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):  # past APPn and comments
+            return False
+        length = (data[at + 2] << 8) | data[at + 3]
+        if marker == 0xE1 and bytes(data[at + 4 : at + 10]) == b"Exif\x00\x00":
+            return True
+        at += 2 + length
+    return False
+
+
+def _oriented(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """``arr`` turned as EXIF ``orientation`` (1-8) says, the way OpenCV applies it: for 5-8
+    a transpose, then the flips."""
+    steps = {2: (1, -1), 3: (-1, -1), 4: (-1, 1), 5: (1, 1), 6: (1, -1), 7: (-1, -1), 8: (-1, 1)}.get(orientation)
+    if steps is None:  # 1 (as stored), or a value EXIF does not define
+        return arr
+    if orientation >= 5:
+        arr = arr.transpose(1, 0, 2)
+    return np.ascontiguousarray(arr[:: steps[0], :: steps[1]])
+
+
+def _decode(data: bytes | memoryview, name: str, color: bool | None, is_jpeg: bool) -> np.ndarray:
+    if _simplejpeg is not None and is_jpeg:
         arr = _decode_jpeg_fast(data, color)
         if arr is not None:
             return arr
     img = _open(data, name)
+    if is_jpeg and color is False and img.mode not in _GRAY_MODES:
+        img.draft("L", img.size)  # libjpeg's own gray output: the Y plane, unconverted
     try:
         img.load()
-        if color is None:
-            color = img.mode not in _GRAY_MODES
+        native = _native_mode(img) if color is None else None
         if img.mode.startswith("I;16") or img.mode == "I":
             # 16-bit gray: keep the high byte, as OpenCV does when it reads to 8 bits
             arr16 = np.asarray(img, dtype=np.int64)
             shift = 8 if img.mode.startswith("I;16") else 0
             gray = Image.fromarray(np.clip(arr16 >> shift, 0, 255).astype(np.uint8))
             img = gray
-        target = "RGB" if color else "L"
+        target = native or ("RGB" if color else "L")
         if img.mode != target:
             img = img.convert(target)
         arr = np.asarray(img, dtype=np.uint8)
@@ -114,6 +167,8 @@ def _decode_jpeg_fast(data: bytes | memoryview, color: bool | None) -> np.ndarra
     try:
         h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
         target = _FAST_COLORSPACES.get(colorspace)
+        if target == "RGB" and color is False and colorspace == "YCbCr":
+            target = "GRAY"  # libjpeg-turbo's gray output of YCbCr: the Y plane, unconverted
         if target is None or (color is not None and color != (target == "RGB")):
             return None  # CMYK/YCCK, or a colour conversion: Pillow's own conversion rules
         limit = Image.MAX_IMAGE_PIXELS
@@ -125,7 +180,8 @@ def _decode_jpeg_fast(data: bytes | memoryview, color: bool | None) -> np.ndarra
 
 
 def load_image(path: str, *, color: bool | None = None) -> np.ndarray:
-    """Read and decode the image file at ``path`` (see :func:`decode_image`).
+    """Read and decode the image file at ``path`` as OpenCV's ``imread`` does: EXIF
+    orientation applied (see :func:`decode_image`).
 
     Raises:
         FileNotFoundError: no file at ``path``; ImageDecodeError: not decodable.
@@ -137,4 +193,4 @@ def load_image(path: str, *, color: bool | None = None) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path!r}") from None
     except IsADirectoryError:
         raise ImageDecodeError(f"cannot decode {path!r}: it is a directory") from None
-    return decode_image(data, name=repr(os.fspath(path)), color=color)
+    return decode_image(data, name=repr(os.fspath(path)), color=color, orient=True)

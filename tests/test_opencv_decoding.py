@@ -1,0 +1,107 @@
+"""Decoding as OpenCV does it for Caffe: a colour JPEG's gray is its Y plane, imread turns a
+JPEG by its EXIF orientation (imdecode does not), native channels as IMREAD_UNCHANGED."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agnostic_prefetch.sources import images
+from agnostic_prefetch.sources.images import decode_image, load_image, probe_image
+
+cv2 = pytest.importorskip("cv2")
+
+
+def jpeg(array, quality=90, subsampling=2, exif=None):
+    out = io.BytesIO()
+    kwargs = {"exif": exif} if exif is not None else {}
+    Image.fromarray(array).save(out, format="JPEG", quality=quality, subsampling=subsampling, **kwargs)
+    return out.getvalue()
+
+
+def cv_decode(data, flags):
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
+def photos():
+    data = pytest.importorskip("skimage.data")
+    rng = np.random.default_rng(0)
+    return [data.astronaut()[:200, :300], data.coffee()[:, :333], data.chelsea(),
+            rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)]
+
+
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def decoder(request, monkeypatch):
+    if request.param == "pillow":
+        monkeypatch.setattr(images, "_simplejpeg", None)
+    elif images._simplejpeg is None:
+        pytest.skip("simplejpeg is not importable here")
+    return request.param
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2], ids=["4:4:4", "4:2:2", "4:2:0"])
+@pytest.mark.parametrize("quality", [75, 95])
+def test_gray_from_a_colour_jpeg_is_the_y_plane_as_opencv_reads_it(decoder, subsampling, quality):
+    for photo in photos():
+        data = jpeg(photo, quality, subsampling)
+        got = decode_image(data, name="photo", color=False)
+        np.testing.assert_array_equal(got[:, :, 0], cv_decode(data, cv2.IMREAD_GRAYSCALE))
+
+
+def test_colour_from_a_jpeg_equals_opencv(decoder):
+    for photo in photos():
+        data = jpeg(photo)
+        np.testing.assert_array_equal(decode_image(data, name="photo", color=True),
+                                      cv_decode(data, cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def exif_with(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_imread_turns_a_jpeg_by_its_exif_orientation_and_imdecode_does_not(tmp_path, decoder, orientation):
+    photo = photos()[3]
+    data = jpeg(photo, exif=exif_with(orientation))
+    path = tmp_path / "turned.jpg"
+    path.write_bytes(data)
+    for color, flag in ((True, cv2.IMREAD_COLOR), (False, cv2.IMREAD_GRAYSCALE)):
+        want = cv2.imread(str(path), flag)
+        want = want[:, :, ::-1] if color else want[:, :, None]
+        np.testing.assert_array_equal(load_image(str(path), color=color), want)
+        stored = cv_decode(data, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+        stored = stored[:, :, ::-1] if color else stored[:, :, None]
+        np.testing.assert_array_equal(decode_image(data, name="datum", color=color), stored)
+
+
+def png(image, **kwargs):
+    out = io.BytesIO()
+    image.save(out, format="PNG", **kwargs)
+    return out.getvalue()
+
+
+def test_native_channels_are_opencvs_imread_unchanged():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    cases = {
+        "RGB": png(Image.fromarray(rgb)),
+        "RGBA": png(Image.fromarray(np.dstack([rgb, rgb[:, :, 0]]), "RGBA")),
+        "LA": png(Image.fromarray(rgb[:, :, :2].copy(), "LA")),
+        "P": png(palette),
+        "P with transparency": png(palette, transparency=2),
+        "L": png(Image.fromarray(rgb[:, :, 0])),
+        "L with transparency": png(Image.fromarray(rgb[:, :, 0]), transparency=7),
+    }
+    for name, data in cases.items():
+        want = cv_decode(data, cv2.IMREAD_UNCHANGED)
+        want = want[:, :, None] if want.ndim == 2 else want[:, :, [2, 1, 0, 3][: want.shape[2]]]
+        got = decode_image(data, name=name)
+        assert got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        assert probe_image(data, name=name) == want.shape, name
