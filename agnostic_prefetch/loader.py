@@ -330,6 +330,12 @@ class Loader:
 
     def _read_example(self, source: Any, transform: Any) -> Any:
         # From the whole global batch: this shard's slice of it may be empty (padding).
+        try:
+            return self._first_example(source, transform)
+        finally:
+            _let_go(source)
+
+    def _first_example(self, source: Any, transform: Any) -> Any:
         errors = []
         for position, index in enumerate(self._sampler.global_batch(0, 0).tolist()):
             try:
@@ -378,3 +384,12 @@ def _remainder(remainder: str | None, drop_remainder: bool, on_error: str, shard
             "all-skipped batch would change its step count), so the processes would feed "
             "different shapes. Padding keeps every batch full and marks real rows in a mask.")
     return chosen
+
+
+def _let_go(source: Any) -> None:
+    """Release what reading the layout example opened in this process (an LMDB environment:
+    py-lmdb allows one per path, and the user may open the database too), for a source that
+    offers ``release()`` (it reopens lazily if read here again; see ``MapSource``)."""
+    release = getattr(source, "release", None)
+    if callable(release):
+        release()

@@ -163,8 +163,31 @@ def test_compute_mean_writes_a_caffe_binaryproto(image_set):
     compute_mean(tmp / "db", tmp / "mean.binaryproto", progress=False)
     blob = caffe_messages()["BlobProto"].FromString((tmp / "mean.binaryproto").read_bytes())
     assert (blob.num, blob.channels, blob.height, blob.width) == (1, 3, 6, 8)
-    expected = np.mean(pixels, axis=0)[:, :, ::-1].transpose(2, 0, 1)  # Caffe: BGR C×H×W
-    np.testing.assert_allclose(np.array(blob.data).reshape(3, 6, 8), expected, rtol=1e-6)
+    # compute_image_mean: a float32 sum, one record at a time in key order, / count in float32
+    total = np.zeros((6, 8, 3), np.float32)
+    for image in pixels:
+        total = (total + image.astype(np.float32)).astype(np.float32)
+    expected = (total / np.float32(len(pixels)))[:, :, ::-1].transpose(2, 0, 1)  # BGR C×H×W
+    np.testing.assert_array_equal(np.array(blob.data, np.float32).reshape(3, 6, 8), expected)
+    as_caffe = caffe_messages()["BlobProto"](num=1, channels=3, height=6, width=8, data=expected.reshape(-1).tolist())
+    assert (tmp / "mean.binaryproto").read_bytes() == as_caffe.SerializeToString()
+
+
+def test_the_mean_is_accumulated_in_float32_as_caffe_does(tmp_path):
+    from agnostic_prefetch.caffe._datum import Datum, encode_datum
+    from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
+
+    # float_data Datums: float32 sums round (uint8 sums stay exact below 2**24)
+    values = np.random.default_rng(3).normal(100, 30, (2000, 4)).astype(np.float32)
+    with LMDBWriter(str(tmp_path / "db")) as writer:
+        for i, row in enumerate(values):
+            writer.put(b"%08d" % i, encode_datum(Datum(channels=1, height=2, width=2, float_data=row)))
+    mean = compute_mean(tmp_path / "db", progress=False)["mean"].reshape(-1)
+    total = np.zeros(4, np.float32)
+    for row in values:
+        total = (total + row).astype(np.float32)
+    np.testing.assert_array_equal(mean, total / np.float32(len(values)))
+    assert not np.array_equal(mean, values.astype(np.float64).mean(axis=0).astype(np.float32))
 
 
 def test_cli_errors_are_a_message_and_exit_code_one(tmp_path, capsys):

@@ -123,9 +123,13 @@ def test_malformed_bytes_raise_wire_error(raw):
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6)), seed=st.integers(0, 2**31))
 def test_blobproto_round_trips_through_protobuf(shape, seed):
     mean = np.random.default_rng(seed).normal(100, 30, size=shape).astype(np.float32)
-    theirs = caffe_messages()["BlobProto"].FromString(encode_blobproto(mean))
+    ours = encode_blobproto(mean)
+    theirs = caffe_messages()["BlobProto"].FromString(ours)
     assert (theirs.num, theirs.channels, theirs.height, theirs.width) == (1, *shape)
-    assert list(theirs.shape.dim) == [1, *shape]
+    assert not theirs.HasField("shape")  # as compute_image_mean writes it
+    as_caffe = caffe_messages()["BlobProto"](num=1, channels=shape[0], height=shape[1], width=shape[2],
+                                            data=mean.reshape(-1).tolist())
+    assert ours == as_caffe.SerializeToString()
     np.testing.assert_array_equal(np.array(theirs.data, np.float32).reshape(1, *shape), mean[None])
     np.testing.assert_array_equal(decode_blobproto(theirs.SerializeToString()), mean[None])
 

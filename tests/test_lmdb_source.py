@@ -453,3 +453,34 @@ def test_encoded_png_in_bgr_order_is_exact(tmp_path, channels):
     got = source[0]["image"]
     assert got.flags.c_contiguous
     np.testing.assert_array_equal(got, img[:, :, ::-1])
+
+
+def test_a_loader_lets_go_of_the_database_in_the_parent_so_the_user_may_open_it(tmp_path, images):
+    import agnostic_prefetch as ap
+
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    source = LMDBSource(path)  # kept, as a user keeps it
+    with ap.Loader(source, 2, workers=1) as loader:
+        env = lmdb.open(path, readonly=True, lock=False)  # counting records, say
+        try:
+            assert env.stat()["entries"] == len(images)
+            assert sum(len(b["label"]) for b in loader) == len(images)
+        finally:
+            env.close()
+
+
+def test_a_database_the_user_holds_open_is_a_clear_error_not_pylmdbs(tmp_path, images):
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    env = lmdb.open(path, readonly=True, lock=False)
+    try:
+        with pytest.raises(RuntimeError, match="already open in this process outside agnostic_prefetch.*Close that"):
+            LMDBSource(path)
+    finally:
+        env.close()
+    assert len(LMDBSource(path)) == len(images)  # once it is closed
+
+
+def test_force_color_and_force_gray_exclude_each_other(tmp_path, images):
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    with pytest.raises(ValueError, match="exclude each other"):
+        LMDBSource(path, force_color=True, force_gray=True)

@@ -32,7 +32,6 @@ from agnostic_prefetch.caffe._protowire import (
     encode_len_field,
     encode_packed_floats,
     encode_unpacked_floats,
-    encode_varint,
     encode_varint_field,
     read_field,
     read_varint,
@@ -190,14 +189,17 @@ def _varint_at(view: memoryview, pos: int) -> tuple[int, int]:
 
 
 def encode_blobproto(array: np.ndarray) -> bytes:
-    """Serialize a C×H×W (or N×C×H×W) float array as a Caffe ``BlobProto`` (a ``.binaryproto``)."""
+    """Serialize a C×H×W (or N×C×H×W) float array as a Caffe ``BlobProto`` (a ``.binaryproto``).
+
+    The bytes are those Caffe's ``compute_image_mean`` writes: ``num``, ``channels``,
+    ``height``, ``width`` and the packed ``data``, in field order, and no ``shape``.
+    """
     arr = np.asarray(array, dtype=np.float32)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4:
         raise ValueError(f"a BlobProto mean is C×H×W or N×C×H×W, got shape {arr.shape}")
     n, c, h, w = arr.shape
-    shape_payload = encode_len_field(1, b"".join(encode_varint(d) for d in arr.shape))
     return b"".join(
         [
             encode_varint_field(1, n),
@@ -205,6 +207,5 @@ def encode_blobproto(array: np.ndarray) -> bytes:
             encode_varint_field(3, h),
             encode_varint_field(4, w),
             encode_packed_floats(5, arr.reshape(-1)),
-            encode_len_field(7, shape_payload),
         ]
     )

@@ -201,8 +201,10 @@ def compute_mean(
 ) -> dict[str, Any]:
     """The per-pixel mean image of an LMDB of images, H×W×C float32 (RGB, or BGR with ``bgr``).
 
-    Written to ``out`` as ``.npy`` (H×W×C) or, for a name ending ``.binaryproto``, as a
-    Caffe BlobProto (always BGR 1×C×H×W, as Caffe expects).
+    Accumulated as Caffe's ``compute_image_mean`` does: in float32, one record at a time in
+    key order, then divided by the count in float32, so the values are Caffe's. Written to
+    ``out`` as ``.npy`` (H×W×C) or, for a name ending ``.binaryproto``, as the BlobProto
+    bytes Caffe's tool writes (BGR 1×C×H×W).
 
     Raises:
         ValueError: records of different sizes (a mean image needs one size).
@@ -213,7 +215,7 @@ def compute_mean(
     for source, i in _iter_items(db, progress, "compute-mean"):
         image = source[i]["image"]
         if total is None:
-            total = np.zeros(image.shape, np.float64)
+            total = np.zeros(image.shape, np.float32)
         elif image.shape != total.shape:
             raise ValueError(
                 f"record {i} (key {source.key(i)!r}) is {'×'.join(map(str, image.shape))}, the first "
@@ -223,7 +225,7 @@ def compute_mean(
         total += image
         count += 1
     assert total is not None
-    mean = (total / count).astype(np.float32)  # RGB, as LMDBSource yields it
+    mean = total / np.float32(count)  # float32, RGB as LMDBSource yields it
     if bgr and mean.shape[2] == 3:
         mean = np.ascontiguousarray(mean[:, :, ::-1])
     if out is not None:

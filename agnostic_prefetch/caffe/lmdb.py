@@ -15,10 +15,10 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import lmdb
 import numpy as np
 
 from agnostic_prefetch.caffe._datum import decode_datum
+from agnostic_prefetch.caffe._lmdb_env import acquire_env, release_env
 from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
 from agnostic_prefetch.caffe._protowire import WireError
 from agnostic_prefetch.sources.images import decode_image, probe_image
@@ -45,71 +45,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-# py-lmdb refuses to open one environment twice in a process, yet several sources (train
-# and val views, an unpickled copy, thread-backend workers) may read one database. So each
-# process keeps one environment per database, shared and counted; the last user closes it.
-_envs: dict[tuple[int, str], list[Any]] = {}
-_envs_lock = threading.Lock()
-
-
-def _acquire_env(path: str, *, subdir: bool, readahead: bool) -> Any:
-    key = (os.getpid(), os.path.realpath(path))
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
-            try:
-                env = lmdb.open(
-                    path,
-                    subdir=subdir,
-                    readonly=True,
-                    lock=False,  # read-only: no lock file, no reader table to exhaust
-                    readahead=readahead,
-                    meminit=False,
-                    max_readers=2048,
-                    create=False,
-                )
-            except lmdb.Error as exc:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"cannot open the LMDB database at {path!r}: {exc}", path
-                ) from None
-            entry = _envs[key] = [env, 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def _release_env(path: str, pid: int) -> None:
-    key = (pid, os.path.realpath(path))
-    with _envs_lock:
-        entry = _envs.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _envs[key]
-            entry[0].close()  # also invalidates any transaction still open on it
-
-
-def _close_inherited_envs() -> None:
-    """In a forked child: close the parent's environments (LMDB handles must not cross a fork).
-
-    py-lmdb would otherwise refuse to open the same path again in the child, and the lock
-    may have been held by another parent thread at the moment of the fork.
-    """
-    global _envs_lock
-    _envs_lock = threading.Lock()
-    inherited = [env for env, _ in _envs.values()]
-    _envs.clear()
-    for env in inherited:
-        try:
-            env.close()  # read-only and lock=False: unmaps the child's copy, parent unaffected
-        except lmdb.Error:
-            pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_inherited_envs)
 
 
 def _to_hwc(chw: np.ndarray, *, reverse: bool) -> np.ndarray:
@@ -205,11 +140,11 @@ class LMDBSource:
     def _open(self) -> None:
         """Attach this process's shared environment and a read transaction for this thread."""
         if self._env is None or self._pid != os.getpid():
-            self._env = _acquire_env(self.path, subdir=self._subdir, readahead=self.readahead)
+            self._env = acquire_env(self.path, subdir=self._subdir, readahead=self.readahead)
             self._pid = os.getpid()
             self._local = threading.local()
             # released when the source is closed or garbage-collected in this process
-            self._finalizer = weakref.finalize(self, _release_env, self.path, self._pid)
+            self._finalizer = weakref.finalize(self, release_env, self.path, self._pid)
         # One long read transaction per thread: the database is read-only, so the snapshot it
         # pins never goes stale, and buffers=True hands out views instead of copies.
         txn = self._env.begin(buffers=True)
@@ -230,6 +165,11 @@ class LMDBSource:
         self._env = self._finalizer = None
         self._local = threading.local()
         self._pid = -1
+
+    def release(self) -> None:
+        """Let go of this process's environment, as :meth:`close`: the next read reopens it.
+        The Loader calls it after reading its layout example in the parent."""
+        self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -92,7 +92,10 @@ class Mixture:
             raise ValueError(f"Mixture: epoch_items must be >= 1, got {epoch_items}")
         self.epoch_items = int(epoch_items)
         self._offsets = np.cumsum([0, *self.lengths])
-        self._check_structures()
+        try:
+            self._check_structures()
+        finally:
+            self.release()
         self._permutations: dict[tuple[int, int, int], np.ndarray] = {}
         self._counts: dict[int, np.ndarray] = {}  # per global batch size: counts per batch
 
@@ -105,6 +108,13 @@ class Mixture:
         if not 0 <= c < len(self.sources):
             raise IndexError(f"index {index} out of range for a Mixture of {int(self._offsets[-1])} records")
         return self.sources[c][index - int(self._offsets[c])]
+
+    def release(self) -> None:
+        """Let every component that can release what it opened in this process do so."""
+        for source in self.sources:
+            release = getattr(source, "release", None)
+            if callable(release):
+                release()
 
     @property
     def order_fingerprint(self) -> dict[str, Any]:

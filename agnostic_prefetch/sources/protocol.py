@@ -24,6 +24,8 @@ class MapSource(Protocol):
     It travels to the workers by value (cloudpickle), so it should open files lazily, on
     its first ``__getitem__`` in each process, and ``__getitem__`` should be a pure function
     of the index. A ``__repr__`` that says what it reads makes errors easier to place.
+    An optional ``release()`` lets go of what it opened in this process (reads reopen
+    lazily); the loader calls it after reading its layout example in the parent.
     """
 
     def __len__(self) -> int: ...
