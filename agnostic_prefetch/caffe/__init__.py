@@ -2,7 +2,8 @@
 
 ``LMDBSource`` reads LMDBs of Caffe ``Datum``\\ s (raw or encoded) and of our array records;
 ``ImageListSource`` and ``WindowSource`` read the lists of Caffe's ImageData and WindowData
-layers; ``CaffeTransform`` is Caffe's DataTransformer; ``convert_imageset``,
+layers; ``CaffeTransform`` is Caffe's DataTransformer; ``from_prototxt`` turns a net's data
+layers into Loaders; ``convert_imageset``,
 ``compute_mean`` and ``inspect_db`` are the converter commands. Each loads on first use
 (they import lmdb and Pillow), so ``import agnostic_prefetch`` and the workers that never
 touch them stay light. The same names are at the top level: ``ap.LMDBSource``, ...
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.caffe.convert import compute_mean, convert_imageset, inspect_db
     from agnostic_prefetch.caffe.image_list import ImageListSource
     from agnostic_prefetch.caffe.lmdb import LMDBSource, write_array_records
+    from agnostic_prefetch.caffe.prototxt import from_prototxt
     from agnostic_prefetch.caffe.transform import CaffeTransform
     from agnostic_prefetch.caffe.window import WindowSource
 
@@ -32,6 +34,7 @@ _LAZY = {
     "LMDBSource": "agnostic_prefetch.caffe.lmdb",
     "WindowSource": "agnostic_prefetch.caffe.window",
     "compute_mean": "agnostic_prefetch.caffe.convert",
+    "from_prototxt": "agnostic_prefetch.caffe.prototxt",
     "convert_imageset": "agnostic_prefetch.caffe.convert",
     "inspect_db": "agnostic_prefetch.caffe.convert",
     "write_array_records": "agnostic_prefetch.caffe.lmdb",
@@ -44,6 +47,7 @@ __all__ = [
     "WindowSource",
     "compute_mean",
     "convert_imageset",
+    "from_prototxt",
     "inspect_db",
     "write_array_records",
 ]

@@ -1,0 +1,201 @@
+"""One Caffe data layer (parsed by ``prototxt.py``) as a Loader: its source, transform and tops."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["build"]
+
+log = logging.getLogger("agnostic_prefetch.caffe")
+_said: set[str] = set()  # what "has no effect here" notes were logged already, once each
+
+
+def _once(note: str) -> None:
+    if note not in _said:
+        _said.add(note)
+        log.info(note)
+
+
+def build(type_name: str, layer: Any, options: Any, where: str) -> Any:
+    """The Loader whose batches are ``layer``'s tops."""
+    from agnostic_prefetch.loader import Loader
+
+    tops = list(layer.top)
+    if not 1 <= len(tops) <= 2:
+        raise ValueError(f"{where} has {len(tops)} tops; a data layer has data and an optional label")
+    t = layer.transform_param
+    if t.force_color and t.force_gray:
+        raise ValueError(f"{where}: force_color and force_gray cannot both be set (Caffe refuses them too)")
+    mean = _mean(t, options, where)
+    fractional = mean is not None or t.scale != 1
+    if options.dtype == np.uint8 and fractional:
+        raise ValueError(f"{where}: dtype=uint8 needs no mean and scale 1 (this layer's values are fractional)")
+    kind = {"DATA": "Data", "IMAGE_DATA": "ImageData", "WINDOW_DATA": "WindowData"}.get(type_name, type_name)
+    endless = options.loader_options.get("epochs", None) is None
+    if kind == "Data":
+        source, batch_size, shuffle, transform = _data(layer, options, mean, where)
+    elif kind == "ImageData":
+        source, batch_size, shuffle, transform = _image_data(layer, options, mean, where)
+    else:
+        source, batch_size, shuffle, transform = _window_data(layer, options, mean, where)
+    if batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be set and positive")
+    if endless and not hasattr(source, "batch_order"):
+        source, shuffle = CaffeStream(source, shuffle), False
+    settings = {"epochs": None, **options.loader_options}
+    return Loader(source, batch_size, shuffle=shuffle,
+                  transform=Tops(transform, tops[0], tops[1] if len(tops) > 1 else None,
+                                 options.layout == "NCHW" and kind == "WindowData", options.dtype),
+                  **settings)
+
+
+def _mean(t: Any, options: Any, where: str) -> Any:
+    if t.HasField("mean_file") and t.mean_value:
+        raise ValueError(f"{where}: specify mean_file or mean_value, not both (as Caffe requires)")
+    if t.HasField("mean_file"):
+        return options.resolve(t.mean_file)
+    if t.mean_value:
+        values = list(t.mean_value)  # Caffe's order: BGR
+        return values[::-1] if options.channel_order == "rgb" and len(values) == 3 else values
+    return None
+
+
+def _transform(t: Any, options: Any, mean: Any) -> Any:
+    from agnostic_prefetch.caffe.transform import CaffeTransform
+
+    by_file = isinstance(mean, str)
+    return CaffeTransform(crop_size=t.crop_size, mirror=t.mirror, mean=None if by_file else mean,
+                          mean_file=mean if by_file else None, scale=t.scale, train=options.train,
+                          layout="CHW" if options.layout == "NCHW" else "HWC", dtype=options.dtype,
+                          channel_order=options.channel_order)
+
+
+def _ignored_legacy(params: Any, name: str, where: str) -> None:
+    for field in ("scale", "mean_file", "crop_size", "mirror"):
+        if params.HasField(field):
+            log.warning("%s: %s.%s has no effect in Caffe's layers (they read transform_param); "
+                        "it is ignored here too", where, name, field)
+
+
+def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+    from agnostic_prefetch.caffe.lmdb import LMDBSource
+
+    p, t = layer.data_param, layer.transform_param
+    if not p.source:
+        raise ValueError(f"{where}: data_param.source is missing")
+    if p.backend != 1:
+        raise ValueError(
+            f"{where}: data_param.backend is LEVELDB (Caffe's default when none is given); only LMDB "
+            "is read here. Convert the database to LMDB (agnostic-prefetch convert), or set "
+            "'backend: LMDB' if it is one.")
+    if p.rand_skip:
+        _once("data_param.rand_skip has no effect in Caffe's final master (its DataLayer never skips); ignored")
+    if p.HasField("prefetch"):
+        _once("data_param.prefetch has no effect here: the loader sizes its own read-ahead")
+    if p.force_encoded_color:
+        _once("data_param.force_encoded_color has no effect in Caffe's final master; use transform_param.force_color")
+    _ignored_legacy(p, "data_param", where)
+    source = LMDBSource(options.resolve(p.source), channel_order=options.channel_order,
+                        force_color=t.force_color, force_gray=t.force_gray,
+                        allow_varying_sizes=t.crop_size > 0)
+    return source, p.batch_size, False, _transform(t, options, mean)
+
+
+def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+    from agnostic_prefetch.caffe.image_list import ImageListSource
+
+    p, t = layer.image_data_param, layer.transform_param
+    if not p.source:
+        raise ValueError(f"{where}: image_data_param.source is missing")
+    if p.rand_skip:
+        raise ValueError(
+            f"{where}: image_data_param.rand_skip={p.rand_skip} is not supported (it would start the "
+            "stream at a random line); remove it")
+    if t.force_color or t.force_gray:
+        _once("transform_param.force_color/force_gray have no effect on ImageData (is_color decides); ignored")
+    _ignored_legacy(p, "image_data_param", where)
+    root_folder = p.root_folder
+    if root_folder and not os.path.isabs(root_folder):
+        root_folder = os.path.join(options.base, root_folder)
+    elif not root_folder and options.base != os.getcwd():
+        root_folder = os.path.join(options.base, "")
+    source = ImageListSource(options.resolve(p.source), root_folder=root_folder, new_height=p.new_height,
+                             new_width=p.new_width, is_color=p.is_color, channel_order=options.channel_order)
+    return source, p.batch_size, p.shuffle, _transform(t, options, mean)
+
+
+def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+    from agnostic_prefetch.caffe.window import WindowSource
+
+    p, t = layer.window_data_param, layer.transform_param
+    if not p.source:
+        raise ValueError(f"{where}: window_data_param.source is missing")
+    if t.crop_size < 1:
+        raise ValueError(f"{where}: WindowData needs transform_param.crop_size > 0 (Caffe requires it)")
+    if p.cache_images:
+        _once("window_data_param.cache_images has no effect here: images are read when needed")
+    _ignored_legacy(p, "window_data_param", where)
+    root_folder = p.root_folder
+    if root_folder and not os.path.isabs(root_folder):
+        root_folder = os.path.join(options.base, root_folder)
+    source = WindowSource(options.resolve(p.source), root_folder=root_folder, fg_threshold=p.fg_threshold,
+                          bg_threshold=p.bg_threshold, fg_fraction=p.fg_fraction, context_pad=p.context_pad,
+                          crop_mode=p.crop_mode, crop_size=t.crop_size, mirror=t.mirror, mean=mean,
+                          scale=t.scale, channel_order=options.channel_order)
+    return source, p.batch_size, False, None
+
+
+class Tops:
+    """An example as the layer's tops: ``{data top: image, label top: float32 label}``."""
+
+    def __init__(self, inner: Any, data: str, label: str | None, to_chw: bool, dtype: np.dtype) -> None:
+        self.inner, self.data, self.label, self.to_chw, self.dtype = inner, data, label, to_chw, dtype
+
+    def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = self.inner(example, rng) if self.inner is not None else example
+        image = out["image"]
+        if self.to_chw:
+            image = image.transpose(2, 0, 1)
+        result = {self.data: np.asarray(image, dtype=self.dtype)}
+        if self.label is not None:
+            result[self.label] = np.float32(out["label"])
+        return result
+
+
+class CaffeStream:
+    """A source read as Caffe's layers read it: an endless stream that wraps around mid-batch,
+    in order, or (``shuffle``) in a new permutation from ``(seed, pass)`` on every pass."""
+
+    def __init__(self, source: Any, shuffle: bool) -> None:
+        self.source, self.shuffle, self.n = source, bool(shuffle), len(source)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[index]
+
+    def release(self) -> None:
+        release = getattr(self.source, "release", None)
+        if callable(release):
+            release()
+
+    @property
+    def order_fingerprint(self) -> dict[str, Any]:
+        return {"caffe_stream": self.shuffle, "source": getattr(self.source, "order_fingerprint", None)}
+
+    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
+        """Batches ``epoch * ceil(n / B)`` on of the stream: item ``m`` is record ``m % n``
+        of pass ``m // n``."""
+        per = -(-self.n // batch_size)
+        m = epoch * per * batch_size + np.arange(per * batch_size, dtype=np.int64)
+        passes, at = np.divmod(m, self.n)
+        if self.shuffle:
+            for p in np.unique(passes).tolist():
+                chosen = passes == p
+                at[chosen] = np.random.default_rng([seed, p]).permutation(self.n)[at[chosen]]
+        return list(at.reshape(per, batch_size))
