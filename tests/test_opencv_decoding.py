@@ -105,3 +105,42 @@ def test_native_channels_are_opencvs_imread_unchanged():
         assert got.shape == want.shape, name
         np.testing.assert_array_equal(got, want, err_msg=name)
         assert probe_image(data, name=name) == want.shape, name
+
+
+def png_with(image, chunks=(), **kwargs):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for kind, body in chunks:
+        info.add(kind, body)
+    return png(image, pnginfo=info, **kwargs)
+
+
+GAMMAS = {
+    "no chunk": [],
+    "gAMA 1/2.2": [(b"gAMA", (45455).to_bytes(4, "big"))],
+    "gAMA 1.0": [(b"gAMA", (100000).to_bytes(4, "big"))],
+    "gAMA 0.8": [(b"gAMA", (80000).to_bytes(4, "big"))],
+    "gAMA 1.04 (within 5 %)": [(b"gAMA", (104000).to_bytes(4, "big"))],
+    "sRGB": [(b"sRGB", b"\x00")],
+    "sRGB and gAMA 1.0": [(b"sRGB", b"\x00"), (b"gAMA", (100000).to_bytes(4, "big"))],
+}
+
+
+@pytest.mark.parametrize("chunks", list(GAMMAS.values()), ids=list(GAMMAS))
+@pytest.mark.parametrize("kind", ["RGB", "RGBA", "P", "P with transparency"])
+def test_gray_from_a_colour_png_is_libpngs_integer_conversion(chunks, kind):
+    rng = np.random.default_rng(len(chunks) * 7 + len(kind))
+    for shape in [(17, 23), (40, 31)]:
+        rgb = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        rgb[0, :5] = rgb[0, :5, :1]  # a few gray pixels (R == G == B)
+        if kind == "RGB":
+            image, extra = Image.fromarray(rgb), {}
+        elif kind == "RGBA":
+            image, extra = Image.fromarray(np.dstack([rgb, rgb[:, :, 1]]), "RGBA"), {}
+        else:
+            image = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+            extra = {"transparency": 3} if kind.endswith("transparency") else {}
+        data = png_with(image, chunks, **extra)
+        got = decode_image(data, name=kind, color=False)[:, :, 0]
+        np.testing.assert_array_equal(got, cv_decode(data, cv2.IMREAD_GRAYSCALE), err_msg=f"{kind} {shape}")

@@ -24,6 +24,8 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from agnostic_prefetch.sources._png_gray import png_to_gray
+
 try:  # optional: libjpeg-turbo straight into numpy
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -87,7 +89,8 @@ def decode_image(data: bytes | memoryview, *, name: str, color: bool | None = No
             OpenCV's ``IMREAD_UNCHANGED`` does for Caffe's ``DecodeDatumToCVMatNative``:
             gray stays 1 channel, an image with alpha (or a palette with transparency)
             is RGBA, anything else RGB. One channel from a colour JPEG is its Y plane as
-            libjpeg decodes it, as OpenCV's ``IMREAD_GRAYSCALE`` gives.
+            libjpeg decodes it, and from a colour PNG libpng's integer conversion, as
+            OpenCV's ``IMREAD_GRAYSCALE`` gives (see ``_png_gray.py``).
         orient: turn a JPEG as its EXIF orientation says, as OpenCV's ``imread`` does
             (Caffe's ImageData and WindowData layers and ``convert_imageset`` read files
             so); ``imdecode`` of an encoded Datum does not.
@@ -141,6 +144,8 @@ def _decode(data: bytes | memoryview, name: str, color: bool | None, is_jpeg: bo
         img.draft("L", img.size)  # libjpeg's own gray output: the Y plane, unconverted
     try:
         img.load()
+        if color is False and img.format == "PNG" and img.mode not in _GRAY_MODES:
+            return png_to_gray(img, data)[:, :, None]  # libpng's own conversion, as OpenCV's
         native = _native_mode(img) if color is None else None
         if img.mode.startswith("I;16") or img.mode == "I":
             # 16-bit gray: keep the high byte, as OpenCV does when it reads to 8 bits
