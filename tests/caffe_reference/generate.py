@@ -1,0 +1,136 @@
+"""Regenerate the real-Caffe reference outputs that tests/test_caffe_reference.py compares with.
+
+Needs a built BVLC Caffe (../shared/caffe/build.sh; CI never builds it). The inputs are
+committed here (inputs/); this script makes them only when missing, from the scikit-image
+photographs, so that the references always match the committed inputs.
+
+    python tests/caffe_reference/generate.py [--caffe /tmp/caffe]
+
+What it runs, each on the committed inputs:
+  convert_imageset   raw (resized 40x50), gray (resized), encoded (files as they are)
+  compute_image_mean on the resized database
+  extract_features   a one-layer TEST net per case in nets/, dumping its data and label tops
+Outputs (a few hundred KB): expected/*.npz, expected/*.binaryproto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INPUTS, NETS, EXPECTED = (os.path.join(HERE, d) for d in ("inputs", "nets", "expected"))
+DATABASES = {  # name: convert_imageset flags
+    "raw_resized": ["--resize_height=40", "--resize_width=50"],
+    "gray_resized": ["--resize_height=40", "--resize_width=50", "--gray"],
+    "encoded": ["--encoded"],
+}
+
+
+def make_inputs() -> None:
+    """Small real photographs: colour and gray, JPEG 4:2:0 / 4:2:2 / 4:4:4 and PNG, several sizes."""
+    from PIL import Image
+    from skimage import data
+
+    os.makedirs(INPUTS, exist_ok=True)
+    photos = [
+        ("astronaut_420.jpg", data.astronaut()[40:140:2, 150:270:2], {"quality": 90, "subsampling": 2}),
+        ("coffee_422.jpg", data.coffee()[100:160, 200:290], {"quality": 85, "subsampling": 1}),
+        ("chelsea_444.jpg", data.chelsea()[60:105, 120:190], {"quality": 95, "subsampling": 0}),
+        ("rocket.png", data.rocket()[100:148, 150:214], {}),
+        ("camera_gray.jpg", data.camera()[100:150, 200:260], {"quality": 90}),
+        ("moon_gray.png", data.moon()[200:243, 200:261], {}),
+        # libpng converts colour to gray through gamma tables when a gAMA or sRGB chunk says so
+        ("rocket_gamma.png", data.rocket()[150:195, 100:160], {"pnginfo": _chunks((b"gAMA", (45455).to_bytes(4, "big")))}),
+        ("coffee_srgb_palette.png", data.coffee()[200:250, 300:360], {"pnginfo": _chunks((b"sRGB", b"\x00")),
+                                                                      "palette": True}),
+    ]
+    with open(os.path.join(INPUTS, "list.txt"), "w") as listing:
+        for label, (name, pixels, options) in enumerate(photos):
+            path = os.path.join(INPUTS, name)
+            if not os.path.exists(path):
+                image = Image.fromarray(np.ascontiguousarray(pixels))
+                if options.pop("palette", False):
+                    image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=96)
+                image.save(path, **options)
+            listing.write(f"{name} {label}\n")
+    with open(os.path.join(INPUTS, "windows.txt"), "w") as f:
+        # one image, one foreground and one background window: WindowData's draws are then fixed
+        f.write("# 0\nastronaut_420.jpg\n3\n50\n60\n2\n3 0.8 5 4 40 33\n0 0.1 20 10 55 45\n")
+
+
+def _chunks(*chunks: tuple[bytes, bytes]) -> object:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for kind, body in chunks:
+        info.add(kind, body)
+    return info
+
+
+def read_db(path: str) -> dict[str, np.ndarray]:
+    import lmdb
+
+    env = lmdb.open(path, readonly=True, lock=False)
+    with env.begin() as txn:
+        items = list(txn.cursor())
+    env.close()
+    return {"keys": np.array([k for k, _ in items], dtype=object),
+            "values": np.array([v for _, v in items], dtype=object)}
+
+
+def tops(path: str) -> np.ndarray:
+    """The float Datums extract_features wrote, as one array (N, C, H, W)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    from agnostic_prefetch.caffe._datum import decode_datum
+
+    blobs = []
+    for value in read_db(path)["values"]:
+        datum = decode_datum(value)
+        blobs.append(np.asarray(datum.float_data, np.float32).reshape(datum.channels, datum.height, datum.width))
+    return np.stack(blobs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--caffe", default="/tmp/caffe")
+    args = parser.parse_args()
+    tools = os.path.join(args.caffe, "build", "tools")
+    make_inputs()
+    os.makedirs(EXPECTED, exist_ok=True)
+    work = tempfile.mkdtemp()
+    try:
+        env = dict(os.environ, GLOG_minloglevel="2")
+        for name, flags in DATABASES.items():
+            db = os.path.join(work, name)
+            subprocess.run([os.path.join(tools, "convert_imageset"), *flags, INPUTS + "/",
+                            os.path.join(INPUTS, "list.txt"), db], check=True, env=env)
+            np.savez(os.path.join(EXPECTED, f"convert_{name}.npz"), **read_db(db))
+        subprocess.run([os.path.join(tools, "compute_image_mean"), os.path.join(work, "raw_resized"),
+                        os.path.join(EXPECTED, "mean.binaryproto")], check=True, env=env)
+        empty = os.path.join(work, "empty.caffemodel")
+        open(empty, "wb").close()  # an empty NetParameter
+        for net in sorted(os.listdir(NETS)):
+            case = net.removesuffix(".prototxt")
+            text = open(os.path.join(NETS, net)).read()
+            text = text.replace("$DB", work).replace("$INPUTS", INPUTS).replace("$EXPECTED", EXPECTED)
+            netfile = os.path.join(work, net)
+            open(netfile, "w").write(text)
+            out_data, out_label = os.path.join(work, case + "_data"), os.path.join(work, case + "_label")
+            batches = int(text.split("# batches:")[1].split()[0])
+            subprocess.run([os.path.join(tools, "extract_features"), empty, netfile, "data,label",
+                            f"{out_data},{out_label}", str(batches), "lmdb", "CPU"], check=True, env=env)
+            np.savez(os.path.join(EXPECTED, f"{case}.npz"), data=tops(out_data), label=tops(out_label).reshape(-1))
+            print(case, tops(out_data).shape)
+    finally:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

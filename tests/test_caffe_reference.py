@@ -1,0 +1,95 @@
+"""Against real Caffe: the converter's records, compute-mean's bytes and the TEST-phase tops
+of Data, ImageData and WindowData layers, equal to what BVLC Caffe itself produced from the
+same inputs (tests/caffe_reference: inputs, nets, and the expected outputs generate.py made)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("google.protobuf")
+
+from agnostic_prefetch.caffe import convert_imageset, from_prototxt  # noqa: E402
+from agnostic_prefetch.caffe._lmdb_write import LMDBWriter  # noqa: E402
+from agnostic_prefetch.caffe.convert import compute_mean  # noqa: E402
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "caffe_reference")
+INPUTS, NETS, EXPECTED = (os.path.join(HERE, d) for d in ("inputs", "nets", "expected"))
+DATABASES = {
+    "raw_resized": {"resize_height": 40, "resize_width": 50},
+    "gray_resized": {"resize_height": 40, "resize_width": 50, "gray": True},
+    "encoded": {"encoded": True},
+}
+
+if not os.path.isdir(EXPECTED):
+    pytest.skip("no reference outputs: run tests/caffe_reference/generate.py with a built Caffe",
+                allow_module_level=True)
+
+
+def expected_db(name):
+    with np.load(os.path.join(EXPECTED, f"convert_{name}.npz"), allow_pickle=True) as f:
+        return list(f["keys"]), list(f["values"])
+
+
+def our_db(tmp_path, name):
+    path = tmp_path / name
+    convert_imageset(INPUTS + "/", os.path.join(INPUTS, "list.txt"), path, progress=False, **DATABASES[name])
+    import lmdb
+
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    env.close()
+    return [k for k, _ in items], [v for _, v in items]
+
+
+@pytest.mark.parametrize("name", sorted(DATABASES))
+def test_convert_writes_the_records_convert_imageset_writes(tmp_path, name):
+    keys, values = our_db(tmp_path, name)
+    want_keys, want_values = expected_db(name)
+    assert keys == want_keys
+    for key, ours, theirs in zip(keys, values, want_values, strict=True):
+        assert ours == theirs, key
+
+
+def test_compute_mean_writes_the_bytes_compute_image_mean_writes(tmp_path):
+    caffe_db(tmp_path, "raw_resized")
+    compute_mean(tmp_path / "raw_resized", tmp_path / "mean.binaryproto", progress=False)
+    with open(os.path.join(EXPECTED, "mean.binaryproto"), "rb") as f:
+        assert (tmp_path / "mean.binaryproto").read_bytes() == f.read()
+
+
+def caffe_db(tmp_path, name):
+    """Caffe's own database of ``name``, written back from the reference records."""
+    path = tmp_path / name
+    if not path.exists():
+        keys, values = expected_db(name)
+        with LMDBWriter(str(path)) as writer:
+            for key, value in zip(keys, values, strict=True):
+                writer.put(key, value)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(n.removesuffix(".prototxt") for n in os.listdir(NETS)))
+def test_test_phase_tops_equal_caffes_in_every_value(tmp_path, case):
+    text = open(os.path.join(NETS, case + ".prototxt")).read()
+    for name in DATABASES:
+        if f"$DB/{name}" in text:
+            caffe_db(tmp_path, name)
+    text = text.replace("$DB", str(tmp_path)).replace("$INPUTS", INPUTS).replace("$EXPECTED", EXPECTED)
+    (tmp_path / "net.prototxt").write_text(text)
+    with np.load(os.path.join(EXPECTED, case + ".npz")) as f:
+        want_data, want_label = f["data"], f["label"]
+    with from_prototxt(tmp_path / "net.prototxt", "TEST", workers=0)["data"] as loader:
+        got = []
+        for batch in loader:
+            got.append(batch)
+            if sum(len(b["label"]) for b in got) >= len(want_label):
+                break
+    data = np.concatenate([b["data"] for b in got])
+    label = np.concatenate([b["label"] for b in got])
+    assert data.shape == want_data.shape and data.dtype == np.float32
+    np.testing.assert_array_equal(label, want_label)
+    np.testing.assert_array_equal(data, want_data)
