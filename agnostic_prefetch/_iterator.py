@@ -171,7 +171,7 @@ class LoaderIterator:
 
     def _deliver(self, scheduler: Scheduler, ready: Ready, rows: int) -> Any:
         table = scheduler.table
-        arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows)
+        arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows, ready.shapes)
         if copied:
             self._stats["copied_out"] += 1
             if not self._loader._warned_copy:

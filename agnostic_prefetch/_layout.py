@@ -9,7 +9,7 @@ slot; they travel as short lists next to the "done" message.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -133,13 +133,46 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
     return Layout(treedef, batch_size, tuple(kinds), tuple(arrays), _round_up(offset, PAGE))
 
 
-class SlotWriter:
-    """Writes items of one batch straight into a slot's leaf arrays (used in workers)."""
+def batch_layout(layout: Layout, example: Any, index: int) -> Layout:
+    """``layout`` with each array leaf shaped like ``example``'s (``shapes="per_batch"``: a
+    batch takes its first item's shapes, as Caffe's reshape does), within the slot's maxima.
 
-    def __init__(self, layout: Layout, slot_bytes: memoryview | np.ndarray) -> None:
+    Raises:
+        LayoutError: a leaf with more bytes than the slot holds for it, naming the maximum.
+    """
+    leaves, treedef = flatten(example)
+    if treedef != layout.treedef:
+        return layout  # SlotWriter.write names the structure that differs
+    arrays, specs = [], iter(layout.arrays)
+    for kind, value in zip(layout.kinds, leaves, strict=True):
+        if kind != "array":
+            continue
+        spec = next(specs)
+        shape = tuple(np.shape(value))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * spec.dtype.itemsize
+        if nbytes > spec.item_bytes or len(shape) != len(spec.shape):
+            raise LayoutError(
+                f"record {index}: leaf {spec.path} is {list(shape)}, but the ring's slots hold at "
+                f"most {spec.dtype}{list(spec.shape)} an item for it (spec=): give spec= this "
+                "leaf's largest shape.")
+        arrays.append(replace(spec, shape=shape, item_bytes=nbytes))
+    return replace(layout, arrays=tuple(arrays))
+
+
+class SlotWriter:
+    """Writes items of one batch straight into a slot's leaf arrays (used in workers).
+
+    ``reference`` names what an item's shapes must equal in errors, ``remedy`` adds to them.
+    """
+
+    remedy = ""
+
+    def __init__(self, layout: Layout, slot_bytes: memoryview | np.ndarray,
+                 reference: str = "the first example's") -> None:
         buf = np.frombuffer(slot_bytes, dtype=np.uint8)
         self.header = buf[:HEADER_BYTES].view(np.int64)
         self.layout = layout
+        self.reference = reference
         self.leaves = [
             buf[a.offset : a.offset + a.item_bytes * layout.batch_size]
             .view(a.dtype)
@@ -187,10 +220,11 @@ class SlotWriter:
             a = np.asarray(value)
             if a.shape != spec.shape or not _dtype_ok(a, spec):
                 raise LayoutError(
-                    f"record {index}: leaf {spec.path} is {a.dtype}{list(a.shape)} but the "
-                    f"first example's is {spec.dtype}{list(spec.shape)}. Batches need equal "
+                    f"record {index}: leaf {spec.path} is {a.dtype}{list(a.shape)} but "
+                    f"{self.reference} is {spec.dtype}{list(spec.shape)}. Batches need equal "
                     "shapes and dtypes: crop, resize or pad in the transform (or the "
                     "source) so every record matches, or cast to one dtype."
+                    + self.remedy
                 )
             values.append(a)
         for dest, a in zip(self.leaves, values, strict=True):

@@ -72,6 +72,7 @@ class Ready:
     objects: list[list[Any]]
     skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
     indices: np.ndarray  # the records ordered (skipped ones among them)
+    shapes: list[tuple[int, ...]] | None = None  # per array leaf, with shapes="per_batch"
 
 
 class Scheduler:
@@ -237,14 +238,14 @@ class Scheduler:
         else:
             worker.outstanding.remove(order_id)
         if kind == "done":
-            _, _, count, objects, skipped, fill_s = message
+            _, _, count, objects, skipped, fill_s, shapes = message
             self.fill_s += fill_s
             self._check_header(order, count)
             if order.stale:
                 self.table.discard(order.slot)
                 return
             self.table.filled(order.slot)
-            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices)
+            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices, shapes)
             return
         self.table.discard(order.slot)
         if not order.stale:

@@ -97,17 +97,26 @@ class SlotTable:
         self._state[slot] = FREE
         self._free.append(slot)
 
-    def hand_out(self, ring: Ring, layout: Layout, slot: int, count: int) -> tuple[list[np.ndarray], bool]:
+    def hand_out(self, ring: Ring, layout: Layout, slot: int, count: int,
+                 shapes: list[tuple[int, ...]] | None = None) -> tuple[list[np.ndarray], bool]:
         """The array leaves of the ready batch in ``slot``, and whether they were copied out.
 
         Views of the slot (leasing it) while the consumer holds fewer than ``max_held``
-        slots; otherwise copies, and the slot is free again at once.
+        slots; otherwise copies, and the slot is free again at once. ``shapes`` are the
+        batch's item shapes where they vary per batch (the layout's otherwise).
         """
         base = ring.slot_array(slot)
-        views = [
-            base[a.offset : a.offset + a.item_bytes * count].view(a.dtype).reshape((count, *a.shape))
-            for a in layout.arrays
-        ]
+        if shapes is None:
+            views = [
+                base[a.offset : a.offset + a.item_bytes * count].view(a.dtype).reshape((count, *a.shape))
+                for a in layout.arrays
+            ]
+        else:
+            views = [
+                base[a.offset : a.offset + a.dtype.itemsize * count * int(np.prod(shape, dtype=np.int64))]
+                .view(a.dtype).reshape((count, *shape))
+                for a, shape in zip(layout.arrays, shapes, strict=True)
+            ]
         if self._leased >= self.max_held:
             copies = [v.copy() for v in views]
             self._move(slot, READY, FREE)

@@ -5,7 +5,8 @@ The same ``Filler`` runs in a worker process, in a worker thread, and in the cal
 or frameworks.
 
 Messages, worker to parent (plain pickle of small tuples; array data never travels here):
-    ("done", order_id, count, objects, skipped, fill_seconds)
+    ("done", order_id, count, objects, skipped, fill_seconds, shapes)  (shapes: per array
+    leaf, with shapes="per_batch"; else None)
     ("error", order_id, index, exception_or_None, description, traceback_text)
     ("warn", text)
 Parent to worker: one or more orders packed as bytes by ``pack_orders`` (a fixed header
@@ -37,6 +38,7 @@ from agnostic_prefetch._layout import (
     MAGIC,
     Layout,
     SlotWriter,
+    batch_layout,
 )
 from agnostic_prefetch.sampler import item_rng
 
@@ -97,6 +99,7 @@ class Job:
     skip_errors: bool
     worker_init: Any = None
     mask_key: str | None = None  # remainder="pad": every batch is full, real rows marked here
+    per_batch: bool = False  # shapes="per_batch": each batch takes its first item's shapes
 
 
 class Filler:
@@ -106,6 +109,7 @@ class Filler:
         self.job = job
         self._slot_view = slot_view
         self._writers: dict[int, SlotWriter] = {}
+        self._shaped: dict[tuple[int, tuple[Any, ...]], SlotWriter] = {}  # per_batch writers
 
     def fill(self, order: Order) -> tuple:
         """Carry out one order; return the message for the parent."""
@@ -119,8 +123,10 @@ class Filler:
         header = writer.header
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
-        into_slot = getattr(job.transform, "writes_into_slot", False)
+        per_batch = job.per_batch
+        into_slot = getattr(job.transform, "writes_into_slot", False) and not per_batch
         mask_key = job.mask_key
+        slot_writer = writer
         started = time.perf_counter()
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
@@ -136,6 +142,8 @@ class Filler:
                     example = job.transform(example, item_rng(job.seed, epoch, position))
                 if mask_key is not None:
                     example = {**example, mask_key: True}
+                if per_batch and count == 0:
+                    writer = self._batch_writer(slot, slot_writer, example, index)
                 item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it
                 if job.skip_errors:
@@ -152,7 +160,21 @@ class Filler:
                 column.extend([None] * (job.layout.batch_size - count))
         header[H_PROGRESS] = len(indices)
         header[H_COUNT] = count
-        return ("done", order_id, count, objects, skipped, time.perf_counter() - started)
+        shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
+        return ("done", order_id, count, objects, skipped, time.perf_counter() - started, shapes)
+
+    def _batch_writer(self, slot: int, slot_writer: SlotWriter, example: Any, index: int) -> SlotWriter:
+        """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes)."""
+        layout = batch_layout(self.job.layout, example, index)
+        key = (slot, tuple(a.shape for a in layout.arrays))
+        writer = self._shaped.get(key)
+        if writer is None:
+            if len(self._shaped) > 4 * len(self._writers) + 16:
+                self._shaped.clear()
+            writer = self._shaped[key] = SlotWriter(layout, self._slot_view(slot))
+        writer.reference = f"record {index}'s, the first of its batch,"
+        writer.remedy = " With shapes='per_batch' a batch takes its first item's shapes: batch_size=1 takes any."
+        return writer
 
 
 def picklable(exc: BaseException) -> BaseException | None:

@@ -19,6 +19,7 @@ import numpy as np
 from agnostic_prefetch import _pool
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
+from agnostic_prefetch._options import check_shapes, let_go, local_batch_size, remainder_of
 from agnostic_prefetch._resume import START, Position, decode, encode, iteration_end, order_settings
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._schedule import Scheduler
@@ -82,7 +83,14 @@ class Loader:
         timeout: seconds a worker may go without progress before it is reported as hung.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
         spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
-            for the slot layout instead of reading one example in the parent.
+            for the slot layout instead of reading one example in the parent; with
+            ``shapes="per_batch"``, each leaf's largest shape.
+        shapes: ``"fixed"`` (every batch has the layout's shapes) or ``"per_batch"``: items
+            may differ in shape, each batch takes the shapes of its first item (as Caffe's
+            reshape does) and an item that differs from it is an error naming both
+            records. Slots are sized from ``spec=``, never from a scan of the source. One
+            shard only (every process must feed one shape); JAX compiles a step once per
+            new shape.
 
     Iterating: ``iter(loader)`` returns a :class:`LoaderIterator`, which owns its position
     (``state_dict()``). A second ``iter()`` ends the first iterator (its next ``next()``
@@ -124,6 +132,7 @@ class Loader:
         timeout: float | None = None,
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
+        shapes: str = "fixed",
     ) -> None:
         if backend not in ("process", "thread"):
             raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
@@ -135,8 +144,9 @@ class Loader:
             raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
-        batch_size = _local_batch_size(batch_size, global_batch_size, shard_count)
-        remainder = _remainder(remainder, drop_remainder, on_error, shard_count)
+        batch_size = local_batch_size(batch_size, global_batch_size, shard_count)
+        remainder = remainder_of(remainder, drop_remainder, on_error, shard_count)
+        check_shapes(shapes, spec, shard_count, remainder)
         self._sampler = Sampler(source, batch_size, shuffle=shuffle, seed=seed,
                                 remainder=remainder, shard_index=shard_index,
                                 shard_count=shard_count)
@@ -168,7 +178,7 @@ class Loader:
         workers_started: list[_pool.Worker] = []
         try:
             job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init,
-                      self._mask_key)
+                      self._mask_key, shapes == "per_batch")
             workers_started = _pool.start(workers, backend, job, self._ring, self._plan.orders_per_worker)
             self._scheduler = Scheduler(self._sampler, self._ring, SlotTable(self.slots, self._plan.max_held),
                                         workers_started, timeout, lookahead=self.slots)
@@ -333,7 +343,7 @@ class Loader:
         try:
             return self._first_example(source, transform)
         finally:
-            _let_go(source)
+            let_go(source)
 
     def _first_example(self, source: Any, transform: Any) -> Any:
         errors = []
@@ -353,43 +363,3 @@ class Loader:
                 errors.append(f"record {index}: {exc}")
         raise LoaderError("every record of the first batch failed; cannot lay out the ring:\n" + "\n".join(errors))
 
-
-def _local_batch_size(batch_size: int | None, global_batch_size: int | None, shard_count: int) -> int:
-    if batch_size is None and global_batch_size is None:
-        raise ValueError("pass batch_size= (per shard) or global_batch_size= (over all shards)")
-    if batch_size is not None and global_batch_size is not None and batch_size * shard_count != global_batch_size:
-        raise ValueError(
-            f"batch_size={batch_size} x shard_count={shard_count} is not global_batch_size="
-            f"{global_batch_size}; pass one of them")
-    if batch_size is not None:
-        return batch_size
-    assert global_batch_size is not None
-    if not isinstance(global_batch_size, int | np.integer) or global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be a positive integer, got {global_batch_size!r}")
-    if shard_count < 1 or global_batch_size % shard_count:
-        raise ValueError(
-            f"global_batch_size={global_batch_size} does not split into shard_count={shard_count} "
-            "equal slices; use a global batch that is a multiple of the shard count")
-    return int(global_batch_size) // shard_count
-
-
-def _remainder(remainder: str | None, drop_remainder: bool, on_error: str, shard_count: int) -> str:
-    if drop_remainder and remainder not in (None, "drop"):
-        raise ValueError(f"drop_remainder=True contradicts remainder={remainder!r}; pass one of them")
-    chosen = "drop" if drop_remainder else (remainder or "short")
-    if on_error == "skip" and shard_count > 1 and chosen != "pad":
-        raise ValueError(
-            f"on_error='skip' with shard_count={shard_count} needs remainder='pad': a skipped "
-            "record would make this shard's batch shorter than the other shards' (and an "
-            "all-skipped batch would change its step count), so the processes would feed "
-            "different shapes. Padding keeps every batch full and marks real rows in a mask.")
-    return chosen
-
-
-def _let_go(source: Any) -> None:
-    """Release what reading the layout example opened in this process (an LMDB environment:
-    py-lmdb allows one per path, and the user may open the database too), for a source that
-    offers ``release()`` (it reopens lazily if read here again; see ``MapSource``)."""
-    release = getattr(source, "release", None)
-    if callable(release):
-        release()
