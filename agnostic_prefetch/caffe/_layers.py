@@ -101,7 +101,7 @@ def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bo
     _ignored_legacy(p, "data_param", where)
     source = LMDBSource(options.resolve(p.source), channel_order=options.channel_order,
                         force_color=t.force_color, force_gray=t.force_gray,
-                        allow_varying_sizes=t.crop_size > 0)
+                        allow_varying_sizes=t.crop_size > 0 or options.loader_options.get("shapes") == "per_batch")
     return source, p.batch_size, False, _transform(t, options, mean)
 
 

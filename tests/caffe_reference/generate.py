@@ -50,6 +50,9 @@ def make_inputs() -> None:
         ("rocket_gamma.png", data.rocket()[150:195, 100:160], {"pnginfo": _chunks((b"gAMA", (45455).to_bytes(4, "big")))}),
         ("coffee_srgb_palette.png", data.coffee()[200:250, 300:360], {"pnginfo": _chunks((b"sRGB", b"\x00")),
                                                                       "palette": True}),
+        ("chelsea_rgba.png", np.dstack([data.chelsea()[100:140, 200:250], data.camera()[:40, :50]]), {}),
+        # imread turns a JPEG by its EXIF orientation (6: rotated 90 degrees clockwise)
+        ("coffee_exif6.jpg", data.coffee()[250:290, 400:450], {"quality": 90, "exif": _exif(6)}),
     ]
     with open(os.path.join(INPUTS, "list.txt"), "w") as listing:
         for label, (name, pixels, options) in enumerate(photos):
@@ -63,6 +66,14 @@ def make_inputs() -> None:
     with open(os.path.join(INPUTS, "windows.txt"), "w") as f:
         # one image, one foreground and one background window: WindowData's draws are then fixed
         f.write("# 0\nastronaut_420.jpg\n3\n50\n60\n2\n3 0.8 5 4 40 33\n0 0.1 20 10 55 45\n")
+
+
+def _exif(orientation: int) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
 
 
 def _chunks(*chunks: tuple[bytes, bytes]) -> object:
@@ -85,8 +96,8 @@ def read_db(path: str) -> dict[str, np.ndarray]:
             "values": np.array([v for _, v in items], dtype=object)}
 
 
-def tops(path: str) -> np.ndarray:
-    """The float Datums extract_features wrote, as one array (N, C, H, W)."""
+def tops(path: str) -> list[np.ndarray]:
+    """The float Datums extract_features wrote, one C×H×W array each."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
     from agnostic_prefetch.caffe._datum import decode_datum
 
@@ -94,7 +105,7 @@ def tops(path: str) -> np.ndarray:
     for value in read_db(path)["values"]:
         datum = decode_datum(value)
         blobs.append(np.asarray(datum.float_data, np.float32).reshape(datum.channels, datum.height, datum.width))
-    return np.stack(blobs)
+    return blobs
 
 
 def main() -> None:
@@ -126,8 +137,13 @@ def main() -> None:
             batches = int(text.split("# batches:")[1].split()[0])
             subprocess.run([os.path.join(tools, "extract_features"), empty, netfile, "data,label",
                             f"{out_data},{out_label}", str(batches), "lmdb", "CPU"], check=True, env=env)
-            np.savez(os.path.join(EXPECTED, f"{case}.npz"), data=tops(out_data), label=tops(out_label).reshape(-1))
-            print(case, tops(out_data).shape)
+            blobs, labels = tops(out_data), np.concatenate([b.reshape(-1) for b in tops(out_label)])
+            if len({b.shape for b in blobs}) == 1:
+                arrays = {"data": np.stack(blobs)}
+            else:  # per-batch shapes (batch size 1): one array per item
+                arrays = {f"data_{i}": b for i, b in enumerate(blobs)}
+            np.savez(os.path.join(EXPECTED, f"{case}.npz"), label=labels, **arrays)
+            print(case, sorted({b.shape for b in blobs}))
     finally:
         shutil.rmtree(work)
 
