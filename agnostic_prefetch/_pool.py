@@ -29,6 +29,10 @@ from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, Order, pack_orders, serve
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Not `-m`: that puts the working directory first on sys.path, so a directory there named
+# agnostic_prefetch (another checkout, say) would be what the worker runs.
+_ENTRY = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+          "from agnostic_prefetch._worker_entry import main; main()")
 
 
 class WorkerHandle:
@@ -136,7 +140,7 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int) -> list[Wo
             args = [order_r, result_w, stack_w, ring.fd, ring.nbytes, os.getpid(), int(use_pdeathsig)]
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "agnostic_prefetch._worker_entry", *map(str, args)],
+                    [sys.executable, "-c", _ENTRY, *map(str, args)],
                     pass_fds=(order_r, result_w, stack_w, ring.fd),
                     env=env,
                     cwd=os.getcwd(),

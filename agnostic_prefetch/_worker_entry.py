@@ -1,4 +1,4 @@
-"""Entry point of a worker process: ``python -m agnostic_prefetch._worker_entry <descriptors...>``.
+"""Entry point of a worker process: ``main()``, run by ``_pool`` with the descriptors as arguments.
 
 A fresh interpreter (never a fork of the training process) that ignores SIGINT (the parent
 owns shutdown), dies with its parent, receives the parent's ``sys.path``, working directory

@@ -146,3 +146,16 @@ def test_the_ring_has_no_name_in_dev_shm_while_running(tmp_path):
         proc.kill()
         proc.wait()
     assert wait_gone(pids, seconds=3) == []
+
+
+def test_a_worker_runs_this_package_even_when_the_working_directory_holds_another(tmp_path, monkeypatch):
+    import numpy as np
+
+    import agnostic_prefetch as ap
+
+    impostor = tmp_path / "agnostic_prefetch"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise ImportError('the checkout in the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    with ap.Loader(ap.ArraySource({"x": np.arange(6)}), 2, workers=1) as loader:
+        assert [b["x"].tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]

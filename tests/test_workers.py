@@ -34,7 +34,7 @@ def test_workers_are_not_forks_of_the_parent():
         pid = loader._workers[0].process.pid
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    assert b"agnostic_prefetch._worker_entry" in argv  # its own entry point, a fresh exec
+    assert b"from agnostic_prefetch._worker_entry import main" in argv[2]  # its own entry point, a fresh exec
 
 
 def test_memmap_arrays_are_not_copied_into_workers(tmp_path):
