@@ -5,6 +5,7 @@ same inputs (tests/caffe_reference: inputs, nets, and the expected outputs gener
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -23,14 +24,18 @@ DATABASES = {
     "encoded": {"encoded": True},
 }
 
+sys.path.insert(0, HERE)
+from generate import unpack  # noqa: E402
+
 if not os.path.isdir(EXPECTED):
     pytest.skip("no reference outputs: run tests/caffe_reference/generate.py with a built Caffe",
                 allow_module_level=True)
 
 
 def expected_db(name):
-    with np.load(os.path.join(EXPECTED, f"convert_{name}.npz"), allow_pickle=True) as f:
-        return list(f["keys"]), list(f["values"])
+    with np.load(os.path.join(EXPECTED, f"convert_{name}.npz")) as f:
+        arrays = dict(f)
+    return unpack(arrays, "keys"), unpack(arrays, "values")
 
 
 def our_db(tmp_path, name):

@@ -92,8 +92,18 @@ def read_db(path: str) -> dict[str, np.ndarray]:
     with env.begin() as txn:
         items = list(txn.cursor())
     env.close()
-    return {"keys": np.array([k for k, _ in items], dtype=object),
-            "values": np.array([v for _, v in items], dtype=object)}
+    # bytes back to back with their end offsets: no pickled object arrays
+    packed = {}
+    for name, column in (("keys", [k for k, _ in items]), ("values", [v for _, v in items])):
+        packed[name] = np.frombuffer(b"".join(column), np.uint8)
+        packed[name + "_ends"] = np.cumsum([len(b) for b in column], dtype=np.int64)
+    return packed
+
+
+def unpack(arrays: dict, name: str) -> list[bytes]:
+    """The byte strings ``read_db`` packed under ``name``."""
+    blob, ends = arrays[name].tobytes(), arrays[name + "_ends"]
+    return [blob[start:end] for start, end in zip([0, *ends[:-1].tolist()], ends.tolist(), strict=True)]
 
 
 def tops(path: str) -> list[np.ndarray]:
@@ -102,7 +112,7 @@ def tops(path: str) -> list[np.ndarray]:
     from agnostic_prefetch.caffe._datum import decode_datum
 
     blobs = []
-    for value in read_db(path)["values"]:
+    for value in unpack(read_db(path), "values"):
         datum = decode_datum(value)
         blobs.append(np.asarray(datum.float_data, np.float32).reshape(datum.channels, datum.height, datum.width))
     return blobs
