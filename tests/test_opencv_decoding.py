@@ -144,3 +144,28 @@ def test_gray_from_a_colour_png_is_libpngs_integer_conversion(chunks, kind):
         data = png_with(image, chunks, **extra)
         got = decode_image(data, name=kind, color=False)[:, :, 0]
         np.testing.assert_array_equal(got, cv_decode(data, cv2.IMREAD_GRAYSCALE), err_msg=f"{kind} {shape}")
+
+
+def with_chunks_after_ihdr(data, chunks):
+    """PNG bytes with extra chunks spliced in right after IHDR (before PLTE and IDAT)."""
+    import struct
+    import zlib
+
+    extra = b"".join(struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+                     for kind, body in chunks)
+    return data[:33] + extra + data[33:]  # signature (8) + IHDR (25)
+
+
+@pytest.mark.parametrize("chunks", [*GAMMAS.values(), [(b"sBIT", b"\x0c\x0c\x0c"), (b"gAMA", (45455).to_bytes(4, "big"))]],
+                         ids=[*GAMMAS, "sBIT 12 and gAMA 1/2.2"])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_gray_from_a_16_bit_colour_png_is_libpngs_16_bit_conversion(chunks, channels):
+    rng = np.random.default_rng(channels)
+    for shape in [(19, 27), (33, 8)]:
+        bgr = rng.integers(0, 65536, (*shape, channels), dtype=np.uint16)
+        bgr[1, :6, 1:3] = bgr[1, :6, :1]  # gray pixels (R == G == B)
+        bgr[2] = bgr[2] // 64 * 64  # runs that make libpng pick every row filter
+        ok, encoded = cv2.imencode(".png", bgr)
+        data = with_chunks_after_ihdr(encoded.tobytes(), chunks)
+        got = decode_image(data, name="16-bit", color=False)[:, :, 0]
+        np.testing.assert_array_equal(got, cv_decode(data, cv2.IMREAD_GRAYSCALE), err_msg=f"{shape} {chunks}")

@@ -254,13 +254,13 @@ def test_window_data_gives_background_then_foreground_warped_windows(work, caplo
     ('layer { name: "d" type: "Data" top: "data" data_param { source: "train_lmdb" batch_size: 1 } }',
      r"LEVELDB \(Caffe's default when none is given\)"),
     ('layer { name: "h" type: "HDF5Data" top: "data" hdf5_data_param { source: "x" } }',
-     r"layer 'h'.*HDF5Data layer, which agnostic_prefetch does not read"),
+     r"layer 'h'.*HDF5Data layer with no bottoms \(a data layer\), which agnostic_prefetch does not read"),
     ('layer { name: "d" type: "Data" top: "data"\n include { phase: TEST } exclude { phase: TRAIN }\n'
      ' data_param { source: "train_lmdb" batch_size: 1 backend: LMDB } }',
      "either include rules or exclude rules, not both"),
     ('layer { name: "d" type: "Data" top: "data"\n', r"line 1: this block is never closed"),
-    ('layer { name: "i" type: "ImageData" top: "data" image_data_param { source: "list.txt" batch_size: 1 rand_skip: 3 } }',
-     r"rand_skip=3 is not supported"),
+    ('layer { name: "x" type: "SomeCustomData" top: "data" }',
+     r"layer 'x'.*SomeCustomData layer with no bottoms \(a data layer\), which agnostic_prefetch does not read"),
 ])
 def test_errors_name_the_file_line_layer_and_remedy(work, text, message):
     with pytest.raises(ValueError, match=message):
@@ -298,3 +298,17 @@ def test_uint8_output_only_where_the_values_are_whole(work):
         assert next(iter(loader))["data"].dtype == np.uint8
     with pytest.raises(ValueError, match="dtype=uint8 needs no mean and scale 1"):
         from_prototxt(write(work, CAFFENET), "TEST", workers=0, dtype=np.uint8)
+
+
+def test_image_data_rand_skip_starts_the_stream_at_a_line_drawn_from_the_seed(work):
+    text = FLICKR.replace("is_color: false", "is_color: false rand_skip: 5")
+    starts = set()
+    for seed in range(12):
+        with from_prototxt(write(work, text), "TEST", workers=0, seed=seed)["data"] as loader:
+            first = next(iter(loader))["label"].tolist()
+        skip = int(np.random.default_rng([seed, 0x534B4950]).integers(0, 5))
+        assert first == [skip % 3, (skip + 1) % 3]  # line i has label i % 3
+        starts.add(skip)
+    assert len(starts) > 1
+    with pytest.raises(ValueError, match="rand_skip=5 starts Caffe's endless stream.*no meaning with epochs="):
+        from_prototxt(write(work, text), "TEST", workers=0, epochs=1)

@@ -111,10 +111,10 @@ def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, i
     p, t = layer.image_data_param, layer.transform_param
     if not p.source:
         raise ValueError(f"{where}: image_data_param.source is missing")
-    if p.rand_skip:
+    if p.rand_skip and options.loader_options.get("epochs") is not None:
         raise ValueError(
-            f"{where}: image_data_param.rand_skip={p.rand_skip} is not supported (it would start the "
-            "stream at a random line); remove it")
+            f"{where}: image_data_param.rand_skip={p.rand_skip} starts Caffe's endless stream at a "
+            "random line; it has no meaning with epochs=. Leave epochs out, or remove rand_skip.")
     if t.force_color or t.force_gray:
         _once("transform_param.force_color/force_gray have no effect on ImageData (is_color decides); ignored")
     _ignored_legacy(p, "image_data_param", where)
@@ -125,7 +125,23 @@ def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, i
         root_folder = os.path.join(options.base, "")
     source = ImageListSource(options.resolve(p.source), root_folder=root_folder, new_height=p.new_height,
                              new_width=p.new_width, is_color=p.is_color, channel_order=options.channel_order)
+    if p.rand_skip:
+        source = _Skipping(source, p.rand_skip)
     return source, p.batch_size, p.shuffle, _transform(t, options, mean)
+
+
+class _Skipping:
+    """A source marked to start Caffe's stream ``skip`` items in: ImageData's ``rand_skip``
+    (the offset is drawn in ``CaffeStream``, from the seed)."""
+
+    def __init__(self, source: Any, rand_skip: int) -> None:
+        self.source, self.rand_skip = source, int(rand_skip)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.source[index]
 
 
 def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
@@ -168,9 +184,13 @@ class Tops:
 
 class CaffeStream:
     """A source read as Caffe's layers read it: an endless stream that wraps around mid-batch,
-    in order, or (``shuffle``) in a new permutation from ``(seed, pass)`` on every pass."""
+    in order, or (``shuffle``) in a new permutation from ``(seed, pass)`` on every pass,
+    starting ``rand_skip`` items in (drawn from the seed) for a source marked so."""
 
     def __init__(self, source: Any, shuffle: bool) -> None:
+        self.rand_skip = getattr(source, "rand_skip", 0)
+        if isinstance(source, _Skipping):
+            source = source.source
         self.source, self.shuffle, self.n = source, bool(shuffle), len(source)
 
     def __len__(self) -> int:
@@ -186,13 +206,16 @@ class CaffeStream:
 
     @property
     def order_fingerprint(self) -> dict[str, Any]:
-        return {"caffe_stream": self.shuffle, "source": getattr(self.source, "order_fingerprint", None)}
+        return {"caffe_stream": self.shuffle, "rand_skip": self.rand_skip,
+                "source": getattr(self.source, "order_fingerprint", None)}
 
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
         """Batches ``epoch * ceil(n / B)`` on of the stream: item ``m`` is record ``m % n``
         of pass ``m // n``."""
         per = -(-self.n // batch_size)
-        m = epoch * per * batch_size + np.arange(per * batch_size, dtype=np.int64)
+        # rand_skip: Caffe starts at line `rand() % rand_skip` of its first pass
+        skip = int(np.random.default_rng([seed, 0x534B4950]).integers(0, self.rand_skip)) if self.rand_skip else 0
+        m = skip + epoch * per * batch_size + np.arange(per * batch_size, dtype=np.int64)
         passes, at = np.divmod(m, self.n)
         if self.shuffle:
             for p in np.unique(passes).tolist():

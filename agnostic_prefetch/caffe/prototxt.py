@@ -131,9 +131,10 @@ def _data_layer(block: Layer, number: int, path: str, state: tuple[int, int, fro
     if not included(header, *state, where):
         return None
     if type_name in _DEPLOY or (type_name not in _BUILT and type_name not in _BUILT.values()):
-        if type_name in _NOT_READ:
+        if type_name in _NOT_READ or (not header.bottom and type_name not in _DEPLOY):
             raise ValueError(
-                f"{where} is a {type_name} layer, which agnostic_prefetch does not read; supported data "
+                f"{where} is a {type_name} layer with no bottoms (a data layer), which agnostic_prefetch "
+                "does not read; supported data "
                 f"layers are {', '.join(_BUILT)}. Convert the data to an LMDB of Datums (agnostic-prefetch "
                 "convert) and use a Data layer, or load it with your own map-style source.")
         return None

@@ -12,9 +12,11 @@ then computes, per 8-bit pixel (pngrtran.c, ``png_do_rgb_to_gray``; the same in 
   table brings it back; a pixel with ``R == G == B`` keeps ``R``. The tables are
   ``floor(255 * (v / 255) ** g + 0.5)``, built with the C library's ``pow`` as libpng does.
 
-Where libpng 1.6 releases differ (how an iCCP profile or an out-of-range gAMA counts) the
-rules of 1.6.47 and later are followed. 16-bit colour PNGs are converted from their high
-bytes (Pillow's 8-bit samples), which can differ from libpng by one level.
+A 16-bit colour PNG is converted at 16 bits (its samples decoded here: Pillow gives only 8),
+with libpng's 16-bit tables, then its high byte is kept; an interlaced one is converted from
+Pillow's 8-bit samples, which can differ by a level. Where libpng 1.6 releases differ
+(how an iCCP profile or an out-of-range gAMA counts) the rules of 1.6.47 and later are
+followed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import struct
 import numpy as np
 from PIL import Image
 
-__all__ = ["png_file_gamma", "png_to_gray"]
+__all__ = ["png16_to_gray", "png_file_gamma", "png_to_gray"]
 
 _RC, _GC = 29900 * 32768 // 100000, 58700 * 32768 // 100000
 _BC = 32768 - _RC - _GC
@@ -74,6 +76,10 @@ def _table(g: int) -> np.ndarray:
 
 def png_to_gray(img: Image.Image, data: bytes | memoryview) -> np.ndarray:
     """H×W uint8 gray of the colour PNG ``img`` (opened from ``data``), as libpng converts it."""
+    if data[24] == 16:  # IHDR bit depth: Pillow's samples would be 8-bit
+        gray = png16_to_gray(data)
+        if gray is not None:
+            return gray
     rgb = np.asarray(img.convert("RGB"), dtype=np.int64)  # palette expanded, alpha dropped
     r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
     gamma = png_file_gamma(data)
@@ -85,3 +91,112 @@ def png_to_gray(img: Image.Image, data: bytes | memoryview) -> np.ndarray:
     same = (r == g) & (g == b)
     gray[same] = r[same]
     return gray.astype(np.uint8)
+
+
+# ---- 16-bit colour: libpng converts at 16 bits, then keeps the high byte --------------
+
+def _chunks(data: bytes | memoryview) -> dict[bytes, list[bytes]]:
+    found: dict[bytes, list[bytes]] = {}
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        found.setdefault(kind, []).append(bytes(data[at + 8 : at + 8 + length]))
+        if kind == b"IEND":
+            break
+        at += 12 + length
+    return found
+
+
+def _unfilter(stream: bytes, height: int, row_bytes: int, bpp: int) -> np.ndarray:
+    """PNG's per-row filters undone: (height, row_bytes) uint8."""
+    out = np.zeros((height, row_bytes), np.uint8)
+    prior = np.zeros(row_bytes, np.int64)
+    for y in range(height):
+        start = y * (row_bytes + 1)
+        kind, raw = stream[start], np.frombuffer(stream, np.uint8, row_bytes, start + 1).astype(np.int64)
+        if kind == 0:
+            row = raw
+        elif kind == 2:
+            row = (raw + prior) & 0xFF
+        elif kind == 1:
+            row = np.cumsum(np.pad(raw, (0, -len(raw) % bpp)).reshape(-1, bpp), axis=0).reshape(-1)[:row_bytes] & 0xFF
+        else:  # average, Paeth: each byte needs the one decoded before it
+            row = raw.copy()
+            for x in range(row_bytes):
+                left = row[x - bpp] if x >= bpp else 0
+                up, corner = prior[x], (prior[x - bpp] if x >= bpp else 0)
+                if kind == 3:
+                    row[x] = (row[x] + ((left + up) >> 1)) & 0xFF
+                else:
+                    p = left + up - corner
+                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                    row[x] = (row[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        out[y] = row
+        prior = row
+    return out
+
+
+def _samples16(data: bytes | memoryview) -> tuple[np.ndarray, dict[bytes, list[bytes]]] | None:
+    """A 16-bit colour PNG's R, G, B samples (H×W×3 int64) and its chunks; ``None`` for an
+    interlaced one (not decoded here)."""
+    import zlib
+
+    chunks = _chunks(data)
+    width, height, _, color_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    if interlace or color_type not in (2, 6):
+        return None
+    channels = 3 if color_type == 2 else 4
+    stream = zlib.decompress(b"".join(chunks.get(b"IDAT", [])))
+    rows = _unfilter(stream, height, width * 2 * channels, 2 * channels)
+    values = rows.reshape(height, width, channels, 2).astype(np.int64)
+    return ((values[..., 0] << 8) | values[..., 1])[:, :, :3], chunks
+
+
+def _table16(shift: int, g: int) -> np.ndarray:
+    """libpng's 16-bit gamma table, indexed by ``v >> shift``."""
+    top = (1 << (16 - shift)) - 1
+    if not _significant(g):
+        return (np.arange(top + 1, dtype=np.int64) * 65535 + (1 << (15 - shift))) // top if shift else np.arange(65536)
+    step = 1.0 / top
+    return np.array([int(math.floor(65535.0 * math.pow(i * step, g * 1e-5) + 0.5)) & 0xFFFF
+                     for i in range(top + 1)], dtype=np.int64)
+
+
+def _table16_to_8(shift: int, g: int) -> np.ndarray:
+    """libpng's table from a 16-bit value (``>> shift``) to the nearest 8-bit one (×257)."""
+    top = (1 << (16 - shift)) - 1
+    table = np.full(1 << (16 - shift), 65535, np.int64)
+    last = 0
+    for i in range(255):
+        value = 257 * i + 128
+        bound = int(math.floor(65535 * math.pow(value / 65535.0, g * 1e-5) + 0.5))
+        bound = (bound * top + 32768) // 65535 + 1
+        if bound > last:
+            table[last:bound] = 257 * i
+            last = bound
+    return table
+
+
+def png16_to_gray(data: bytes | memoryview) -> np.ndarray | None:
+    """H×W uint8 gray of a 16-bit colour PNG, as libpng converts it at 16 bits for OpenCV
+    (``None`` for an interlaced one)."""
+    decoded = _samples16(data)
+    if decoded is None:
+        return None
+    rgb, chunks = decoded
+    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    gamma = png_file_gamma(data)
+    screen = _reciprocal(gamma) if gamma else 100000
+    if gamma is None or not (_significant(gamma) or _significant(screen)):
+        return (((_RC * r + _GC * g + _BC * b + 16384) >> 15) >> 8).astype(np.uint8)
+    sbit = chunks.get(b"sBIT")
+    significant_bits = max(sbit[0][:3]) if sbit and len(sbit[0]) >= 3 else 0
+    shift = 16 - significant_bits if 0 < significant_bits < 16 else 0
+    shift = min(max(shift, 5), 8)  # libpng: at most 11 bits of table when it strips to 8
+    to_linear, from_linear = _table16(shift, _reciprocal(gamma)), _table16(shift, _reciprocal(screen))
+    correction = int(math.floor(1e15 / screen / gamma + 0.5))
+    to_8 = _table16_to_8(shift, _reciprocal(correction))
+    gray16 = ((_RC * to_linear[r >> shift] + _GC * to_linear[g >> shift] + _BC * to_linear[b >> shift]
+               + 16384) >> 15) & 0xFFFF
+    out = np.where((r == g) & (g == b), to_8[r >> shift], from_linear[gray16 >> shift])
+    return (out >> 8).astype(np.uint8)

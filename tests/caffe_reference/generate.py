@@ -7,7 +7,8 @@ photographs, so that the references always match the committed inputs.
     python tests/caffe_reference/generate.py [--caffe /tmp/caffe]
 
 What it runs, each on the committed inputs:
-  convert_imageset   raw (resized 40x50), gray (resized), encoded (files as they are)
+  convert_imageset   raw (resized 40x50), gray (resized), encoded (files as they are),
+                     encoded and resized (Caffe re-encodes each file in its own format)
   compute_image_mean on the resized database
   extract_features   a one-layer TEST net per case in nets/, dumping its data and label tops
 Outputs (a few hundred KB): expected/*.npz, expected/*.binaryproto.
@@ -26,16 +27,19 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INPUTS, NETS, EXPECTED = (os.path.join(HERE, d) for d in ("inputs", "nets", "expected"))
-DATABASES = {  # name: convert_imageset flags
-    "raw_resized": ["--resize_height=40", "--resize_width=50"],
-    "gray_resized": ["--resize_height=40", "--resize_width=50", "--gray"],
-    "encoded": ["--encoded"],
+DATABASES = {  # name: convert_imageset flags, and the list (list16.txt: 16-bit files, which
+    # Caffe's layers refuse in encoded Datums, so only the converter reads them)
+    "raw_resized": (["--resize_height=40", "--resize_width=50"], "list.txt"),
+    "gray_resized": (["--resize_height=40", "--resize_width=50", "--gray"], "list.txt"),
+    "encoded": (["--encoded"], "list.txt"),
+    "encoded_resized": (["--encoded", "--resize_height=40", "--resize_width=50"], "list.txt"),  # re-encoded
+    "gray16": (["--gray"], "list16.txt"),
+    "colour16": ([], "list16.txt"),
 }
 
 
 def make_inputs() -> None:
     """Small real photographs: colour and gray, JPEG 4:2:0 / 4:2:2 / 4:4:4 and PNG, several sizes."""
-    from PIL import Image
     from skimage import data
 
     os.makedirs(INPUTS, exist_ok=True)
@@ -53,19 +57,48 @@ def make_inputs() -> None:
         ("chelsea_rgba.png", np.dstack([data.chelsea()[100:140, 200:250], data.camera()[:40, :50]]), {}),
         # imread turns a JPEG by its EXIF orientation (6: rotated 90 degrees clockwise)
         ("coffee_exif6.jpg", data.coffee()[250:290, 400:450], {"quality": 90, "exif": _exif(6)}),
+        # 16 bits a sample, gAMA 1/2.2: libpng converts to gray at 16 bits with its 16-bit tables
+        ("chelsea16_gamma.png", data.chelsea()[150:190, 50:110], {"sixteen_bits": True}),
     ]
-    with open(os.path.join(INPUTS, "list.txt"), "w") as listing:
+    sixteen = [p for p in photos if p[2].get("sixteen_bits")]
+    photos = [p for p in photos if not p[2].get("sixteen_bits")]
+    for list_name, entries in (("list.txt", photos), ("list16.txt", sixteen)):
+        _write_inputs(list_name, entries)
+    with open(os.path.join(INPUTS, "windows.txt"), "w") as f:
+        # one image, one foreground and one background window: WindowData's draws are then fixed
+        f.write("# 0\nastronaut_420.jpg\n3\n50\n60\n2\n3 0.8 5 4 40 33\n0 0.1 20 10 55 45\n")
+
+
+def _write_inputs(list_name: str, photos: list) -> None:
+    from PIL import Image
+
+    with open(os.path.join(INPUTS, list_name), "w") as listing:
         for label, (name, pixels, options) in enumerate(photos):
             path = os.path.join(INPUTS, name)
-            if not os.path.exists(path):
+            if not os.path.exists(path) and options.pop("sixteen_bits", False):
+                _write_png16(path, pixels)
+            elif not os.path.exists(path):
                 image = Image.fromarray(np.ascontiguousarray(pixels))
                 if options.pop("palette", False):
                     image = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=96)
                 image.save(path, **options)
             listing.write(f"{name} {label}\n")
-    with open(os.path.join(INPUTS, "windows.txt"), "w") as f:
-        # one image, one foreground and one background window: WindowData's draws are then fixed
-        f.write("# 0\nastronaut_420.jpg\n3\n50\n60\n2\n3 0.8 5 4 40 33\n0 0.1 20 10 55 45\n")
+
+
+def _write_png16(path: str, rgb8: np.ndarray) -> None:
+    """A 16-bit RGB PNG (cv2 writes one; Pillow cannot) with a gAMA chunk of 1/2.2."""
+    import struct
+    import zlib
+
+    import cv2
+
+    noise = np.random.default_rng(0).integers(0, 257, rgb8.shape)
+    ok, encoded = cv2.imencode(".png", (rgb8.astype(np.uint16) * 256 + noise).astype(np.uint16)[:, :, ::-1])
+    body, kind = (45455).to_bytes(4, "big"), b"gAMA"
+    chunk = struct.pack(">I", 4) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    data = encoded.tobytes()
+    with open(path, "wb") as f:
+        f.write(data[:33] + chunk + data[33:])  # right after IHDR
 
 
 def _exif(orientation: int) -> bytes:
@@ -128,10 +161,10 @@ def main() -> None:
     work = tempfile.mkdtemp()
     try:
         env = dict(os.environ, GLOG_minloglevel="2")
-        for name, flags in DATABASES.items():
+        for name, (flags, list_name) in DATABASES.items():
             db = os.path.join(work, name)
             subprocess.run([os.path.join(tools, "convert_imageset"), *flags, INPUTS + "/",
-                            os.path.join(INPUTS, "list.txt"), db], check=True, env=env)
+                            os.path.join(INPUTS, list_name), db], check=True, env=env)
             np.savez(os.path.join(EXPECTED, f"convert_{name}.npz"), **read_db(db))
         subprocess.run([os.path.join(tools, "compute_image_mean"), os.path.join(work, "raw_resized"),
                         os.path.join(EXPECTED, "mean.binaryproto")], check=True, env=env)
