@@ -4,8 +4,8 @@ same inputs (tests/caffe_reference: inputs, nets, and the expected outputs gener
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -27,8 +27,10 @@ DATABASES = {  # as generate.py makes them: our convert options, and the list
     "colour16": ({}, "list16.txt"),
 }
 
-sys.path.insert(0, HERE)
-from generate import unpack  # noqa: E402
+_spec = importlib.util.spec_from_file_location("caffe_reference_generate", os.path.join(HERE, "generate.py"))
+_generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_generate)
+unpack = _generate.unpack  # how generate.py packs the records
 
 if not os.path.isdir(EXPECTED):
     pytest.skip("no reference outputs: run tests/caffe_reference/generate.py with a built Caffe",
