@@ -5,23 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sources_for_tests import Counting
+from sources_for_tests import Counting, Failing
 
 import agnostic_prefetch as ap
 from agnostic_prefetch.errors import LayoutError
-
-
-class Bad(Counting):
-    """Counting, but the records in ``bad`` raise."""
-
-    def __init__(self, n, bad):
-        super().__init__(n)
-        self.bad = set(bad)
-
-    def __getitem__(self, i):
-        if i in self.bad:
-            raise OSError(f"record {i} is corrupt")
-        return super().__getitem__(i)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -46,7 +33,7 @@ def test_pad_counts_padding_and_real_items_in_stats():
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_skipped_records_are_padded_and_an_all_skipped_batch_still_comes_so_steps_stay_equal(backend):
-    source = Bad(12, bad={6, 7})  # shard 1's slice of global batch 1 is all bad
+    source = Failing(12, bad={6, 7})  # shard 1's slice of global batch 1 is all bad
     got = []
     for shard in range(2):
         with ap.Loader(source, 2, shard_index=shard, shard_count=2, on_error="skip",
@@ -58,9 +45,9 @@ def test_skipped_records_are_padded_and_an_all_skipped_batch_still_comes_so_step
 
 
 def test_with_one_shard_an_all_skipped_batch_is_left_out_and_short_batches_stay_short():
-    with ap.Loader(Bad(6, bad={2, 3}), 2, on_error="skip", workers=0) as loader:
+    with ap.Loader(Failing(6, bad={2, 3}), 2, on_error="skip", workers=0) as loader:
         assert [b["i"].tolist() for b in loader] == [[0, 1], [4, 5]]
-    with ap.Loader(Bad(6, bad={2}), 2, on_error="skip", workers=0) as loader:
+    with ap.Loader(Failing(6, bad={2}), 2, on_error="skip", workers=0) as loader:
         assert [b["i"].tolist() for b in loader] == [[0, 1], [3], [4, 5]]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -36,16 +35,12 @@ def build(type_name: str, layer: Any, options: Any, where: str) -> Any:
         raise ValueError(f"{where}: dtype=uint8 needs no mean and scale 1 (this layer's values are fractional)")
     kind = {"DATA": "Data", "IMAGE_DATA": "ImageData", "WINDOW_DATA": "WindowData"}.get(type_name, type_name)
     endless = options.loader_options.get("epochs", None) is None
-    if kind == "Data":
-        source, batch_size, shuffle, transform = _data(layer, options, mean, where)
-    elif kind == "ImageData":
-        source, batch_size, shuffle, transform = _image_data(layer, options, mean, where)
-    else:
-        source, batch_size, shuffle, transform = _window_data(layer, options, mean, where)
+    read = {"Data": _data, "ImageData": _image_data}.get(kind, _window_data)
+    source, batch_size, shuffle, transform, rand_skip = read(layer, options, mean, where)
     if batch_size < 1:
         raise ValueError(f"{where}: batch_size must be set and positive")
     if endless and not hasattr(source, "batch_order"):
-        source, shuffle = CaffeStream(source, shuffle), False
+        source, shuffle = CaffeStream(source, shuffle, rand_skip), False
     settings = {"epochs": None, **options.loader_options}
     return Loader(source, batch_size, shuffle=shuffle,
                   transform=Tops(transform, tops[0], tops[1] if len(tops) > 1 else None,
@@ -81,7 +76,7 @@ def _ignored_legacy(params: Any, name: str, where: str) -> None:
                         "it is ignored here too", where, name, field)
 
 
-def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any, int]:
     from agnostic_prefetch.caffe.lmdb import LMDBSource
 
     p, t = layer.data_param, layer.transform_param
@@ -102,10 +97,10 @@ def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bo
     source = LMDBSource(options.resolve(p.source), channel_order=options.channel_order,
                         force_color=t.force_color, force_gray=t.force_gray,
                         allow_varying_sizes=t.crop_size > 0 or options.loader_options.get("shapes") == "per_batch")
-    return source, p.batch_size, False, _transform(t, options, mean)
+    return source, p.batch_size, False, _transform(t, options, mean), 0
 
 
-def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any, int]:
     from agnostic_prefetch.caffe.image_list import ImageListSource
 
     p, t = layer.image_data_param, layer.transform_param
@@ -118,33 +113,12 @@ def _image_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, i
     if t.force_color or t.force_gray:
         _once("transform_param.force_color/force_gray have no effect on ImageData (is_color decides); ignored")
     _ignored_legacy(p, "image_data_param", where)
-    root_folder = p.root_folder
-    if root_folder and not os.path.isabs(root_folder):
-        root_folder = os.path.join(options.base, root_folder)
-    elif not root_folder and options.base != os.getcwd():
-        root_folder = os.path.join(options.base, "")
-    source = ImageListSource(options.resolve(p.source), root_folder=root_folder, new_height=p.new_height,
+    source = ImageListSource(options.resolve(p.source), root_folder=options.folder(p.root_folder), new_height=p.new_height,
                              new_width=p.new_width, is_color=p.is_color, channel_order=options.channel_order)
-    if p.rand_skip:
-        source = _Skipping(source, p.rand_skip)
-    return source, p.batch_size, p.shuffle, _transform(t, options, mean)
+    return source, p.batch_size, p.shuffle, _transform(t, options, mean), p.rand_skip
 
 
-class _Skipping:
-    """A source marked to start Caffe's stream ``skip`` items in: ImageData's ``rand_skip``
-    (the offset is drawn in ``CaffeStream``, from the seed)."""
-
-    def __init__(self, source: Any, rand_skip: int) -> None:
-        self.source, self.rand_skip = source, int(rand_skip)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.source[index]
-
-
-def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any]:
+def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any, int]:
     from agnostic_prefetch.caffe.window import WindowSource
 
     p, t = layer.window_data_param, layer.transform_param
@@ -155,14 +129,11 @@ def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, 
     if p.cache_images:
         _once("window_data_param.cache_images has no effect here: images are read when needed")
     _ignored_legacy(p, "window_data_param", where)
-    root_folder = p.root_folder
-    if root_folder and not os.path.isabs(root_folder):
-        root_folder = os.path.join(options.base, root_folder)
-    source = WindowSource(options.resolve(p.source), root_folder=root_folder, fg_threshold=p.fg_threshold,
+    source = WindowSource(options.resolve(p.source), root_folder=options.folder(p.root_folder), fg_threshold=p.fg_threshold,
                           bg_threshold=p.bg_threshold, fg_fraction=p.fg_fraction, context_pad=p.context_pad,
                           crop_mode=p.crop_mode, crop_size=t.crop_size, mirror=t.mirror, mean=mean,
                           scale=t.scale, channel_order=options.channel_order)
-    return source, p.batch_size, False, None
+    return source, p.batch_size, False, None, 0
 
 
 class Tops:
@@ -185,13 +156,10 @@ class Tops:
 class CaffeStream:
     """A source read as Caffe's layers read it: an endless stream that wraps around mid-batch,
     in order, or (``shuffle``) in a new permutation from ``(seed, pass)`` on every pass,
-    starting ``rand_skip`` items in (drawn from the seed) for a source marked so."""
+    starting a number of items in drawn below ``rand_skip`` from the seed (ImageData's)."""
 
-    def __init__(self, source: Any, shuffle: bool) -> None:
-        self.rand_skip = getattr(source, "rand_skip", 0)
-        if isinstance(source, _Skipping):
-            source = source.source
-        self.source, self.shuffle, self.n = source, bool(shuffle), len(source)
+    def __init__(self, source: Any, shuffle: bool, rand_skip: int = 0) -> None:
+        self.source, self.shuffle, self.n, self.rand_skip = source, bool(shuffle), len(source), int(rand_skip)
 
     def __len__(self) -> int:
         return self.n

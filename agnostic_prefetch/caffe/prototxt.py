@@ -106,6 +106,15 @@ class _Options:
     def resolve(self, name: str) -> str:
         return name if os.path.isabs(name) else os.path.join(self.base, name)
 
+    def folder(self, root_folder: str) -> str:
+        """A layer's ``root_folder`` (a prefix Caffe concatenates with each file name), against
+        ``root=`` when one was given: an empty one then means ``root=`` itself."""
+        if root_folder and not os.path.isabs(root_folder):
+            return os.path.join(self.base, root_folder)
+        if not root_folder and self.base != os.getcwd():
+            return os.path.join(self.base, "")
+        return root_folder
+
 
 def _parse(block: Layer, kind: str, path: str, lenient: bool) -> Any:
     from google.protobuf import text_format

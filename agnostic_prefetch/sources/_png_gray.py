@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -38,24 +39,32 @@ def png_file_gamma(data: bytes | memoryview) -> int | None:
     """The file gamma libpng takes from the chunks before the image data (fixed point,
     100000 = 1.0), or ``None``: a valid sRGB chunk gives 45455 whatever a gAMA says; else the
     first valid gAMA."""
-    at, gamma, srgb_seen, gama_seen = 8, None, False, False
-    while at + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, at)
+    gamma, srgb_seen, gama_seen = None, False, False
+    for kind, body in _each_chunk(data):
         if kind in (b"IDAT", b"PLTE", b"IEND"):
             break
-        body = bytes(data[at + 8 : at + 8 + length])
         if kind == b"sRGB" and not srgb_seen:
             srgb_seen = True
-            if length == 1 and body[0] <= 3:
+            if len(body) == 1 and body[0] <= 3:
                 gamma = _SRGB
         elif kind == b"gAMA" and not gama_seen:
             gama_seen = True
-            if length == 4:
+            if len(body) == 4:
                 value = struct.unpack(">I", body)[0]
                 if 0 < value <= 0x7FFFFFFF and gamma is None:
                     gamma = value
-        at += 12 + length
     return gamma
+
+
+def _each_chunk(data: bytes | memoryview) -> Iterator[tuple[bytes, bytes]]:
+    """(kind, body) of each chunk, in order, up to IEND."""
+    at = 8
+    while at + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        yield kind, bytes(data[at + 8 : at + 8 + length])
+        if kind == b"IEND":
+            return
+        at += 12 + length
 
 
 def _reciprocal(g: int) -> int:
@@ -97,13 +106,8 @@ def png_to_gray(img: Image.Image, data: bytes | memoryview) -> np.ndarray:
 
 def _chunks(data: bytes | memoryview) -> dict[bytes, list[bytes]]:
     found: dict[bytes, list[bytes]] = {}
-    at = 8
-    while at + 8 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, at)
-        found.setdefault(kind, []).append(bytes(data[at + 8 : at + 8 + length]))
-        if kind == b"IEND":
-            break
-        at += 12 + length
+    for kind, body in _each_chunk(data):
+        found.setdefault(kind, []).append(body)
     return found
 
 
