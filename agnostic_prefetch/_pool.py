@@ -86,7 +86,8 @@ class InProcessWorker:
     def __init__(self, job: Job, ring: Ring) -> None:
         self.outstanding: collections.deque[int] = collections.deque()
         self._orders: collections.deque[Order] = collections.deque()
-        self._filler: Filler | None = Filler(job, ring.slot_view)
+        self._filler: Filler | None = Filler(job, ring.slot_view, ring.extra_view(), 0)
+        self._filler.always_flush = True
         if job.worker_init is not None:
             job.worker_init(0)
 
@@ -175,7 +176,7 @@ def _start_threads(count: int, job: Job, ring: Ring, capacity: int) -> list[Work
         handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
                               Connection(result_r, writable=False), capacity)
         worker_orders, worker_results = Connection(order_r, writable=False), Connection(result_w, readable=False)
-        filler = Filler(job, ring.slot_view)
+        filler = Filler(job, ring.slot_view, ring.extra_view(), worker_id)
 
         def run(filler: Filler = filler, o: Connection = worker_orders, r: Connection = worker_results,
                 worker_id: int = worker_id) -> None:

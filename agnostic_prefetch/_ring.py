@@ -82,16 +82,18 @@ class Ring:
     Args:
         slots: number of slots.
         slot_bytes: bytes per slot (a multiple of the page size).
+        extra_bytes: bytes after the slots (the workers' accounting block, ``_accounts.py``).
 
     Raises:
         RingTooLargeError: the region does not fit in available memory, with the numbers and
             the remedies.
     """
 
-    def __init__(self, slots: int, slot_bytes: int) -> None:
+    def __init__(self, slots: int, slot_bytes: int, extra_bytes: int = 0) -> None:
         self.slots = slots
         self.slot_bytes = slot_bytes
-        self.nbytes = slots * slot_bytes
+        self.extra_offset = slots * slot_bytes
+        self.nbytes = self.extra_offset + extra_bytes
         self.kind, self.fd = self._create()
         try:
             self._reserve()
@@ -128,7 +130,7 @@ class Ring:
     def _too_large(self, have: int | None, source: str) -> str:
         return (
             f"the ring needs {self.nbytes:,} bytes ({self.slots} slots x {self.slot_bytes:,} "
-            f"bytes) but only {have if have is None else f'{have:,}'} bytes are available "
+            f"bytes, and {self.nbytes - self.extra_offset:,} of counters) but only {have if have is None else f'{have:,}'} bytes are available "
             f"({source}). Remedies: fewer slots (slots=), a smaller batch_size, smaller items "
             "(crop or resize in the transform), or free memory."
         )
@@ -137,6 +139,10 @@ class Ring:
         """The writable bytes of one slot (a view of the mapping, no copy)."""
         start = slot * self.slot_bytes
         return memoryview(self.map)[start : start + self.slot_bytes]
+
+    def extra_view(self) -> memoryview:
+        """The writable bytes after the slots."""
+        return memoryview(self.map)[self.extra_offset :]
 
     def slot_array(self, slot: int) -> np.ndarray:
         """A fresh uint8 array over one slot; its lifetime is the lease of that slot."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch import _pool, _supervisor
+from agnostic_prefetch._accounts import Board
 from agnostic_prefetch._layout import (
     H_COUNT,
     H_EPOCH,
@@ -84,13 +85,18 @@ class Scheduler:
         workers: started workers (see ``_pool.start``).
         timeout: seconds a worker may go without progress, or ``None``.
         lookahead: batches it may order past the end of an iteration (no drain between epochs).
+        board_rows: worker rows in the accounting block after the ring's slots.
     """
 
     def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, workers: list[_pool.Worker],
-                 timeout: float | None, lookahead: int) -> None:
+                 timeout: float | None, lookahead: int, board_rows: int) -> None:
         self.drive = threading.RLock()
         self.closed = False
-        self.fill_s = 0.0
+        self.blocked_s = 0.0  # the driving thread blocked waiting for workers
+        self.held_s = 0.0  # worker-seconds without an order because every slot was taken
+        self._full_since = 0.0  # when a dispatch last found no free slot (0: there was one)
+        self.on_trace: Any = None  # (worker, order's seq, trace) while a trace records
+        self.board = Board(ring.map, ring.extra_offset, board_rows)
         self.ring = ring
         self.table = table
         self.workers = workers
@@ -99,7 +105,7 @@ class Scheduler:
         self._bpe = sampler.batches_per_epoch
         self._timeout = timeout
         self._lookahead = lookahead
-        self._headers: np.ndarray | None = np.frombuffer(ring.map, np.int64, ring.nbytes // 8).reshape(
+        self._headers: np.ndarray | None = np.frombuffer(ring.map, np.int64, ring.extra_offset // 8).reshape(
             ring.slots, -1)[:, : HEADER_BYTES // 8]
         self._orders: dict[int, _Order] = {}
         self._order_ids = itertools.count()
@@ -144,6 +150,10 @@ class Scheduler:
         if not free:
             self._make_room(position.next_seq)
             free = table.free
+        if free and self._full_since:
+            # Workers waiting now have waited since the ring filled up (no order came since).
+            self.held_s += self.board.idle_after(self._full_since)
+            self._full_since = 0.0
         seq = max(self._dispatch_seq, position.next_seq)
         limit = end + self._lookahead if end < ENDLESS else ENDLESS
         pending_seqs, ahead = self._pending, position.ahead
@@ -167,6 +177,8 @@ class Scheduler:
             seq += 1
             free -= 1
         self._dispatch_seq = seq
+        if not free and not self._full_since and seq < limit:
+            self._full_since = time.perf_counter()
         for worker, orders in batches.items():
             try:
                 worker.send(orders)
@@ -193,7 +205,10 @@ class Scheduler:
         """Block until a worker reports (the reports are taken in) or a wake-up."""
         if not self._orders:
             raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
-        for worker, message in self.supervisor.wait():
+        started = time.perf_counter()
+        reports = self.supervisor.wait()
+        self.blocked_s += time.perf_counter() - started
+        for worker, message in reports:
             self._on_message(worker, message)
         if self._timeout is not None:
             self._check_progress()
@@ -238,8 +253,9 @@ class Scheduler:
         else:
             worker.outstanding.remove(order_id)
         if kind == "done":
-            _, _, count, objects, skipped, fill_s, shapes = message
-            self.fill_s += fill_s
+            _, _, count, objects, skipped, trace, shapes = message
+            if trace is not None and self.on_trace is not None:
+                self.on_trace(worker, order.seq, trace)
             self._check_header(order, count)
             if order.stale:
                 self.table.discard(order.slot)
@@ -321,5 +337,6 @@ class Scheduler:
         self._orders.clear()
         self.table.reclaim()
         self.table.discard_unleased()  # only the consumer's leases outlive the loader
-        self._headers = None  # our own view of the ring: drop it so the mapping can close
+        self._headers = None  # our own views of the ring: drop them so the mapping can close
+        self.board.close()
         self.ring.close()

@@ -42,17 +42,21 @@ class Entry:
 class _Channel:
     """A bounded queue whose ``close()`` wakes both a blocked ``put`` and a blocked ``get``."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stats: dict[str, Any]) -> None:
         self._items: collections.deque[Any] = collections.deque()
         self._size = size
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._stats = stats  # full_s: time a put waited for room
 
     def put(self, item: Any) -> bool:
         """Append, waiting for room; ``False`` if the channel was closed (nothing appended)."""
         with self._cond:
-            while len(self._items) >= self._size and not self._closed:
-                self._cond.wait()
+            if len(self._items) >= self._size and not self._closed:
+                started = time.perf_counter()
+                while len(self._items) >= self._size and not self._closed:
+                    self._cond.wait()
+                self._stats["full_s"] += time.perf_counter() - started
             if self._closed:
                 return False
             self._items.append(item)
@@ -83,27 +87,39 @@ class _Channel:
 class _Reader:
     """Pulls the next batch, notes the source iterator's position right after it, places it."""
 
-    def __init__(self, source: Iterator[Any], placement: Placement, stats: dict[str, Any]) -> None:
+    def __init__(self, source: Iterator[Any], placement: Placement, stats: dict[str, Any],
+                 wait_for_copies: bool) -> None:
         self.source = source
         self.state_of = getattr(source, "state_dict", None)
         self.placement = placement
         self.stats = stats
+        # In the stage's own thread, waiting for each copy to complete costs the caller
+        # nothing and measures the transfer; in the caller's thread it would stall the step.
+        self.wait_for_copy = getattr(placement, "wait", None) if wait_for_copies else None
         self.place_lock = threading.Lock()  # placement.close() never runs during a put()
         self.stopped = False
 
     def pull(self) -> Entry | None:
         """The next batch placed, or ``None`` at the end of the source (or once stopped)."""
+        stats = self.stats
+        started = time.perf_counter()
         try:
             host = next(self.source)
         except StopIteration:
             return None
+        finally:
+            pulled = time.perf_counter()
+            stats["pull_s"] += pulled - started
         state = self.state_of() if self.state_of is not None else None
         with self.place_lock:
             if self.stopped:
                 return None
-            started = time.perf_counter()
             device, token = self.placement.put(host)
-            self.stats["place_s"] += time.perf_counter() - started
+            placed = time.perf_counter()
+            stats["place_s"] += placed - pulled
+            if self.wait_for_copy is not None:
+                self.wait_for_copy(token)
+                stats["transfer_s"] += time.perf_counter() - placed
         return Entry(device, host, state, token)
 
 
@@ -129,10 +145,10 @@ class Stage:
         self.placement_closed = False  # set under the reader's lock: copies synced, safe to drop
 
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
-        reader = self.reader = _Reader(source, self.placement, stats)
+        reader = self.reader = _Reader(source, self.placement, stats, wait_for_copies=self.threaded)
         self.error = None
         if self.threaded:
-            self.channel = _Channel(self.size)
+            self.channel = _Channel(self.size, stats)
             self.thread = threading.Thread(target=self._run, args=(reader, self.channel),
                                            name=_THREAD_NAME, daemon=True)
             self.thread.start()
@@ -198,10 +214,13 @@ class Stage:
     def free_retired(self) -> None:
         """Drop the retired entries whose copies are done (in the stage's thread, if any)."""
         retired, done = self.retired, self.placement.done
+        timed = getattr(self.placement, "transfer_time", None)
         for _ in range(len(retired)):
             entry = retired.popleft()
             if not done(entry.token):
                 retired.append(entry)
+            elif timed is not None and self.reader is not None and entry.token is not None:
+                self.reader.stats["transfer_s"] += timed(entry.token)
 
     def stop_reading(self) -> None:
         """Stop the thread and drop the read-ahead (kept in ``retired`` until its copies are done)."""

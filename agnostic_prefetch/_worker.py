@@ -5,8 +5,9 @@ The same ``Filler`` runs in a worker process, in a worker thread, and in the cal
 or frameworks.
 
 Messages, worker to parent (plain pickle of small tuples; array data never travels here):
-    ("done", order_id, count, objects, skipped, fill_seconds, shapes)  (shapes: per array
-    leaf, with shapes="per_batch"; else None)
+    ("done", order_id, count, objects, skipped, trace, shapes)  (trace: None, or (start,
+    end, per-item spans or None) while a trace is on; shapes: per array leaf, with
+    shapes="per_batch"; else None)
     ("error", order_id, index, exception_or_None, description, traceback_text)
     ("warn", text)
 Parent to worker: one or more orders packed as bytes by ``pack_orders`` (a fixed header
@@ -40,6 +41,7 @@ from agnostic_prefetch._layout import (
     SlotWriter,
     batch_layout,
 )
+from agnostic_prefetch._accounts import CPU_SAMPLE, FIELDS, TRACE_BATCHES, TRACE_ITEMS, WorkerAccount
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
@@ -50,6 +52,7 @@ THREAD_ENV_VARS = (
 )
 
 
+_THREAD = FIELDS.index("thread")
 _ORDER_HEADER = struct.Struct("<6q")  # order_id, slot, epoch, number, first position, count
 
 
@@ -100,14 +103,17 @@ class Job:
     worker_init: Any = None
     mask_key: str | None = None  # remainder="pad": every batch is full, real rows marked here
     per_batch: bool = False  # shapes="per_batch": each batch takes its first item's shapes
+    board_offset: int = 0  # where the accounting block starts in the ring (_accounts.py)
 
 
 class Filler:
     """Fills ring slots for one worker; keeps a writer per slot."""
 
-    def __init__(self, job: Job, slot_view: Any) -> None:
+    def __init__(self, job: Job, slot_view: Any, board: memoryview | None = None, row: int = 0) -> None:
         self.job = job
         self._slot_view = slot_view
+        self.account = WorkerAccount(board, row, os.getpid(), threading.get_native_id())
+        self.always_flush = False  # the in-process worker: its figures are read right after
         self._writers: dict[int, SlotWriter] = {}
         self._shaped: dict[tuple[int, tuple[Any, ...]], SlotWriter] = {}  # per_batch writers
 
@@ -124,22 +130,41 @@ class Filler:
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
         per_batch = job.per_batch
-        into_slot = getattr(job.transform, "writes_into_slot", False) and not per_batch
+        transform = job.transform
+        into_slot = getattr(transform, "writes_into_slot", False) and not per_batch
         mask_key = job.mask_key
         slot_writer = writer
-        started = time.perf_counter()
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
         count = 0
+        # Per-stage times (see _accounts.py): wall time around every stage of every item,
+        # CPU time on one item in CPU_SAMPLE.
+        account = self.account
+        level = account.trace_level()
+        spans: list[tuple[int, float, float, float, float]] | None = [] if level >= TRACE_ITEMS else None
+        read_s = transform_s = write_s = 0.0
+        sampled: list[float] | None = None
+        seen = account.seen
+        now, cpu = time.perf_counter, time.thread_time
+        started = t0 = now()
         for step, (index, position) in enumerate(zip(indices.tolist(), positions, strict=True)):
             header[H_PROGRESS] = step
+            sample = seen % CPU_SAMPLE == 0
+            seen += 1
             try:
+                if sample:
+                    c0 = cpu()
                 example = job.source[index]
+                t1 = now()
+                if sample:
+                    c1 = cpu()
                 if into_slot:
-                    example = job.transform(example, item_rng(job.seed, epoch, position),
-                                            out=writer.item_out(count))
-                elif job.transform is not None:
-                    example = job.transform(example, item_rng(job.seed, epoch, position))
+                    example = transform(example, item_rng(job.seed, epoch, position), out=writer.item_out(count))
+                elif transform is not None:
+                    example = transform(example, item_rng(job.seed, epoch, position))
+                t2 = now()
+                if sample:
+                    c2 = cpu()
                 if mask_key is not None:
                     example = {**example, mask_key: True}
                 if per_batch and count == 0:
@@ -148,12 +173,32 @@ class Filler:
             except Exception as exc:  # a bad record: report it, or skip and count it
                 if job.skip_errors:
                     skipped.append((index, f"{type(exc).__name__}: {exc}"))
+                    t0 = now()
                     continue
+                account.seen = seen
                 return ("error", order_id, index, picklable(exc), f"{type(exc).__name__}: {exc}",
                         traceback.format_exc())
+            t3 = now()
+            read_s += t1 - t0
+            transform_s += t2 - t1
+            write_s += t3 - t2
+            if sample:
+                c3 = cpu()
+                if sampled is None:
+                    sampled = [0.0] * 7
+                sampled[0] += 1
+                sampled[1] += t1 - t0
+                sampled[2] += c1 - c0
+                sampled[3] += t2 - t1
+                sampled[4] += c2 - c1
+                sampled[5] += t3 - t2
+                sampled[6] += c3 - c2
+            if spans is not None:
+                spans.append((index, t0, t1, t2, t3))
             for column, value in zip(objects, item_objects, strict=True):
                 column.append(value)
             count += 1
+            t0 = t3
         if mask_key is not None and count < job.layout.batch_size:
             writer.pad(count)
             for column in objects:
@@ -161,7 +206,12 @@ class Filler:
         header[H_PROGRESS] = len(indices)
         header[H_COUNT] = count
         shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
-        return ("done", order_id, count, objects, skipped, time.perf_counter() - started, shapes)
+        account.seen = seen
+        ended = now()
+        write_s += ended - t0  # padding, and the header
+        account.add(count, read_s, transform_s, write_s, sampled, ended, self.always_flush)
+        trace = (started, ended, spans) if level >= TRACE_BATCHES else None
+        return ("done", order_id, count, objects, skipped, trace, shapes)
 
     def _batch_writer(self, slot: int, slot_writer: SlotWriter, example: Any, index: int) -> SlotWriter:
         """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes)."""
@@ -195,11 +245,15 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
                           f"worker_init failed: {type(exc).__name__}: {exc}", traceback.format_exc()))
             return
     check_imports = threading.current_thread() is threading.main_thread()  # a process worker
+    account = filler.account
+    account.acc[_THREAD] = float(threading.get_native_id())
     while True:
+        account.idle()
         try:
             batch_of_orders = unpack_orders(orders.recv_bytes())
         except (EOFError, OSError):
             return
+        account.busy()
         for order in batch_of_orders:
             try:
                 message = filler.fill(order)

@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     slot_bytes = job.layout.slot_bytes
     view = memoryview(ring)
 
-    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes])
-    serve(filler, orders, results, int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0")))
+    worker_id = int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0"))
+    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes],
+                    view[job.board_offset :], worker_id)
+    serve(filler, orders, results, worker_id)
 
 
 def _load_job(payload: bytes) -> Job:

@@ -188,6 +188,9 @@ class _JaxPlacement:
         # A transfer still in progress may read the host batch (its ring slot).
         return all(a.is_ready() for a in placed if hasattr(a, "is_ready"))
 
+    def wait(self, placed: list[Any]) -> None:
+        self.jax.block_until_ready(placed)
+
     def close(self) -> None:
         pass
 

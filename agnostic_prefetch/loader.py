@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch import _pool
+from agnostic_prefetch._accounts import board_bytes, per_worker, worker_totals
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
 from agnostic_prefetch._options import check_shapes, let_go, local_batch_size, remainder_of
@@ -174,14 +175,16 @@ class Loader:
         self._warned_copy = False
         self._latest: LoaderIterator | None = None
         self._start: Position = START  # where the next iter() starts when there is no latest
-        self._ring = Ring(self.slots, self.layout.slot_bytes)
+        board_rows = max(1, workers)
+        self._ring = Ring(self.slots, self.layout.slot_bytes, board_bytes(board_rows))
         workers_started: list[_pool.Worker] = []
         try:
             job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init,
-                      self._mask_key, shapes == "per_batch")
+                      self._mask_key, shapes == "per_batch", self._ring.extra_offset)
             workers_started = _pool.start(workers, backend, job, self._ring, self._plan.orders_per_worker)
             self._scheduler = Scheduler(self._sampler, self._ring, SlotTable(self.slots, self._plan.max_held),
-                                        workers_started, timeout, lookahead=self.slots)
+                                        workers_started, timeout, lookahead=self.slots,
+                                        board_rows=board_rows)
         except BaseException:
             _pool.stop(workers_started, 0.0)
             self._ring.close()
@@ -279,13 +282,37 @@ class Loader:
         self._scheduler.left()
 
     def stats(self) -> dict[str, Any]:
-        """Counters: batches, items, padded (rows of padding), wait_s (caller waited), fill_s
-        (worker time), ring_bytes, skipped, copied_out, slots, workers; items_per_source for
-        a source that counts them (a :class:`~agnostic_prefetch.Mixture`)."""
-        stats = {**self._stats, "fill_s": self._scheduler.fill_s, "ring_bytes": self._ring.nbytes,
-                 "slots": self.slots, "workers": self.workers}
+        """Counters and per-stage times since the loader was built (docs/diagnose.md).
+
+        Delivery: ``batches``, ``items``, ``padded`` (rows of padding), ``skipped``,
+        ``copied_out``; ``items_per_source`` for a source that counts them (a
+        :class:`~agnostic_prefetch.Mixture`).
+
+        The caller: ``wait_s`` (time in ``next()``), of which ``blocked_s`` waiting for a
+        worker and ``handoff_s`` the loader's own work (ordering, taking, handing out views);
+        ``held_s``: worker-seconds without an order because every slot was taken (the
+        consumer holds them, or has not taken the batches ready in them).
+
+        The workers, summed over them: ``read_s`` / ``read_cpu_s`` (wall and CPU time in the
+        source's ``__getitem__``: wall well above CPU means waiting on I/O), ``transform_s`` /
+        ``transform_cpu_s``, ``write_s`` / ``write_cpu_s`` (into the slot), ``fill_s`` (their
+        sum), ``worker_idle_s`` (waiting for an order); ``per_worker``: items, batches,
+        ``busy_s`` and ``idle_s`` of each. CPU times are estimated from one item in 8.
+
+        Also ``ring_bytes``, ``slots``, ``workers``, ``backend``.
+        """
+        scheduler = self._scheduler
+        stats = {**self._stats, "ring_bytes": self._ring.nbytes, "slots": self.slots,
+                 "workers": self.workers, "backend": self.backend}
         if "items_per_source" in stats:
             stats["items_per_source"] = dict(stats["items_per_source"])
+        stats["blocked_s"] = scheduler.blocked_s
+        stats["handoff_s"] = max(0.0, stats["wait_s"] - scheduler.blocked_s)
+        stats["held_s"] = scheduler.held_s
+        table = scheduler.board.table()
+        stats.update(worker_totals(table))
+        stats["fill_s"] = stats["read_s"] + stats["transform_s"] + stats["write_s"]
+        stats["per_worker"] = per_worker(table)
         return stats
 
     def close(self) -> None:
@@ -310,7 +337,8 @@ class Loader:
         return (
             f"Loader(batch_size={self._sampler.batch_size}, batches_per_epoch={self._bpe}, "
             f"{self._shard_repr()}workers={self.workers}, backend={self.backend!r}, ring={self.slots} slots x "
-            f"{self.layout.slot_bytes:,} B = {self._ring.nbytes:,} B [{self.layout.describe()}]"
+            f"{self.layout.slot_bytes:,} B + {self._ring.nbytes - self._ring.extra_offset:,} B of counters = "
+            f"{self._ring.nbytes:,} B [{self.layout.describe()}]"
             f"{', closed' if self.closed else ''})"
         )
 

@@ -42,6 +42,10 @@ class Placement(Protocol):
         """Wait for pending copies and release what the placement holds (page-locking, streams)."""
         ...
 
+    # Optional, for ``stats()["transfer_s"]``: ``wait(token)`` blocks until the copy is
+    # complete (the stage's thread calls it right after ``put``), or ``transfer_time(token)``
+    # gives the seconds a copy took once ``done`` (CUDA timing events: nothing waits).
+
 
 class Prefetcher:
     """Reads batches ahead of its caller and places them on a device; see ``prefetch_to_device``.
@@ -55,8 +59,8 @@ class Prefetcher:
     * ``load_state_dict(state)``: drops the read-ahead and restarts its source (a
       ``Loader``) from ``state``;
     * ``len()``: batches still to come, where the source has a length;
-    * ``stats()``: ``batches``, ``wait_s`` (time you waited in ``next()``), ``place_s``
-      (time spent placing: for asynchronous copies, the time to issue them);
+    * ``stats()``: ``batches``, ``wait_s`` (time you waited in ``next()``), ``pull_s``,
+      ``place_s``, ``transfer_s``, ``full_s`` (see :meth:`stats`);
     * ``close()``, a ``with`` block, or garbage collection stop the thread and let go of
       every batch in flight.
 
@@ -89,7 +93,8 @@ class Prefetcher:
         self._name = name
         self._iterable = iterable
         self._placement = placement
-        self._stats: dict[str, Any] = {"batches": 0, "wait_s": 0.0, "place_s": 0.0}
+        self._stats: dict[str, Any] = {"batches": 0, "wait_s": 0.0, "pull_s": 0.0, "place_s": 0.0,
+                                       "transfer_s": 0.0, "full_s": 0.0}
         self._stage = Stage(placement, self.size, self.thread, name)
         self._finalizer = weakref.finalize(self, self._stage.close)
         self._warned_ring = False
@@ -164,7 +169,16 @@ class Prefetcher:
         self._start()
 
     def stats(self) -> dict[str, Any]:
-        """``batches`` handed out, ``wait_s`` the caller waited, ``place_s`` spent placing."""
+        """Counters and per-stage times since the prefetcher was built (docs/diagnose.md).
+
+        ``batches`` handed out; ``wait_s``: time you waited in ``next()``. The stage's work
+        (in its thread, or in ``next()`` with ``thread=False``): ``pull_s`` waiting for its
+        source's next batch, ``place_s`` placing it (for JAX and CUDA copies, which are
+        asynchronous: the time to issue them), ``transfer_s`` (with the thread only) from
+        issuing the copies to their completion (JAX: the thread waits for them; torch on
+        CUDA: timed on the GPU with events, nothing waits; CuPy: not measured), and
+        ``full_s``: time the thread waited for room in the queue (you were slower).
+        """
         return {**self._stats, "size": self.size, "thread": self.thread}
 
     def close(self) -> None:

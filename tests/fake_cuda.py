@@ -86,15 +86,19 @@ class FakeStream:
 
 
 class FakeEvent:
-    def __init__(self, log: list[tuple]) -> None:
+    def __init__(self, log: list[tuple], enable_timing: bool = False) -> None:
         self.log = log
         self.completed = False
+        self.enable_timing = enable_timing
 
     def record(self, stream=None) -> None:
         self.log.append(("record", self, stream, here()))
 
     def query(self) -> bool:
         return self.completed
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return 1.0  # milliseconds, as torch's
 
 
 class FakeTensor:
@@ -158,8 +162,8 @@ class FakeTorchCuda:
     def Stream(self, device=None) -> FakeStream:  # noqa: N802
         return FakeStream(self.torch.log, "side", device)
 
-    def Event(self) -> FakeEvent:  # noqa: N802
-        return FakeEvent(self.torch.log)
+    def Event(self, enable_timing: bool = False) -> FakeEvent:  # noqa: N802
+        return FakeEvent(self.torch.log, enable_timing)
 
     def cudart(self) -> FakeCudart:
         return self._cudart

@@ -544,7 +544,7 @@ def test_close_warns_naming_the_thread_when_the_source_cannot_be_interrupted(sou
 
 
 def test_closing_the_channel_wakes_a_blocked_put_and_a_blocked_get():
-    full, empty = _Channel(1), _Channel(1)
+    full, empty = _Channel(1, {"full_s": 0.0}), _Channel(1, {"full_s": 0.0})
     assert full.put("a")
     results = {}
     putter = threading.Thread(target=lambda: results.update(put=full.put("b")))

@@ -19,7 +19,7 @@ def test_ring_that_does_not_fit_is_an_error_with_numbers_and_remedies(monkeypatc
         ap.Loader(Counting(100), 64, workers=1, slots=5, spec={"x": np.zeros((64, 64), np.float32)})
     message = str(info.value)
     slot = layout_from_example({"x": np.zeros((64, 64), np.float32)}, 64).slot_bytes
-    assert f"{5 * slot:,} bytes" in message and "1,000,000 bytes" in message
+    assert f"5 slots x {slot:,} bytes" in message and "1,000,000 bytes" in message
     assert "fewer slots" in message and "smaller batch_size" in message
 
 

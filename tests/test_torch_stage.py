@@ -159,18 +159,21 @@ def test_put_copies_every_array_leaf_non_blocking_with_the_side_stream_current(f
     assert fake_torch.cuda.current_index == 0 and fake_torch.cuda.current[1] is fake_torch.cuda.consumer[1]
 
 
-def test_put_records_one_event_on_the_side_stream_after_the_copies_and_done_is_its_query(fake_torch):
+def test_put_records_timing_events_on_the_side_stream_around_the_copies_and_done_is_the_last_ones_query(fake_torch):
     placement = _CudaPlacement(CUDA1)
     with rows_loader() as loader:
         batch = next(iter(loader))
         _, token = placement.put({"x": batch["x"], "y": batch["x"][1:]})
         log = fake_torch.log
-        [(_, event, stream, _)] = of(log, "record")
-        assert stream is placement.stream
-        assert index_of(log, "record")[0] > max(index_of(log, "copy"))
+        [(_, started, first_stream, _), (_, event, stream, _)] = of(log, "record")
+        assert stream is placement.stream and first_stream is placement.stream
+        assert started.enable_timing and event.enable_timing
+        assert index_of(log, "record")[0] < min(index_of(log, "copy"))
+        assert index_of(log, "record")[1] > max(index_of(log, "copy"))
         assert placement.done(token) is False
         event.completed = True
         assert placement.done(token) is True
+        assert placement.transfer_time(token) == pytest.approx(1e-3)  # the fake's 1 ms
         assert host_syncs(log) == []
         placement.close()
 
@@ -184,7 +187,7 @@ def test_hand_out_makes_the_consumer_stream_wait_and_records_each_tensor_on_it(f
     with rows_loader() as loader:
         batch = next(iter(loader))
         device, token = placement.put({"x": batch["x"], "y": [batch["x"][0]], "name": "a.jpg"})
-        [(_, event, _, _)] = of(fake_torch.log, "record")
+        [_, (_, event, _, _)] = of(fake_torch.log, "record")  # the timing start, then the end
         mark = len(fake_torch.log)
         placement.hand_out(device, token)
         after = fake_torch.log[mark:]
@@ -228,7 +231,7 @@ def test_on_fake_cuda_it_copies_in_the_stage_and_the_callers_stream_waits_in_nex
     copies = of(during, "copy")
     assert copies and all(current.name == "side" and who == stage for *_, current, _, who in copies)
     # each batch's own event is waited on by the consumer's stream, in the caller's thread, in order
-    recorded_events = [event for _, event, _, _ in of(during, "record")]
+    recorded_events = [event for _, event, _, _ in of(during, "record")][1::2]  # each copy's end
     waits = of(during, "wait_event")
     assert [event for _, _, event, _ in waits] == recorded_events and len(recorded_events) == 10
     assert all(stream is fake_torch.cuda.consumer[1] and who == me for _, stream, _, who in waits)

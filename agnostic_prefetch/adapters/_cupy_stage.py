@@ -119,6 +119,9 @@ class _CupyPlacement:
     def done(self, event: Any) -> bool:
         return bool(event.done)
 
+    # No ``wait``: a copy here starts only after the consumer's queued work, so waiting for
+    # it would time the training step, and hold the stage's thread behind it.
+
     def close(self) -> None:
         self.stream.synchronize()
         self.pinned.close()

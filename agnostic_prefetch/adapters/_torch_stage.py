@@ -139,13 +139,15 @@ class _CudaPlacement:
             unregister=lambda address: cudart.cudaHostUnregister(address),
         )
 
-    def put(self, host: Any) -> tuple[Any, tuple[Any, list[Any]]]:
+    def put(self, host: Any) -> tuple[Any, tuple[Any, list[Any], Any]]:
         torch = self.torch
         leaves, treedef = flatten(host)
         out = []
         tensors = []
         # The current device and stream are per thread: set both here, in the stage's thread.
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(self.stream)
             for leaf in leaves:
                 kind = array_kind(leaf)
                 if kind is None:
@@ -159,20 +161,24 @@ class _CudaPlacement:
                 tensor = cpu.to(self.device, non_blocking=True)
                 out.append(tensor)
                 tensors.append(tensor)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(self.stream)
-        return unflatten(treedef, out), (event, tensors)
+        return unflatten(treedef, out), (event, tensors, started)
 
-    def hand_out(self, device_tree: Any, token: tuple[Any, list[Any]]) -> None:
-        event, tensors = token
+    def hand_out(self, device_tree: Any, token: tuple[Any, list[Any], Any]) -> None:
+        event, tensors, _ = token
         consumer = self.consumer or self.torch.cuda.current_stream(self.device)
         consumer.wait_event(event)  # the consumer's stream waits, the host does not
         for tensor in tensors:
             # Allocated on the copy stream, used on the consumer's: tell the allocator.
             tensor.record_stream(consumer)
 
-    def done(self, token: tuple[Any, list[Any]]) -> bool:
+    def done(self, token: tuple[Any, list[Any], Any]) -> bool:
         return bool(token[0].query())
+
+    def transfer_time(self, token: tuple[Any, list[Any], Any]) -> float:
+        """Seconds the copies took on the GPU (timing events; once ``done``)."""
+        return float(token[2].elapsed_time(token[0])) / 1000.0
 
     def close(self) -> None:
         self.stream.synchronize()  # no copy may still read the ring when it is unregistered
