@@ -30,6 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch._accounts import (
+    CPU_SAMPLE,
+    FIELDS,
+    TRACE_BATCHES,
+    TRACE_ITEMS,
+    WorkerAccount,
+)
 from agnostic_prefetch._layout import (
     H_COUNT,
     H_EPOCH,
@@ -41,7 +48,6 @@ from agnostic_prefetch._layout import (
     SlotWriter,
     batch_layout,
 )
-from agnostic_prefetch._accounts import CPU_SAMPLE, FIELDS, TRACE_BATCHES, TRACE_ITEMS, WorkerAccount
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
