@@ -23,6 +23,7 @@ from agnostic_prefetch.sources.protocol import BatchOrderSource
 if TYPE_CHECKING:
     from agnostic_prefetch.caffe import CaffeTransform, ImageListSource, LMDBSource, WindowSource
     from agnostic_prefetch.device import prefetch_to_device
+    from agnostic_prefetch.diagnosis import Diagnosis, diagnose
     from agnostic_prefetch.loader import Loader, LoaderIterator
     from agnostic_prefetch.prefetch import Prefetcher
     from agnostic_prefetch.sharding import shard_for
@@ -33,6 +34,7 @@ __all__ = [
     "ArraySource",
     "BatchOrderSource",
     "CaffeTransform",
+    "Diagnosis",
     "ImageListSource",
     "LMDBSource",
     "WindowSource",
@@ -46,6 +48,7 @@ __all__ = [
     "WorkerDiedError",
     "Prefetcher",
     "WorkerError",
+    "diagnose",
     "prefetch_to_device",
     "shard_for",
 ]
@@ -64,6 +67,8 @@ _LAZY = {
     "WindowSource": "agnostic_prefetch.caffe",
     "CaffeTransform": "agnostic_prefetch.caffe",
     "prefetch_to_device": "agnostic_prefetch.device",
+    "diagnose": "agnostic_prefetch.diagnosis",
+    "Diagnosis": "agnostic_prefetch.diagnosis",
     "shard_for": "agnostic_prefetch.sharding",
 }
 

@@ -170,6 +170,7 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
 
     from agnostic_prefetch.caffe import LMDBSource
     from agnostic_prefetch.device import prefetch_to_device
+    from agnostic_prefetch.diagnosis import diagnose
     from agnostic_prefetch.loader import Loader
 
     source = LMDBSource(db)
@@ -199,6 +200,7 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
             losses.append(float(loss))
             accuracies.append(float(accuracy))
         wall = time.perf_counter() - started
+        diagnosis = str(diagnose(batches))
         batches.close()
         copied_out = loader.stats()["copied_out"]
     tail = max(1, steps // 10)
@@ -208,6 +210,7 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
         "wait_fraction": waited / wall, "first_loss": first_loss,
         "final_loss": float(np.mean(losses[-tail:])), "final_accuracy": float(np.mean(accuracies[-tail:])),
         "backend": jax.default_backend(), "cores": os.cpu_count(), "copied_out": copied_out,
+        "diagnosis": diagnosis,
     }
 
 
@@ -221,3 +224,4 @@ def print_report(r: dict[str, Any]) -> None:
           f"(accuracy over the last steps {100 * r['final_accuracy']:.0f} %)")
     if r["copied_out"]:
         print(f"  {r['copied_out']} batches were copied out of the ring (the caller held too many slots)")
+    print(r["diagnosis"])

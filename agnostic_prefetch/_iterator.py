@@ -58,6 +58,7 @@ class LoaderIterator:
         self._only_arrays = "object" not in self._layout.kinds
         self._padded = loader._mask_key is not None  # every batch full; a mask marks real rows
         self._by_source = loader._by_source
+        self._snapshots = loader._snapshots
 
     def __iter__(self) -> LoaderIterator:
         return self
@@ -83,6 +84,10 @@ class LoaderIterator:
         """Whether :meth:`cancel` ends a ``next()`` in progress at once (not with ``workers=0``,
         where that ``next()`` runs the source itself)."""
         return self._loader.workers > 0
+
+    def stats(self) -> dict[str, Any]:
+        """Its loader's :meth:`~agnostic_prefetch.Loader.stats`."""
+        return self._loader.stats()
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterator delivered: small and JSON-able."""
@@ -115,15 +120,19 @@ class LoaderIterator:
         scheduler.drive.acquire()
         try:
             scheduler.driver = threading.get_ident()
-            return self._next_batch(scheduler)
+            batch = self._next_batch(scheduler)
         except LoaderError:
             if not scheduler.closed:  # a failed pipeline stops with its error, at once
                 self._loader._close(grace=0.0)
             raise
         finally:
-            self._stats["wait_s"] += time.perf_counter() - started
+            now = time.perf_counter()
+            self._stats["wait_s"] += now - started
             scheduler.drive.release()
             scheduler.left()
+        if now >= self._snapshots.next_at:
+            self._snapshots.tick(now)
+        return batch
 
     def _next_batch(self, scheduler: Scheduler) -> Any:
         while True:

@@ -26,6 +26,7 @@ from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._sizing import plan_ring
 from agnostic_prefetch._slots import SlotTable
+from agnostic_prefetch._window import Snapshots
 from agnostic_prefetch._worker import Job
 from agnostic_prefetch.errors import LoaderError
 from agnostic_prefetch.sampler import Sampler, item_rng
@@ -92,6 +93,9 @@ class Loader:
             records. Slots are sized from ``spec=``, never from a scan of the source. One
             shard only (every process must feed one shape); JAX compiles a step once per
             new shape.
+        log_every: every this many seconds, log one line at INFO on the
+            ``agnostic_prefetch`` logger: throughput, how long the step waited, how busy
+            the workers were and what bounds throughput (see :func:`~agnostic_prefetch.diagnose`).
 
     Iterating: ``iter(loader)`` returns a :class:`LoaderIterator`, which owns its position
     (``state_dict()``). A second ``iter()`` ends the first iterator (its next ``next()``
@@ -134,6 +138,7 @@ class Loader:
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
         shapes: str = "fixed",
+        log_every: float | None = None,
     ) -> None:
         if backend not in ("process", "thread"):
             raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
@@ -145,6 +150,8 @@ class Loader:
             raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        if log_every is not None and not log_every > 0:
+            raise ValueError(f"log_every must be positive seconds or None, got {log_every}")
         batch_size = local_batch_size(batch_size, global_batch_size, shard_count)
         remainder = remainder_of(remainder, drop_remainder, on_error, shard_count)
         check_shapes(shapes, spec, shard_count, remainder)
@@ -173,6 +180,7 @@ class Loader:
         if self._by_source is not None:
             self._stats["items_per_source"] = self._by_source(np.zeros(0, np.int64))
         self._warned_copy = False
+        self._snapshots = Snapshots(weakref.ref(self), log_every)
         self._latest: LoaderIterator | None = None
         self._start: Position = START  # where the next iter() starts when there is no latest
         board_rows = max(1, workers)
@@ -314,6 +322,9 @@ class Loader:
         stats["fill_s"] = stats["read_s"] + stats["transform_s"] + stats["write_s"]
         stats["per_worker"] = per_worker(table)
         return stats
+
+    def _snapshot_stats(self) -> dict[str, Any]:
+        return self.stats()
 
     def close(self) -> None:
         """Stop the workers and release the ring (views you hold stay valid).

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from agnostic_prefetch._stage import END, Entry, Stage
 from agnostic_prefetch._warn import warn
+from agnostic_prefetch._window import Snapshots
 
 __all__ = ["Placement", "Prefetcher"]
 
@@ -96,6 +97,7 @@ class Prefetcher:
         self._stats: dict[str, Any] = {"batches": 0, "wait_s": 0.0, "pull_s": 0.0, "place_s": 0.0,
                                        "transfer_s": 0.0, "full_s": 0.0}
         self._stage = Stage(placement, self.size, self.thread, name)
+        self._snapshots = Snapshots(weakref.ref(self))
         self._finalizer = weakref.finalize(self, self._stage.close)
         self._warned_ring = False
         try:
@@ -136,7 +138,10 @@ class Prefetcher:
         self._state = item.state
         self._handed += 1
         self._stats["batches"] += 1
-        self._stats["wait_s"] += time.perf_counter() - started
+        now = time.perf_counter()
+        self._stats["wait_s"] += now - started
+        if now >= self._snapshots.next_at:
+            self._snapshots.tick(now)
         return device
 
     def __len__(self) -> int:
@@ -180,6 +185,11 @@ class Prefetcher:
         ``full_s``: time the thread waited for room in the queue (you were slower).
         """
         return {**self._stats, "size": self.size, "thread": self.thread}
+
+    def _snapshot_stats(self) -> dict[str, Any]:
+        upstream = getattr(self._iterable, "stats", None)
+        loader = upstream() if upstream is not None else None
+        return {"prefetch": self.stats(), "loader": loader if isinstance(loader, dict) and "read_s" in loader else None}
 
     def close(self) -> None:
         """Stop the thread (if any), wait for pending copies, drop the batches in flight."""

@@ -25,7 +25,7 @@ def demo(*args: str, tmpdir: str) -> subprocess.CompletedProcess:
 def test_tiny_demo_trains_reports_and_removes_its_temporary_data(tmp_path):
     proc = demo(tmpdir=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in ("images/s", "step time", "waited for data", "loss"):
+    for line in ("images/s", "step time", "waited for data", "loss", "diagnosis", "bound:", "remedy:"):
         assert line in proc.stdout, proc.stdout
     assert "96 JPEG records" in proc.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith("agnostic_prefetch_demo_")]
