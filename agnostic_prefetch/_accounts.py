@@ -117,6 +117,11 @@ class Board:
         self._cells: memoryview | None = memoryview(self._words).cast("B").cast("d")
         self._idle_cells = [_HEADER_BYTES // 8 + r * ROW_FIELDS + _F["idle_since"] for r in range(rows)]
 
+    def serving(self, row: int) -> bool:
+        """Whether the worker of ``row`` has started serving orders (it stored its row)."""
+        cells = self._cells
+        return cells is not None and cells[_HEADER_BYTES // 8 + row * ROW_FIELDS + _F["pid"]] != 0
+
     def idle_after(self, since: float) -> float:
         """Worker-seconds of waiting for an order from ``since`` until now, by workers idle now."""
         cells = self._cells

@@ -115,16 +115,17 @@ class InProcessWorker:
 Worker = WorkerHandle | InProcessWorker
 
 
-def start(count: int, backend: str, job: Job, ring: Ring, capacity: int) -> list[Worker]:
-    """``count`` workers of ``backend`` (``"process"`` or ``"thread"``); 0 gives the in-process one."""
+def start(count: int, backend: str, job: Job, ring: Ring, capacity: int, first_id: int = 0) -> list[Worker]:
+    """``count`` workers of ``backend`` (``"process"`` or ``"thread"``), with ids (accounting
+    rows) from ``first_id`` on; 0 gives the in-process one."""
     if count == 0:
         return [InProcessWorker(job, ring)]
     if backend == "thread":
-        return _start_threads(count, job, ring, capacity)
-    return _start_processes(count, job, ring, capacity)
+        return _start_threads(count, job, ring, capacity, first_id)
+    return _start_processes(count, job, ring, capacity, first_id)
 
 
-def _start_processes(count: int, job: Job, ring: Ring, capacity: int) -> list[Worker]:
+def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: int) -> list[Worker]:
     payload = cloudpickle.dumps(job)
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
@@ -133,7 +134,7 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int) -> list[Wo
     use_pdeathsig = threading.current_thread() is threading.main_thread()
     handles: list[Worker] = []
     try:
-        for worker_id in range(count):
+        for worker_id in range(first_id, first_id + count):
             order_r, order_w = os.pipe()
             result_r, result_w = os.pipe()
             stack_r, stack_w = os.pipe()
@@ -168,9 +169,9 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int) -> list[Wo
     return handles
 
 
-def _start_threads(count: int, job: Job, ring: Ring, capacity: int) -> list[Worker]:
+def _start_threads(count: int, job: Job, ring: Ring, capacity: int, first_id: int) -> list[Worker]:
     handles: list[Worker] = []
-    for worker_id in range(count):
+    for worker_id in range(first_id, first_id + count):
         order_r, order_w = os.pipe()
         result_r, result_w = os.pipe()
         handle = WorkerHandle(worker_id, Connection(order_w, readable=False),

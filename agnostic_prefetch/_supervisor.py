@@ -42,18 +42,35 @@ class Supervisor:
         self.selector.register(self._wake_r, selectors.EVENT_READ, (None, _WAKE))
         self._local = [w for w in workers if isinstance(w, InProcessWorker)]
         self._poll_for_deaths = False
+        self._timeout = timeout
+        self._workers: list[Worker] = []
         for w in workers:
-            if w.results is not None:
-                self.selector.register(w.results, selectors.EVENT_READ, (w, "results"))
-            if w.sentinel is not None:
-                self.selector.register(w.sentinel, selectors.EVENT_READ, (w, "sentinel"))
-            elif w.process is not None:
-                self._poll_for_deaths = True
-        self._workers = workers
+            self.add(w)
+
+    def add(self, w: Worker) -> None:
+        """Watch one more worker (a pool that grows: ``workers="auto"``)."""
+        if w.results is not None:
+            self.selector.register(w.results, selectors.EVENT_READ, (w, "results"))
+        if w.sentinel is not None:
+            self.selector.register(w.sentinel, selectors.EVENT_READ, (w, "sentinel"))
+        elif w.process is not None:
+            self._poll_for_deaths = True
+        self._workers.append(w)
         # With timeout=, wake often enough to see a stalled counter within about timeout.
-        periods = [p for p in (timeout / 4 if timeout else None,
+        periods = [p for p in (self._timeout / 4 if self._timeout else None,
                                _NO_PIDFD_POLL_S if self._poll_for_deaths else None) if p]
         self._period = min(periods) if periods else None
+
+    def remove(self, w: Worker) -> None:
+        """Stop watching a worker that is retired: its exit is expected, not a failure."""
+        for fileobj in (w.results, w.sentinel):
+            if fileobj is not None:
+                try:
+                    self.selector.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+        if w in self._workers:
+            self._workers.remove(w)
 
     def wake(self) -> None:
         """Make a wait in progress (in any thread) return at once; safe from any thread."""

@@ -96,6 +96,8 @@ class ImageListSource:
         (256, 256, 3)
     """
 
+    thread_safe = True  # each read opens its own file: workers="auto" may run it in threads
+
     def __init__(
         self,
         list_file: str | os.PathLike[str],

@@ -31,6 +31,7 @@ from agnostic_prefetch.sources.records import (
 
 __all__ = ["LMDBSource", "write_array_records"]
 
+_OPENING = threading.Lock()  # one source's first open in a process at a time
 _SIZE_SAMPLE = 64  # records whose sizes are checked at construction, spread over the database
 
 
@@ -98,6 +99,10 @@ class LMDBSource:
         ((256, 256, 3), 7)
     """
 
+    # One environment per process, a read transaction and cursor per thread, and the first
+    # open guarded by a lock: workers="auto" may run it in threads.
+    thread_safe = True
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -152,7 +157,11 @@ class LMDBSource:
 
     def _ensure_open(self) -> Any:
         if self._pid != os.getpid() or getattr(self._local, "cursor", None) is None:
-            self._open()
+            # Two threads reading first at once would each attach an environment and replace
+            # the other's thread-local state.
+            with _OPENING:
+                if self._pid != os.getpid() or getattr(self._local, "cursor", None) is None:
+                    self._open()
         return self._local
 
     def close(self) -> None:

@@ -114,6 +114,7 @@ class CaffeTransform:
     # The loader may pass ``out=``: this item's place in the ring slot (see Loader's
     # ``transform``). Filling it directly saves one copy of every image.
     writes_into_slot = True
+    thread_safe = True  # no state changes after construction: workers="auto" may use threads
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator,
                  out: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -157,6 +157,8 @@ class WindowSource:
         (227, 227, 3)
     """
 
+    thread_safe = True  # each read opens its own file: workers="auto" may run it in threads
+
     def __init__(
         self,
         window_file: str | os.PathLike[str],

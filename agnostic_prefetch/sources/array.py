@@ -29,6 +29,8 @@ class ArraySource:
         (4, np.int64(3))
     """
 
+    thread_safe = True  # reads only: workers="auto" may run it in threads
+
     def __init__(self, arrays: dict[str, np.ndarray] | np.ndarray) -> None:
         self._single = not isinstance(arrays, dict)
         self._arrays = {"": arrays} if self._single else dict(arrays)
