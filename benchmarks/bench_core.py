@@ -116,11 +116,21 @@ def grain_ready() -> Any:
     return grain
 
 
-def make_grain(source: Any, batch_size: int, workers: int = WORKERS) -> tuple[Iterator[Any], Callable[[], None]]:
+def make_grain(source: Any, batch_size: int, workers: int = WORKERS,
+               transform: Callable[[Any, np.random.Generator], Any] | None = None,
+               shuffle: bool = False) -> tuple[Iterator[Any], Callable[[], None]]:
+    """Grain's DataLoader over ``source``, endless; ``transform(item, rng)`` runs as a RandomMapTransform."""
     grain = grain_ready()
-    sampler = grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=False, num_epochs=None, seed=0)
+    operations: list[Any] = []
+    if transform is not None:
+        class Augment(grain.RandomMapTransform):  # Grain cloudpickles operations into its workers
+            def random_map(self, element: Any, rng: np.random.Generator) -> Any:
+                return transform(element, rng)
+
+        operations.append(Augment())
+    sampler = grain.IndexSampler(len(source), shard_options=grain.NoSharding(), shuffle=shuffle, num_epochs=None, seed=0)
     loader = grain.DataLoader(data_source=source, sampler=sampler,
-                              operations=[grain.Batch(batch_size)], worker_count=workers)
+                              operations=[*operations, grain.Batch(batch_size)], worker_count=workers)
     it = iter(loader)
     holder = [it]
 
@@ -258,8 +268,8 @@ def work_bound(processes: int, seconds: float, slots_per_process: int = 3) -> fl
 # ---- scenarios -----------------------------------------------------------------------------
 
 
-def s1(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    source = FreshImages(BATCH * 100_000)
+def copy_out() -> Callable[[Any], None]:
+    """S1's consumer: copies each batch's images once into one preallocated array."""
     dst = np.empty((BATCH, *IMAGE), np.uint8)
 
     def consume(batch: Any) -> None:
@@ -268,6 +278,12 @@ def s1(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
             image = image.numpy()
         np.copyto(dst, image)
 
+    return consume
+
+
+def s1(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    source = FreshImages(BATCH * 100_000)
+    consume = copy_out()
     contenders = {
         "ours process w=2": lambda: make_ours(source, BATCH),
         "ours thread w=2": lambda: make_ours(source, BATCH, backend="thread"),
@@ -469,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "cpu": _cpu_model()},
+    results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "cpu": cpu_model()},
                                "settings": {k: getattr(args, k) for k in ("seconds", "warmup", "settle", "repeats", "first_batch_runs")}}
     for name, fn in (("S1", s1), ("S4", s4), ("S5", s5)):
         if name in only:
@@ -485,7 +501,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

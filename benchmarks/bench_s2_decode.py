@@ -1,4 +1,4 @@
-"""Benchmark S2: decoding JPEG Datums + CaffeTransform — one core, our Loader, torch DataLoader, Grain.
+"""Benchmark S2: decoding JPEG Datums + CaffeTransform — one core, our Loader, torch DataLoader, Grain, DALI.
 
 Builds an LMDB of encoded-JPEG Caffe Datums (256×256, random crops and flips of the
 scikit-image photographs), then reads it with random crop 224 + mirror + mean
@@ -10,6 +10,8 @@ scikit-image photographs), then reads it with random crop 224 + mirror + mean
     (b) agnostic_prefetch.Loader, 2 worker processes
     (c) torch.utils.data.DataLoader over the same source object (num_workers=2, persistent)
     (d) grain.python.DataLoader (worker_count=2), if it runs here
+    (e) NVIDIA DALI's CPU pipeline (``device_id=None``: readers.caffe over the same LMDB,
+        decoders.image on the CPU, crop_mirror_normalize; num_threads=2), if it imports
 
 Loaders are built first and warmed up for one epoch (worker start-up excluded), and read
 endless streams. Then every reader is timed in interleaved rounds: idle ``--idle`` seconds,
@@ -17,7 +19,7 @@ endless streams. Then every reader is timed in interleaved rounds: idle ``--idle
 ``--epochs`` epochs' worth of items. Reported: medians over rounds, and ratios as medians
 of per-round ratios (each against the peers of the same round).
 
-    python benchmarks/bench_s2_decode.py [--records 2000] [--workers 2]
+    python benchmarks/bench_s2_decode.py [--records 2000] [--workers 2] [--skip torch,grain,dali]
     pytest -m bench benchmarks/bench_s2_decode.py        # a short run as a test
 """
 
@@ -48,6 +50,8 @@ from agnostic_prefetch.sources.images import decode_image
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "immunohistochemistry")
 BATCH = 64
+CROP = 224
+MEAN = (123.68, 116.78, 103.94)  # RGB, as CaffeTransform's ``mean``
 LEAD = 8  # untimed batches at the start of each loader window (drains the read-ahead)
 
 
@@ -192,6 +196,11 @@ def _stream(it: Any, batches: int, lead: int) -> Callable[[], tuple[float, int]]
     return run
 
 
+def s2_transform() -> CaffeTransform:
+    """S2's augmentation: random 224 crop, random mirror, per-channel mean, float32 H×W×C."""
+    return CaffeTransform(crop_size=CROP, mirror=True, mean=MEAN)
+
+
 def make_ours(source: Any, transform: Any, workers: int, batches: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
     from agnostic_prefetch.loader import Loader
 
@@ -246,6 +255,58 @@ def make_grain(source: Any, transform: Any, workers: int, batches: int, stack: E
     return _stream(it, batches, LEAD)
 
 
+def make_dali(source: Any, transform: Any, workers: int, batches: int, stack: ExitStack) -> Callable[[], tuple[float, int]]:
+    """(e) NVIDIA DALI's own CPU pipeline over the same LMDB: the same work as ``transform``.
+
+    ``device_id=None`` builds a pipeline that needs no GPU. The Caffe reader shuffles
+    through a buffer of ``initial_fill`` records (DALI's way, not a full permutation); the
+    crop window's position and the mirror coin are drawn per image, as CaffeTransform does.
+    Batches are the pipeline's own dense tensors (``as_tensor``: no copy), so the consumer
+    gets what ours gives: one H×W×C float32 array per batch.
+
+    Raises:
+        ImportError: ``nvidia-dali-cuda120`` is not installed (``pip install nvidia-dali-cuda120``).
+        ValueError: ``transform`` asks for something this pipeline does not repeat (see the message).
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    same_work = (transform.train and transform.layout == "HWC" and transform.dtype == np.float32
+                 and transform.channel_order == "rgb" and transform.scale == 1.0
+                 and transform.mean is not None and np.ndim(transform.mean) == 1)
+    if not same_work:
+        raise ValueError("the DALI pipeline repeats only a training, HWC, float32, RGB CaffeTransform "
+                         f"with a per-channel mean and scale 1; got {transform!r}")
+    mean = [float(m) for m in np.broadcast_to(transform.mean, (3,))]
+    crop = transform.crop_size
+
+    @pipeline_def(batch_size=BATCH, num_threads=workers, device_id=None, seed=0, prefetch_queue_depth=2)
+    def pipeline() -> Any:
+        jpegs, labels = fn.readers.caffe(path=source.path, random_shuffle=True, initial_fill=min(1024, len(source)),
+                                         name="reader")
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.crop_mirror_normalize(
+            images, crop=(crop, crop), crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
+            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
+            mirror=fn.random.coin_flip(probability=0.5) if transform.mirror else 0,
+            mean=mean, std=[1.0, 1.0, 1.0], dtype=types.FLOAT, output_layout="HWC")
+        return images, labels
+
+    pipe = pipeline()
+    pipe.build()
+    holder = [pipe]
+    stack.callback(holder.clear)  # DALI frees its threads and buffers with the last reference
+
+    def endless() -> Any:
+        while True:
+            images, labels = holder[0].run()
+            yield {"image": np.asarray(images.as_tensor()), "label": np.asarray(labels.as_tensor())}
+
+    it = endless()
+    for _ in range(-(-len(source) // BATCH)):  # warm-up epoch
+        next(it)
+    return _stream(it, batches, LEAD)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=2000)
@@ -253,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed window")
     parser.add_argument("--idle", type=float, default=1.5, help="seconds of idling before each window")
-    parser.add_argument("--skip", default="", help="comma-separated: torch,grain")
+    parser.add_argument("--skip", default="", help="comma-separated: torch,grain,dali")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     fast = _decode._simplejpeg is not None
@@ -266,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         build_db(db, args.records)
         print(f"built {args.records} JPEG datums (256×256) in {time.perf_counter() - start:.1f} s; JPEG decoder: {chosen}")
         source = LMDBSource(db)
-        transform = CaffeTransform(crop_size=224, mirror=True, mean=(123.68, 116.78, 103.94))
+        transform = s2_transform()
         datas = encoded_bytes(source)
         images = [source[i]["image"] for i in range(min(len(source), 256))]  # 50 MB of 256×256×3
         batches = args.epochs * len(source) // BATCH
@@ -296,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             makers.append((f"(c) torch DataLoader, {args.workers} workers", make_torch))
         if "grain" not in skip:
             makers.append((f"(d) grain DataLoader, {args.workers} workers", make_grain))
+        if "dali" not in skip:
+            makers.append((f"(e) DALI CPU pipeline, {args.workers} threads", make_dali))
         for name, make in makers:
             try:
                 runs[name] = make(source, transform, args.workers, batches, stack)
@@ -329,11 +392,11 @@ def report(rates: dict[str, list[float]], workers: int) -> dict[str, Any]:
     for name, values in rates.items():
         n = len(values)
         vs_a = vs_2 = vs_t = ""
-        if base and name[:3] in ("(a2", "(b)", "(c)", "(d)"):
+        if base and name[:3] in ("(a2", "(b)", "(c)", "(d)", "(e)"):
             vs_a = f"{np.median([values[i] / (workers * base[i]) for i in range(n)]):.0%}"
-        if bare and name[:3] in ("(b)", "(c)", "(d)"):
+        if bare and name[:3] in ("(b)", "(c)", "(d)", "(e)"):
             vs_2 = f"{np.median([values[i] / bare[i] for i in range(n)]):.0%}"
-        if torch_name and name[:3] in ("(b)", "(c)", "(d)"):
+        if torch_name and name[:3] in ("(b)", "(c)", "(d)", "(e)"):
             vs_t = f"{np.median([values[i] / rates[torch_name][i] for i in range(n)]):.2f}x"
         med = float(np.median(values))
         results[name] = med

@@ -33,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -116,22 +116,33 @@ def _numpy_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
-def torch_flax_batches(db: str, batch_size: int, workers: int) -> Any:
-    import jax
+def torch_loader(db: str, batch_size: int, workers: int) -> Any:
+    """torch's DataLoader over the same source and augmentation, batches as numpy."""
     import torch.utils.data
-    from flax import jax_utils
 
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         TorchDataset(LMDBSource(db)), batch_size=batch_size, shuffle=True, num_workers=workers,
         collate_fn=_numpy_collate, drop_last=True, persistent_workers=True, prefetch_factor=2,
         multiprocessing_context="spawn")  # JAX is running: forking it can deadlock
 
-    def endless() -> Any:
-        while True:
-            for b in loader:
-                yield {k: v[None] for k, v in b.items()}  # flax wants a leading device axis
 
-    return jax_utils.prefetch_to_device(endless(), 2, devices=jax.local_devices()[:1])
+def flax_prefetch(batches: Iterable[dict[str, Any]]) -> Iterator[Any]:
+    """flax.jax_utils.prefetch_to_device(size=2) onto the first device."""
+    import jax
+    from flax import jax_utils
+
+    with_device_axis = ({k: np.asarray(v)[None] for k, v in b.items()} for b in batches)  # flax wants one
+    return jax_utils.prefetch_to_device(with_device_axis, 2, devices=jax.local_devices()[:1])
+
+
+def endless(loader: Iterable[Any]) -> Iterator[Any]:
+    """Epoch after epoch of a loader that ends each epoch."""
+    while True:
+        yield from loader
+
+
+def torch_flax_batches(db: str, batch_size: int, workers: int) -> Any:
+    return flax_prefetch(endless(torch_loader(db, batch_size, workers)))
 
 
 def ours(db: str, batch_size: int, workers: int, thread: bool) -> tuple[Loader, Any]:
