@@ -16,7 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "agnostic_prefetch"
 MAX_LINES = 400
 # Imports whose distribution may not be installed here (the GPU and benchmark extras).
-NOT_INSTALLED_HERE = {"cupy": "cupy-cuda12x", "grain": "grain", "absl": "absl-py"}
+NOT_INSTALLED_HERE = {"cupy": "cupy-cuda12x", "grain": "grain", "absl": "absl-py",
+                      "nvidia.dali": "nvidia-dali-cuda120"}
+NAMESPACES = ("google", "nvidia")  # top-level names that many distributions share
 
 
 def modules() -> list[pathlib.Path]:
@@ -100,7 +102,8 @@ def third_party_imports(paths: list[pathlib.Path]) -> dict[str, str]:
             top = name.split(".")[0]
             if top in sys.stdlib_module_names or top in local or top in ("agnostic_prefetch", "__future__"):
                 continue
-            found.setdefault(name if top == "google" else top, str(path.relative_to(ROOT)))
+            found.setdefault(".".join(name.split(".")[:2]) if top in NAMESPACES else top,
+                             str(path.relative_to(ROOT)))
     return found
 
 
@@ -109,6 +112,8 @@ def distribution_of(name: str) -> str:
     dists = importlib.metadata.packages_distributions().get(top)
     if name.startswith("google.protobuf"):
         return "protobuf"
+    if name in NOT_INSTALLED_HERE and "." in name:  # a namespace package: the name says which
+        return normalize(NOT_INSTALLED_HERE[name])
     if dists:
         return normalize(dists[0])
     return normalize(NOT_INSTALLED_HERE[top])
@@ -126,7 +131,7 @@ def test_every_import_is_declared():
             f"{where} imports {name}: add {distribution_of(name)} to the test extra")
     benches = third_party_imports(sorted((ROOT / "benchmarks").glob("*.py")))
     for name, where in benches.items():  # bench_gpu.py uses CuPy where a GPU has it
-        assert distribution_of(name) in groups["bench"] | groups["core"] | groups["cupy"], (
+        assert distribution_of(name) in groups["bench"] | groups["bench-dali"] | groups["core"] | groups["cupy"], (
             f"{where} imports {name}: add {distribution_of(name)} to the bench extra")
 
 
