@@ -13,8 +13,9 @@ workers have spent about a quarter second each on batches, and decides with :fun
 - ``n = ceil(0.9 * cpus / f)`` workers keep the CPUs busy (``f`` near 1: about ``cpus``;
   an item waiting on I/O for 30 times its CPU: many), at most the limit.
 - threads where they are allowed (the source and transform declare ``thread_safe = True``,
-  or the user asked for ``backend="thread"``) and the pool's Python work fits under one
-  GIL with room to spare (``n * cpu share <= 0.5``); processes otherwise.
+  or the user asked for ``backend="thread"``) and the items are I/O-bound and the pool's
+  Python work, as the probe measures it, is at most ``GIL_ROOM`` CPUs (docs/design.md says
+  why that is above one); processes otherwise.
 - a consumer slower than the workers (it hardly waited while the ring held workers back)
   gets no more workers: they would only fill the ring sooner.
 
