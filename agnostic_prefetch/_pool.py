@@ -203,7 +203,7 @@ def stop(handles: list[Worker], grace: float = 0.5) -> None:
         if isinstance(h, InProcessWorker):
             h.stop()
         else:
-            _close_quietly(h.orders)
+            close_quietly(h.orders)
     deadline = time.monotonic() + grace
     for h in handles:
         if h.process is not None:
@@ -219,7 +219,7 @@ def stop(handles: list[Worker], grace: float = 0.5) -> None:
         if isinstance(h, InProcessWorker):
             continue
         if h.results is not None:
-            _close_quietly(h.results)
+            close_quietly(h.results)
         for fd in (h.sentinel, h.stack_fd):
             if fd is not None:
                 try:
@@ -229,7 +229,7 @@ def stop(handles: list[Worker], grace: float = 0.5) -> None:
         h.sentinel = h.stack_fd = None
 
 
-def _close_quietly(conn: Any) -> None:
+def close_quietly(conn: Any) -> None:
     try:
         conn.close()
     except OSError:
