@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
     from agnostic_prefetch.sources.mixture import Mixture
+    from agnostic_prefetch.tracing import trace
 
 __all__ = [
     "ArraySource",
@@ -51,6 +52,7 @@ __all__ = [
     "diagnose",
     "prefetch_to_device",
     "shard_for",
+    "trace",
 ]
 __version__ = "0.1.0"
 
@@ -69,6 +71,7 @@ _LAZY = {
     "prefetch_to_device": "agnostic_prefetch.device",
     "diagnose": "agnostic_prefetch.diagnosis",
     "Diagnosis": "agnostic_prefetch.diagnosis",
+    "trace": "agnostic_prefetch.tracing",
     "shard_for": "agnostic_prefetch.sharding",
 }
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-CPU_SAMPLE = 8  # one item in this many has its CPU time taken
+CPU_SAMPLE = 16  # one item in this many has its CPU time taken
 FLUSH_S = 0.005  # a worker stores its row after a batch at most this often (and before idling)
 TRACE_OFF, TRACE_BATCHES, TRACE_ITEMS = 0, 1, 2
 
@@ -53,7 +53,7 @@ def board_bytes(rows: int) -> int:
 class WorkerAccount:
     """One worker's counters: kept as floats, stored into its row of the shared block."""
 
-    __slots__ = ("_board", "_offset", "acc", "_flushed_at", "_idle_since", "seen")
+    __slots__ = ("_board", "_offset", "acc", "_flushed_at", "_idle_since", "countdown")
 
     def __init__(self, board: memoryview | None, row: int, pid: int, thread: int) -> None:
         self._board = board
@@ -62,7 +62,7 @@ class WorkerAccount:
         self.acc[_F["pid"]], self.acc[_F["thread"]] = float(pid), float(thread)
         self._flushed_at = 0.0
         self._idle_since = 0.0
-        self.seen = 0  # items seen, for the CPU sample
+        self.countdown = 0  # items until the next CPU sample
 
     def trace_level(self) -> int:
         board = self._board

@@ -9,6 +9,7 @@ reports images/s, step time, and how much of the wall time the step waited for d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -35,6 +36,8 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="loader worker processes (default 2)")
     p.add_argument("--records", type=int, default=2400,
                    help="crops in the database, spread over the photographs (default 2400)")
+    p.add_argument("--trace", default=None, metavar="PATH",
+                   help="write a Chrome trace of the training loop there (open it in ui.perfetto.dev)")
     p.add_argument("--data-dir", default=None,
                    help="where to build the LMDB (kept, and reused if already built); "
                         "default: a temporary directory removed afterwards")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
             build_database(data_dir, db, args.records)
             print(f"built {db} ({args.records} JPEG records of {SIZE}x{SIZE}, {len(PHOTOS)} "
                   f"classes) in {time.perf_counter() - started:.1f} s")
-        report = train(db, steps=args.steps, batch_size=args.batch_size, workers=args.workers)
+        report = train(db, steps=args.steps, batch_size=args.batch_size, workers=args.workers,
+                       trace_path=args.trace)
     finally:
         if temporary:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -163,15 +167,17 @@ def make_step(learning_rate: float = 0.05, momentum: float = 0.9) -> Any:
     return step
 
 
-def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, Any]:
-    """Train for ``steps`` steps and measure where the wall time went."""
+def train(db: str, *, steps: int, batch_size: int, workers: int,
+          trace_path: str | None = None) -> dict[str, Any]:
+    """Train for ``steps`` steps and measure where the wall time went (and trace it)."""
     import jax
     from tqdm import tqdm
 
     from agnostic_prefetch.caffe import LMDBSource
     from agnostic_prefetch.device import prefetch_to_device
-    from agnostic_prefetch.diagnosis import diagnose
+    from agnostic_prefetch.diagnosis import _delta, diagnose
     from agnostic_prefetch.loader import Loader
+    from agnostic_prefetch.tracing import trace
 
     source = LMDBSource(db)
     params = init_params(jax.random.PRNGKey(0), len(PHOTOS))
@@ -187,19 +193,23 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
         first_loss = float(loss)
         waited = stepped = 0.0
         losses, accuracies = [], []
+        tracing = trace(trace_path) if trace_path is not None else contextlib.nullcontext()
+        before = (loader.stats(), batches.stats())
         started = time.perf_counter()
-        for _ in tqdm(range(steps), desc="train", unit="step", mininterval=0.5):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t1 = time.perf_counter()
-            params, velocity, loss, accuracy = step(params, velocity, batch)
-            loss.block_until_ready()  # so step time is the computation, not its dispatch
-            t2 = time.perf_counter()
-            waited += t1 - t0
-            stepped += t2 - t1
-            losses.append(float(loss))
-            accuracies.append(float(accuracy))
-        wall = time.perf_counter() - started
+        with tracing:
+            for _ in tqdm(range(steps), desc="train", unit="step", mininterval=0.5):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t1 = time.perf_counter()
+                params, velocity, loss, accuracy = step(params, velocity, batch)
+                loss.block_until_ready()  # so step time is the computation, not its dispatch
+                t2 = time.perf_counter()
+                waited += t1 - t0
+                stepped += t2 - t1
+                losses.append(float(loss))
+                accuracies.append(float(accuracy))
+            wall = time.perf_counter() - started
+            traced = {"loader": _delta(before[0], loader.stats()), "prefetch": _delta(before[1], batches.stats())}
         diagnosis = str(diagnose(batches))
         batches.close()
         copied_out = loader.stats()["copied_out"]
@@ -210,7 +220,7 @@ def train(db: str, *, steps: int, batch_size: int, workers: int) -> dict[str, An
         "wait_fraction": waited / wall, "first_loss": first_loss,
         "final_loss": float(np.mean(losses[-tail:])), "final_accuracy": float(np.mean(accuracies[-tail:])),
         "backend": jax.default_backend(), "cores": os.cpu_count(), "copied_out": copied_out,
-        "diagnosis": diagnosis,
+        "diagnosis": diagnosis, "traced_stats": traced, "trace": trace_path,
     }
 
 
@@ -225,3 +235,5 @@ def print_report(r: dict[str, Any]) -> None:
     if r["copied_out"]:
         print(f"  {r['copied_out']} batches were copied out of the ring (the caller held too many slots)")
     print(r["diagnosis"])
+    if r["trace"]:
+        print(f"trace of the training loop: {r['trace']} (open it in ui.perfetto.dev or chrome://tracing)")

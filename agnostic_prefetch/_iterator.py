@@ -130,6 +130,9 @@ class LoaderIterator:
             self._stats["wait_s"] += now - started
             scheduler.drive.release()
             scheduler.left()
+        tracer = self._loader._tracer
+        if tracer is not None:
+            tracer.span("next", started, now)
         if now >= self._snapshots.next_at:
             self._snapshots.tick(now)
         return batch

@@ -1,4 +1,5 @@
-"""The Loader's options that depend on each other: batch sizes, the remainder rule, per-batch shapes.
+"""The Loader's options that depend on each other (batch sizes, the remainder rule, per-batch
+shapes), and the example its ring is laid out from.
 
 Each check names the numbers and the remedy; nothing here touches the ring or the workers.
 """
@@ -9,7 +10,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_shapes", "let_go", "local_batch_size", "remainder_of"]
+from agnostic_prefetch.errors import LoaderError
+from agnostic_prefetch.sampler import item_rng
+
+__all__ = ["check_shapes", "check_values", "let_go", "local_batch_size", "read_example", "remainder_of"]
+
+
+def check_values(*, on_error: str, workers: Any, epochs: int | None, timeout: float | None,
+                 log_every: float | None) -> None:
+    """The options that stand alone."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if workers != "auto" and workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+    if log_every is not None and not log_every > 0:
+        raise ValueError(f"log_every must be positive seconds or None, got {log_every}")
 
 
 def local_batch_size(batch_size: int | None, global_batch_size: int | None, shard_count: int) -> int:
@@ -68,3 +87,27 @@ def check_shapes(shapes: str, spec: Any, shard_count: int, remainder: str) -> No
             "same shape every step; crop or resize to one size instead")
     if remainder == "pad":
         raise ValueError("shapes='per_batch' cannot pad batches (their shapes vary); use remainder='short'")
+
+
+def read_example(sampler: Any, source: Any, transform: Any, skip: bool) -> Any:
+    """The first example of global batch 0 that reads, transformed: what the ring's layout
+    is made from (from the whole global batch: this shard's slice of it may be padding)."""
+    try:
+        errors = []
+        for position, index in enumerate(sampler.global_batch(0, 0).tolist()):
+            try:
+                example = source[index]
+                if transform is not None:
+                    example = transform(example, item_rng(sampler.seed, 0, position))
+                return example
+            except Exception as exc:
+                if not skip:
+                    raise LoaderError(
+                        f"reading record {index} in the parent to lay out the ring failed: "
+                        f"{type(exc).__name__}: {exc}. Fix the record, pass on_error='skip', or "
+                        "give spec= explicitly."
+                    ) from exc
+                errors.append(f"record {index}: {exc}")
+        raise LoaderError("every record of the first batch failed; cannot lay out the ring:\n" + "\n".join(errors))
+    finally:
+        let_go(source)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch import _pool, _supervisor
-from agnostic_prefetch._accounts import Board
+from agnostic_prefetch._accounts import Board, per_worker, worker_totals
 from agnostic_prefetch._layout import (
     H_COUNT,
     H_EPOCH,
@@ -96,6 +96,11 @@ class Scheduler:
         self.held_s = 0.0  # worker-seconds without an order because every slot was taken
         self._full_since = 0.0  # when a dispatch last found no free slot (0: there was one)
         self.on_trace: Any = None  # (worker, order's seq, trace) while a trace records
+        self.tracer: Any = None  # the trace that records this loader's waits, if any
+        self.tuner: Any = None  # workers="auto" while it probes: _autotune.Tuner
+        self.starting: list[_pool.Worker] = []  # added, watched, given orders once they serve
+        self.retiring: list[_pool.Worker] = []  # no new orders; stopped once their orders are answered
+        self.retired: list[_pool.Worker] = []  # told to exit; reaped at close
         self.board = Board(ring.map, ring.extra_offset, board_rows)
         self.ring = ring
         self.table = table
@@ -144,6 +149,10 @@ class Scheduler:
         A worker is topped up to its capacity in one write once it is down to half of it:
         each write wakes a sleeping worker, which costs more than a tiny batch.
         """
+        if self.tuner is not None:
+            self.tuner.step(self)
+        if self.starting:
+            self._admit()
         table = self.table
         table.reclaim()
         free = table.free
@@ -207,11 +216,45 @@ class Scheduler:
             raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
         started = time.perf_counter()
         reports = self.supervisor.wait()
-        self.blocked_s += time.perf_counter() - started
+        ended = time.perf_counter()
+        self.blocked_s += ended - started
+        if self.tracer is not None:
+            self.tracer.span("wait for workers", started, ended)
         for worker, message in reports:
             self._on_message(worker, message)
         if self._timeout is not None:
             self._check_progress()
+
+    # ---- a pool that changes (workers="auto") ------------------------------------------
+
+    def add_workers(self, workers: list[_pool.Worker]) -> None:
+        """Watch these started workers, and give them orders once they serve (a process
+        takes a while to start: orders waiting in its pipe would hold up delivery)."""
+        for worker in workers:
+            self.supervisor.add(worker)
+        self.starting += workers
+        self._admit()
+
+    def _admit(self) -> None:
+        ready = [w for w in self.starting if not self.workers or self.board.serving(w.worker_id)]
+        self.starting = [w for w in self.starting if w not in ready]
+        self.workers += ready
+
+    def retire(self, worker: _pool.Worker) -> None:
+        """No new orders for ``worker``; it is stopped once its orders are answered."""
+        self.workers.remove(worker)
+        if worker.outstanding:
+            self.retiring.append(worker)
+        else:
+            self._let_go(worker)
+
+    def _let_go(self, worker: _pool.Worker) -> None:
+        # End of file on its order pipe makes it exit; its exit is no failure now, so it
+        # leaves the selector first. It is reaped (and its pipes closed) at close.
+        self.supervisor.remove(worker)
+        if isinstance(worker, _pool.WorkerHandle):
+            _pool.close_quietly(worker.orders)
+        self.retired.append(worker)
 
     # ---- bookkeeping --------------------------------------------------------------------
 
@@ -252,6 +295,9 @@ class Scheduler:
             worker.outstanding.popleft()
         else:
             worker.outstanding.remove(order_id)
+        if self.retiring and not worker.outstanding and worker in self.retiring:
+            self.retiring.remove(worker)
+            self._let_go(worker)
         if kind == "done":
             _, _, count, objects, skipped, trace, shapes = message
             if trace is not None and self.on_trace is not None:
@@ -280,7 +326,7 @@ class Scheduler:
     def _check_progress(self) -> None:
         assert self._timeout is not None and self._headers is not None
         now = time.monotonic()
-        for worker in self.workers:
+        for worker in (*self.workers, *self.retiring):
             if not worker.outstanding or (worker.process is None and worker.thread is None):
                 continue
             order = self._orders.get(worker.outstanding[0])  # the one it is filling
@@ -330,7 +376,8 @@ class Scheduler:
                     self._release(grace)
 
     def _release(self, grace: float) -> None:
-        workers, self.workers = self.workers, []
+        workers, self.workers = [*self.workers, *self.starting, *self.retiring, *self.retired], []
+        self.starting, self.retiring, self.retired, self.tuner = [], [], [], None
         _pool.stop(workers, grace)
         self.supervisor.close()
         self._ready.clear()
@@ -340,3 +387,13 @@ class Scheduler:
         self._headers = None  # our own views of the ring: drop them so the mapping can close
         self.board.close()
         self.ring.close()
+
+
+def stage_times(scheduler: Scheduler, wait_s: float) -> dict[str, Any]:
+    """The per-stage part of ``Loader.stats()``: the caller's wait split up, the workers' times."""
+    table = scheduler.board.table()
+    times: dict[str, Any] = {"blocked_s": scheduler.blocked_s, "handoff_s": max(0.0, wait_s - scheduler.blocked_s),
+                             "held_s": scheduler.held_s, **worker_totals(table)}
+    times["fill_s"] = times["read_s"] + times["transform_s"] + times["write_s"]
+    times["per_worker"] = per_worker(table)
+    return times

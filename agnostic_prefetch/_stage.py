@@ -96,6 +96,7 @@ class _Reader:
         # In the stage's own thread, waiting for each copy to complete costs the caller
         # nothing and measures the transfer; in the caller's thread it would stall the step.
         self.wait_for_copy = getattr(placement, "wait", None) if wait_for_copies else None
+        self.tracer: Any = None
         self.place_lock = threading.Lock()  # placement.close() never runs during a put()
         self.stopped = False
 
@@ -115,11 +116,18 @@ class _Reader:
             if self.stopped:
                 return None
             device, token = self.placement.put(host)
-            placed = time.perf_counter()
+            placed = done = time.perf_counter()
             stats["place_s"] += placed - pulled
             if self.wait_for_copy is not None:
                 self.wait_for_copy(token)
-                stats["transfer_s"] += time.perf_counter() - placed
+                done = time.perf_counter()
+                stats["transfer_s"] += done - placed
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.span("pull", started, pulled)
+            tracer.span("place", pulled, placed)
+            if done > placed:
+                tracer.span("transfer", placed, done)
         return Entry(device, host, state, token)
 
 
@@ -143,9 +151,12 @@ class Stage:
         self.error: BaseException | None = None  # without a thread: raised once the queue drains
         self.closed = False
         self.placement_closed = False  # set under the reader's lock: copies synced, safe to drop
+        self.tracer: Any = None  # the trace recording this stage, if any
+        self.own_tracer: Any = None  # the one ``trace=`` started: written at close()
 
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
         reader = self.reader = _Reader(source, self.placement, stats, wait_for_copies=self.threaded)
+        reader.tracer = self.tracer
         self.error = None
         if self.threaded:
             self.channel = _Channel(self.size, stats)
@@ -265,5 +276,7 @@ class Stage:
             self.placement_closed = True
             self.retired.clear()
         self.last = None
+        if self.own_tracer is not None:
+            self.own_tracer.write()
 
 

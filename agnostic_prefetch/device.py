@@ -8,6 +8,7 @@ used, never by ``import agnostic_prefetch``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ def prefetch_to_device(
     devices: Sequence[Any] | None = None,
     sharding: Any = None,
     thread: bool = True,
+    trace: str | os.PathLike[str] | None = None,
 ) -> Prefetcher:
     """Yield the batches of ``iterable`` as ``jax.Array`` s, keeping ``size`` more on device.
 
@@ -79,6 +81,8 @@ def prefetch_to_device(
             ``jax.device_put`` overlap the step instead of adding to it (docs/device.md has
             the measurements). ``thread=False`` does that work in the caller's ``next()``;
             the source is then only touched from your thread.
+        trace: a path: record a Chrome trace of this stage until ``close()`` (see
+            :func:`~agnostic_prefetch.trace`).
 
     Returns:
         A :class:`~agnostic_prefetch.prefetch.Prefetcher`: iterate it; ``state_dict()``,
@@ -103,7 +107,7 @@ def prefetch_to_device(
     loader = _loader_of(iterable)
     if loader is not None and sharding is not None and not isinstance(sharding, placement.jax.Device):
         placement.check_loader(loader)
-    return Prefetcher(iterable, size, placement, thread=thread, name="prefetch_to_device")
+    return Prefetcher(iterable, size, placement, thread=thread, name="prefetch_to_device", trace=trace)
 
 
 def _loader_of(iterable: Any) -> Any:

@@ -10,26 +10,35 @@ memory and each slot's state), ``_pool`` and ``_supervisor`` (workers), ``_sched
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch import _pool
-from agnostic_prefetch._accounts import board_bytes, per_worker, worker_totals
+from agnostic_prefetch import _autotune, _pool
+from agnostic_prefetch._accounts import board_bytes
+from agnostic_prefetch._describe import describe
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
-from agnostic_prefetch._options import check_shapes, let_go, local_batch_size, remainder_of
+from agnostic_prefetch._options import (
+    check_shapes,
+    check_values,
+    local_batch_size,
+    read_example,
+    remainder_of,
+)
 from agnostic_prefetch._resume import START, Position, decode, encode, iteration_end, order_settings
 from agnostic_prefetch._ring import Ring
-from agnostic_prefetch._schedule import Scheduler
+from agnostic_prefetch._schedule import Scheduler, stage_times
 from agnostic_prefetch._sizing import plan_ring
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._window import Snapshots
 from agnostic_prefetch._worker import Job
 from agnostic_prefetch.errors import LoaderError
-from agnostic_prefetch.sampler import Sampler, item_rng
+from agnostic_prefetch.sampler import Sampler
+from agnostic_prefetch.tracing import Tracer, attach, detach, register
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -49,15 +58,19 @@ class Loader:
         batch_size: items per batch on this shard (this process).
         global_batch_size: instead of ``batch_size``: items per global batch, over all
             ``shard_count`` shards (``batch_size = global_batch_size / shard_count``).
-        workers: worker count; 0 loads in the thread that iterates, on demand (for debugging).
-        backend: ``"process"`` (fresh processes, off the GIL) or ``"thread"``.
+        workers: worker count; 0 loads in the thread that iterates (for debugging); ``"auto"``:
+            one per CPU this process may use for a short probe, then enough to keep those CPUs
+            busy, up to 8 per CPU (the ring is reserved for that many; docs/design.md).
+            ``repr``, ``stats()["auto"]`` and one INFO log line say what it picked and why.
+        backend: ``"process"`` (off the GIL), ``"thread"`` (your word that the source and
+            transform are thread-safe), or with ``workers="auto"`` ``"auto"``: threads only
+            for items that mostly wait (I/O) and only if the source, and the transform if
+            any, declare ``thread_safe = True`` (class or instance attribute; ours do).
         slots: ring slots; default ``workers + 6`` (``8 * workers + 6`` for slots of at most
-            64 KiB): one per worker, plus what a training loop behind a prefetch stage of
-            the default ``size=2`` holds at its peak (5, see ``Prefetcher.held_at_peak``),
-            plus one. At least ``workers + 1``; a plain ``for`` loop is zero-copy from
-            ``max(workers, 1) + 2`` on (it still holds the previous batch while the next one
-            is handed over). Hold more than the ring allows and batches are copied out; a
-            prefetch stage that would hold more warns, naming the ``slots=`` to pass.
+            64 KiB): one per worker, plus the 5 a loop behind a prefetch stage of ``size=2``
+            holds at its peak (``Prefetcher.held_at_peak``), plus one. At least ``workers +
+            1``. Hold more than the ring allows and batches are copied out (a prefetch stage
+            that would warns, naming the ``slots=`` to pass).
         shuffle, seed: permute items per epoch from ``(seed, epoch)``.
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
         drop_remainder: leave out a last global batch that would be short
@@ -77,10 +90,9 @@ class Loader:
             there is not copied again (``CaffeTransform`` does this).
         ordered: ``False`` delivers batches as they complete; contents stay the same.
         shard_index, shard_count: which slice of every global batch this process loads
-            (slice ``s`` of ``S`` equal ones; :func:`~agnostic_prefetch.shard_for` derives
-            them from a JAX sharding). The global batches do not depend on the shard count,
-            so a ``state_dict`` saved with ``S`` shards resumes on any ``S'`` that divides
-            the global batch (docs/elastic.md).
+            (:func:`~agnostic_prefetch.shard_for` derives them from a JAX sharding); a
+            ``state_dict`` resumes on any shard count that divides the global batch
+            (docs/elastic.md).
         on_error: ``"raise"`` or ``"skip"`` (bad records are left out, counted, logged).
         timeout: seconds a worker may go without progress before it is reported as hung.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
@@ -93,9 +105,9 @@ class Loader:
             records. Slots are sized from ``spec=``, never from a scan of the source. One
             shard only (every process must feed one shape); JAX compiles a step once per
             new shape.
-        log_every: every this many seconds, log one line at INFO on the
-            ``agnostic_prefetch`` logger: throughput, how long the step waited, how busy
-            the workers were and what bounds throughput (see :func:`~agnostic_prefetch.diagnose`).
+        log_every: every this many seconds, log a line (INFO, logger ``agnostic_prefetch``):
+            throughput, the step's wait, the workers' load, the bound (:func:`~agnostic_prefetch.diagnose`).
+        trace: a path: a Chrome trace of this loader until ``close()`` (:func:`~agnostic_prefetch.trace`).
 
     Iterating: ``iter(loader)`` returns a :class:`LoaderIterator`, which owns its position
     (``state_dict()``). A second ``iter()`` ends the first iterator (its next ``next()``
@@ -120,7 +132,7 @@ class Loader:
         batch_size: int | None = None,
         *,
         global_batch_size: int | None = None,
-        workers: int = 2,
+        workers: int | str = 2,
         backend: str = "process",
         slots: int | None = None,
         shuffle: bool = False,
@@ -139,19 +151,10 @@ class Loader:
         spec: Any = None,
         shapes: str = "fixed",
         log_every: float | None = None,
+        trace: str | os.PathLike[str] | None = None,
     ) -> None:
-        if backend not in ("process", "thread"):
-            raise ValueError(f"backend must be 'process' or 'thread', got {backend!r}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
-        if log_every is not None and not log_every > 0:
-            raise ValueError(f"log_every must be positive seconds or None, got {log_every}")
+        _autotune.check(workers, backend)
+        check_values(on_error=on_error, workers=workers, epochs=epochs, timeout=timeout, log_every=log_every)
         batch_size = local_batch_size(batch_size, global_batch_size, shard_count)
         remainder = remainder_of(remainder, drop_remainder, on_error, shard_count)
         check_shapes(shapes, spec, shard_count, remainder)
@@ -159,18 +162,19 @@ class Loader:
                                 remainder=remainder, shard_index=shard_index,
                                 shard_count=shard_count)
         self._bpe = self._sampler.batches_per_epoch
-        self.workers = workers
-        self.backend = backend
+        self._tuner: _autotune.Tuner | None = None
         self.epochs = epochs
         self.ordered = ordered
         self.timeout = timeout
         self._skip = on_error == "skip"
-        example = spec if spec is not None else self._read_example(source, transform)
+        example = spec if spec is not None else read_example(self._sampler, source, transform, self._skip)
         self._mask_key = mask_key if remainder == "pad" else None
         if self._mask_key is not None:
             example = with_mask(example, self._mask_key)
         self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
-        self._plan = plan_ring(workers, self.layout.slot_bytes, slots)
+        auto = _autotune.plan_auto(source, transform, backend, self.layout.slot_bytes, slots) if workers == "auto" else None
+        self._fixed = workers, backend = auto.first if auto else (workers, backend)
+        self._plan = plan_ring(auto.limit if auto else workers, self.layout.slot_bytes, slots)
         self.slots = self._plan.slots
         self._settings = order_settings(self._sampler, ordered)
         self._settings["source_order"] = getattr(source, "order_fingerprint", None)
@@ -183,7 +187,7 @@ class Loader:
         self._snapshots = Snapshots(weakref.ref(self), log_every)
         self._latest: LoaderIterator | None = None
         self._start: Position = START  # where the next iter() starts when there is no latest
-        board_rows = max(1, workers)
+        board_rows = max(1, workers) if auto is None else auto.rows
         self._ring = Ring(self.slots, self.layout.slot_bytes, board_bytes(board_rows))
         workers_started: list[_pool.Worker] = []
         try:
@@ -193,12 +197,19 @@ class Loader:
             self._scheduler = Scheduler(self._sampler, self._ring, SlotTable(self.slots, self._plan.max_held),
                                         workers_started, timeout, lookahead=self.slots,
                                         board_rows=board_rows)
+            if auto is not None:
+                self._tuner = self._scheduler.tuner = _autotune.Tuner(auto, job, self._ring, self._plan.orders_per_worker)
         except BaseException:
             _pool.stop(workers_started, 0.0)
             self._ring.close()
             raise
         self._workers = [w for w in workers_started if not isinstance(w, _pool.InProcessWorker)]
-        self._finalizer = weakref.finalize(self, self._scheduler.close)
+        self._tracer: Tracer | None = None
+        own = Tracer(trace) if trace is not None else None
+        self._finalizer = weakref.finalize(self, _shut_down, self._scheduler, own)
+        if own is not None:
+            self._attach_tracer(own)
+        register(self)
 
     # ---- public surface ---------------------------------------------------------------
 
@@ -224,6 +235,16 @@ class Loader:
     @property
     def shard_count(self) -> int:
         return self._sampler.shard_count
+
+    @property
+    def workers(self) -> int:
+        """Workers loading now (with ``workers="auto"``: the probe's, then what it picked)."""
+        return self._fixed[0] if self._tuner is None else self._tuner.workers
+
+    @property
+    def backend(self) -> str:
+        """The workers' backend now (``"process"`` or ``"thread"``)."""
+        return self._fixed[1] if self._tuner is None else self._tuner.backend
 
     def __len__(self) -> int:
         """Batches the next iteration yields (from where ``state_dict()`` says)."""
@@ -305,22 +326,19 @@ class Loader:
         source's ``__getitem__``: wall well above CPU means waiting on I/O), ``transform_s`` /
         ``transform_cpu_s``, ``write_s`` / ``write_cpu_s`` (into the slot), ``fill_s`` (their
         sum), ``worker_idle_s`` (waiting for an order); ``per_worker``: items, batches,
-        ``busy_s`` and ``idle_s`` of each. CPU times are estimated from one item in 8.
+        ``busy_s`` and ``idle_s`` of each. CPU times are estimated from one item in 16.
 
-        Also ``ring_bytes``, ``slots``, ``workers``, ``backend``.
+        Also ``ring_bytes``, ``slots``, ``workers``, ``backend``; with ``workers="auto"``,
+        ``auto``: what it picked, why, and the figures it picked from.
         """
         scheduler = self._scheduler
         stats = {**self._stats, "ring_bytes": self._ring.nbytes, "slots": self.slots,
                  "workers": self.workers, "backend": self.backend}
         if "items_per_source" in stats:
             stats["items_per_source"] = dict(stats["items_per_source"])
-        stats["blocked_s"] = scheduler.blocked_s
-        stats["handoff_s"] = max(0.0, stats["wait_s"] - scheduler.blocked_s)
-        stats["held_s"] = scheduler.held_s
-        table = scheduler.board.table()
-        stats.update(worker_totals(table))
-        stats["fill_s"] = stats["read_s"] + stats["transform_s"] + stats["write_s"]
-        stats["per_worker"] = per_worker(table)
+        stats.update(stage_times(scheduler, stats["wait_s"]))
+        if self._tuner is not None:
+            stats["auto"] = self._tuner.report()
         return stats
 
     def _snapshot_stats(self) -> dict[str, Any]:
@@ -345,60 +363,33 @@ class Loader:
         self.close()
 
     def __repr__(self) -> str:
-        return (
-            f"Loader(batch_size={self._sampler.batch_size}, batches_per_epoch={self._bpe}, "
-            f"{self._shard_repr()}workers={self.workers}, backend={self.backend!r}, ring={self.slots} slots x "
-            f"{self.layout.slot_bytes:,} B + {self._ring.nbytes - self._ring.extra_offset:,} B of counters = "
-            f"{self._ring.nbytes:,} B [{self.layout.describe()}]"
-            f"{', closed' if self.closed else ''})"
-        )
+        return describe(self)
 
     # ---- helpers ------------------------------------------------------------------------
-
-    def _shard_repr(self) -> str:
-        sampler = self._sampler
-        parts = []
-        if sampler.shard_count > 1:
-            parts.append(f"shard {sampler.shard_index} of {sampler.shard_count} of global batches of "
-                         f"{sampler.global_batch_size}")
-        if sampler.remainder != "short":
-            parts.append(f"remainder={sampler.remainder!r}")
-        return "".join(f"{p}, " for p in parts)
 
     def _position(self) -> Position:
         return self._latest._position if self._latest is not None else self._start
 
     def _close(self, grace: float) -> None:
         if self._finalizer.alive:
-            self._finalizer.detach()
-            self._scheduler.close(grace)
+            _, _, (scheduler, own), _ = self._finalizer.detach()
+            _shut_down(scheduler, own, grace)
+
+    def _attach_tracer(self, tracer: Tracer) -> None:
+        self._tracer = tracer if attach(self._scheduler, self._bpe, tracer) else self._tracer
+
+    def _detach_tracer(self, tracer: Tracer) -> None:
+        if self._tracer is tracer:
+            self._tracer = None
+            detach(self._scheduler)
 
     def _check_open(self) -> None:
         if self.closed:
             raise LoaderError("this Loader is closed; build a new one (load_state_dict resumes exactly)")
 
-    def _read_example(self, source: Any, transform: Any) -> Any:
-        # From the whole global batch: this shard's slice of it may be empty (padding).
-        try:
-            return self._first_example(source, transform)
-        finally:
-            let_go(source)
 
-    def _first_example(self, source: Any, transform: Any) -> Any:
-        errors = []
-        for position, index in enumerate(self._sampler.global_batch(0, 0).tolist()):
-            try:
-                example = source[index]
-                if transform is not None:
-                    example = transform(example, item_rng(self._sampler.seed, 0, position))
-                return example
-            except Exception as exc:
-                if not self._skip:
-                    raise LoaderError(
-                        f"reading record {index} in the parent to lay out the ring failed: "
-                        f"{type(exc).__name__}: {exc}. Fix the record, pass on_error='skip', or "
-                        "give spec= explicitly."
-                    ) from exc
-                errors.append(f"record {index}: {exc}")
-        raise LoaderError("every record of the first batch failed; cannot lay out the ring:\n" + "\n".join(errors))
-
+def _shut_down(scheduler: Scheduler, tracer: Tracer | None, grace: float = 0.5) -> None:
+    """What closing a loader does (its finalizer's work: no reference to the loader)."""
+    scheduler.close(grace)
+    if tracer is not None and not tracer.closed:
+        tracer.write()

@@ -13,6 +13,7 @@ Nothing here imports a framework.
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 from agnostic_prefetch._stage import END, Entry, Stage
 from agnostic_prefetch._warn import warn
 from agnostic_prefetch._window import Snapshots
+from agnostic_prefetch.tracing import Tracer, register
 
 __all__ = ["Placement", "Prefetcher"]
 
@@ -74,6 +76,8 @@ class Prefetcher:
         thread: pull and place in a background thread (the default), so ``next()`` only
             takes a placed batch off a queue; ``False`` does that work in ``next()``.
         name: what error messages call this stage.
+        trace: a path: record a Chrome trace of this stage (and its caller) until
+            ``close()`` (see :func:`~agnostic_prefetch.trace`).
 
     Example:
         >>> class OnHost:
@@ -86,7 +90,8 @@ class Prefetcher:
     """
 
     def __init__(self, iterable: Iterable[Any], size: int, placement: Placement, *,
-                 thread: bool = True, name: str = "prefetch") -> None:
+                 thread: bool = True, name: str = "prefetch",
+                 trace: str | os.PathLike[str] | None = None) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1 (batches kept in flight), got {size}")
         self.size = int(size)
@@ -99,6 +104,10 @@ class Prefetcher:
         self._stage = Stage(placement, self.size, self.thread, name)
         self._snapshots = Snapshots(weakref.ref(self))
         self._finalizer = weakref.finalize(self, self._stage.close)
+        if trace is not None:
+            self._stage.own_tracer = Tracer(trace)
+            self._attach_tracer(self._stage.own_tracer)
+        register(self)
         self._warned_ring = False
         try:
             self._start()
@@ -140,6 +149,9 @@ class Prefetcher:
         self._stats["batches"] += 1
         now = time.perf_counter()
         self._stats["wait_s"] += now - started
+        tracer = self._stage.tracer
+        if tracer is not None:
+            tracer.span(f"next ({self._name})", started, now)
         if now >= self._snapshots.next_at:
             self._snapshots.tick(now)
         return device
@@ -185,6 +197,20 @@ class Prefetcher:
         ``full_s``: time the thread waited for room in the queue (you were slower).
         """
         return {**self._stats, "size": self.size, "thread": self.thread}
+
+    def _attach_tracer(self, tracer: Tracer) -> None:
+        stage = self._stage
+        if not stage.closed:
+            stage.tracer = tracer
+            if stage.reader is not None:
+                stage.reader.tracer = tracer
+
+    def _detach_tracer(self, tracer: Tracer) -> None:
+        stage = self._stage
+        if stage.tracer is tracer:
+            stage.tracer = None
+            if stage.reader is not None:
+                stage.reader.tracer = None
 
     def _snapshot_stats(self) -> dict[str, Any]:
         upstream = getattr(self._iterable, "stats", None)

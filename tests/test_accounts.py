@@ -48,13 +48,14 @@ def test_a_sleeping_source_shows_as_read_wall_time_without_cpu(workers, backend)
 
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_a_cpu_burning_transform_shows_as_transform_cpu_time(backend):
-    with ap.Loader(ap.ArraySource({"x": np.arange(32)}), 4, workers=1, backend=backend,
+    with ap.Loader(ap.ArraySource({"x": np.arange(64)}), 4, workers=1, backend=backend,
                    transform=burn) as loader:
         for _ in loader:
             pass
         stats = loader.stats()
-    assert stats["transform_s"] >= 32 * 0.004
-    assert stats["transform_cpu_s"] > 0.7 * stats["transform_s"]
+    assert stats["transform_s"] >= 64 * 0.004
+    # CPU time is sampled (4 of these items); other processes may take the CPU at times
+    assert stats["transform_cpu_s"] > 0.5 * stats["transform_s"]
     assert stats["read_s"] < 0.2 * stats["transform_s"]
 
 
@@ -105,7 +106,7 @@ def test_cpu_time_is_sampled_on_one_item_in_cpu_sample():
     account.add(16, 1.0, 0.5, 0.25, [2, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05], now=1.0, force=True)
     board = Board(words, 0, 1)
     totals = worker_totals(board.table())
-    assert totals["items_read"] == 16 and CPU_SAMPLE == 8
+    assert totals["items_read"] == 16 and CPU_SAMPLE == 16
     assert totals["read_cpu_s"] == pytest.approx(0.5)  # read wall x sampled cpu/wall
     assert totals["transform_cpu_s"] == pytest.approx(0.5)
     assert totals["write_cpu_s"] == pytest.approx(0.25)

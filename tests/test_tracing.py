@@ -1,0 +1,145 @@
+"""ap.trace(): Chrome trace-event JSON with a track per worker, the caller and the stage's thread."""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+
+import numpy as np
+import pytest
+
+import agnostic_prefetch as ap
+
+
+class Sleepy:
+    def __len__(self) -> int:
+        return 400
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        time.sleep(0.001)
+        return {"x": np.full(4, i, np.int64)}
+
+
+def load(path):
+    document = json.loads(path.read_text())
+    events = document["traceEvents"]
+    for e in events:  # the trace-event format: every event has these
+        assert {"name", "ph", "pid", "tid"} <= set(e)
+        if e["ph"] == "X":
+            assert e["ts"] >= 0 and e["dur"] >= 0
+    return document, events
+
+
+def totals(events):
+    out = collections.defaultdict(float)
+    for e in events:
+        if e["ph"] == "X":
+            out[e["name"]] += e["dur"] / 1e6
+    return out
+
+
+def tracks(events):
+    return {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+
+
+def test_a_trace_of_the_demo_has_the_tracks_and_its_totals_agree_with_stats(tmp_path):
+    pytest.importorskip("jax")
+    from agnostic_prefetch import _demo
+
+    db = str(tmp_path / "photos_lmdb")
+    _demo.build_database(str(tmp_path), db, 96)
+    path = tmp_path / "demo.json"
+    report = _demo.train(db, steps=30, batch_size=16, workers=2, trace_path=str(path))
+    _, events = load(path)
+    names = tracks(events)
+    assert sum(n.startswith("loader worker ") for n in names) == 2
+    assert "trainer: MainThread" in names and "agnostic_prefetch-device" in names
+    spans = totals(events)
+    loader, stage = report["traced_stats"]["loader"], report["traced_stats"]["prefetch"]
+    for span, stat in [("read", "read_s"), ("transform", "transform_s"), ("write", "write_s")]:
+        assert spans[span] == pytest.approx(loader[stat], rel=0.10), span
+    assert spans["fill"] == pytest.approx(loader["fill_s"], rel=0.10)
+    assert spans["next (prefetch_to_device)"] == pytest.approx(stage["wait_s"], rel=0.10, abs=2e-3)
+    assert spans["pull"] == pytest.approx(stage["pull_s"], rel=0.10, abs=2e-3)
+    assert spans["place"] == pytest.approx(stage["place_s"], rel=0.10, abs=2e-3)
+    assert spans["next"] == pytest.approx(loader["wait_s"], rel=0.10, abs=2e-3)  # the loader's caller
+
+
+def test_a_trace_reaches_workers_that_were_already_running(tmp_path):
+    path = tmp_path / "t.json"
+    with ap.Loader(Sleepy(), 8, workers=2, epochs=None) as loader:
+        it = iter(loader)
+        for _ in range(5):
+            next(it)
+        with ap.trace(path):
+            for _ in range(10):
+                next(it)
+        for _ in range(5):
+            next(it)  # after the trace: nothing more recorded
+    _, events = load(path)
+    fills = [e for e in events if e["name"] == "fill"]
+    assert len({e["pid"] for e in fills}) == 2 and 5 <= len(fills) <= 14
+    assert [e for e in events if e["name"] == "read"]
+    assert len([e for e in events if e["name"] == "next"]) == 10
+
+
+def test_timestamps_share_one_clock_across_processes(tmp_path):
+    path = tmp_path / "t.json"
+    with ap.Loader(Sleepy(), 8, workers=1) as loader, ap.trace(path):
+        for _ in loader:
+            pass
+    _, events = load(path)
+    waits = [e for e in events if e["name"] == "wait for workers"]
+    fills = [e for e in events if e["name"] == "fill"]
+    # some fill ends inside a wait for workers: the worker's clock is the caller's
+    assert any(w["ts"] <= f["ts"] + f["dur"] <= w["ts"] + w["dur"] + 1000 for f in fills for w in waits)
+
+
+def test_its_size_is_bounded_and_item_spans_are_dropped_first(tmp_path):
+    path = tmp_path / "t.json"
+    with ap.Loader(Sleepy(), 8, workers=1, epochs=None) as loader, ap.trace(path, max_events=120):
+        it = iter(loader)
+        for _ in range(40):
+            next(it)
+    document, events = load(path)
+    spans = [e for e in events if e["ph"] == "X"]
+    kinds = collections.Counter(e["name"] for e in spans)
+    assert len(spans) <= 120
+    assert kinds["read"] * 3 <= 90  # the item spans' share: three quarters
+    assert kinds["fill"] > 10  # batch spans kept after the item spans stopped
+    assert document["otherData"]["dropped_item_spans"] > 0 or document["otherData"]["dropped_events"] > 0
+
+
+def test_trace_on_the_loader_records_until_close(tmp_path):
+    path = tmp_path / "loader.json"
+    with ap.Loader(Sleepy(), 8, workers=1, backend="thread", trace=path) as loader:
+        for _ in loader:
+            pass
+        assert not path.exists()
+    _, events = load(path)
+    assert "loader worker thread 0" in tracks(events)
+    assert len([e for e in events if e["name"] == "next"]) == 50
+
+
+def test_trace_on_a_prefetcher_records_its_thread_until_close(tmp_path):
+    pytest.importorskip("jax")
+    path = tmp_path / "stage.json"
+    with ap.Loader(Sleepy(), 8, workers=1) as loader:
+        with ap.prefetch_to_device(loader, size=2, trace=path) as it:
+            for _ in it:
+                pass
+    _, events = load(path)
+    assert "agnostic_prefetch-device" in tracks(events)
+    kinds = collections.Counter(e["name"] for e in events)
+    assert kinds["pull"] == kinds["place"] == 50 and kinds["next (prefetch_to_device)"] == 50
+    assert kinds["fill"] == 0  # only the stage: the loader was not asked to trace
+
+
+def test_workers_stop_sending_spans_when_the_trace_ends(tmp_path):
+    with ap.Loader(Sleepy(), 8, workers=1, epochs=None) as loader:
+        it = iter(loader)
+        with ap.trace(tmp_path / "t.json"):
+            next(it)
+        assert loader._scheduler.board._words[0] == 0
+        assert loader._scheduler.on_trace is None
