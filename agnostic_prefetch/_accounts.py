@@ -53,41 +53,33 @@ def board_bytes(rows: int) -> int:
 class WorkerAccount:
     """One worker's counters: kept as floats, stored into its row of the shared block."""
 
-    __slots__ = ("_board", "_offset", "acc", "_flushed_at", "_idle_since", "countdown")
+    __slots__ = ("_board", "_offset", "acc", "flushed_at", "_idle_since", "countdown", "control")
 
     def __init__(self, board: memoryview | None, row: int, pid: int, thread: int) -> None:
         self._board = board
         self._offset = _HEADER_BYTES + row * _ROW.size
+        # control[0]: the trace level the parent sets, read per batch (an element of a
+        # memoryview is the cheapest read Python has)
+        self.control = (board[:8] if board is not None else memoryview(bytearray(8))).cast("d")
         self.acc = [0.0] * ROW_FIELDS
         self.acc[_F["pid"]], self.acc[_F["thread"]] = float(pid), float(thread)
-        self._flushed_at = 0.0
+        self.flushed_at = 0.0
         self._idle_since = 0.0
         self.countdown = 0  # items until the next CPU sample
 
     def trace_level(self) -> int:
-        board = self._board
-        return int(struct.unpack_from("<d", board, 0)[0]) if board is not None else TRACE_OFF
+        return int(self.control[0])
 
-    def add(self, items: int, read: float, transform: float, write: float,
-            sampled: list[float] | None, now: float, force: bool = False) -> None:
-        """Add one batch's figures; ``sampled``: [count, read wall, read cpu, transform wall,
-        transform cpu, write wall, write cpu] of its CPU-sampled items."""
+    def add_sampled(self, sampled: list[float]) -> None:
+        """Add a batch's CPU-sampled items: [count, read wall, read cpu, transform wall,
+        transform cpu, write wall, write cpu] (``Filler.fill`` adds the rest itself)."""
         acc = self.acc
-        acc[0] += items
-        acc[1] += 1
-        acc[2] += read
-        acc[3] += transform
-        acc[4] += write
-        if sampled is not None:
-            for k in range(7):
-                acc[5 + k] += sampled[k]
-        if force or now - self._flushed_at >= FLUSH_S:
-            self.flush(now)
+        acc[5:12] = [a + b for a, b in zip(acc[5:12], sampled, strict=True)]
 
     def flush(self, now: float) -> None:
         if self._board is not None:
             _ROW.pack_into(self._board, self._offset, *self.acc)
-        self._flushed_at = now
+        self.flushed_at = now
 
     def idle(self) -> None:
         """The worker is about to wait for an order: store everything, and when it began."""

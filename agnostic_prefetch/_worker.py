@@ -33,6 +33,7 @@ import numpy as np
 from agnostic_prefetch._accounts import (
     CPU_SAMPLE,
     FIELDS,
+    FLUSH_S,
     TRACE_BATCHES,
     TRACE_ITEMS,
     WorkerAccount,
@@ -147,7 +148,7 @@ class Filler:
         # kept as sums of the stage boundaries (fewer operations per item than durations);
         # CPU time on one item in CPU_SAMPLE.
         account = self.account
-        level = account.trace_level()
+        level = account.control[0]
         spans: list[tuple[int, float, float, float, float]] | None = [] if level >= TRACE_ITEMS else None
         s0 = s1 = s2 = s3 = 0.0
         sampled: list[float] | None = None
@@ -219,8 +220,16 @@ class Filler:
         shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
         account.countdown = countdown
         ended = now()
-        # padding and the header count as writing
-        account.add(count, s1 - s0, s2 - s1, s3 - s2 + ended - t0, sampled, ended, self.always_flush)
+        acc = account.acc  # inline: this runs per batch, and a batch may be one item
+        acc[0] += count
+        acc[1] += 1
+        acc[2] += s1 - s0
+        acc[3] += s2 - s1
+        acc[4] += s3 - s2 + ended - t0  # padding and the header count as writing
+        if sampled is not None:
+            account.add_sampled(sampled)
+        if self.always_flush or ended - account.flushed_at >= FLUSH_S:
+            account.flush(ended)
         trace = (started, ended, spans) if level >= TRACE_BATCHES else None
         return ("done", order_id, count, objects, skipped, trace, shapes)
 

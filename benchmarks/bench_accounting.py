@@ -1,41 +1,47 @@
 """Microbenchmark: what the per-stage accounting costs, per item in a worker and per batch in the parent.
 
-Both compare this tree with a baseline revision (``--baseline REV``), in alternation:
+This tree is compared with a baseline revision (``--baseline REV``, before the accounting)
+in one process: the baseline's package is extracted with ``git archive`` and imported under
+another name (``ap_baseline``), so both run side by side, alternating many short runs, with
+the garbage collector paused (it would otherwise strike at random points of either). On a
+noisy machine the minimum of many short runs is the undisturbed cost; the cost reported is
+the difference of the minima.
 
-    worker, per item   ``Filler.fill`` of batches of 64 trivial items (a one-int64 record,
-                       no transform) into a ring: µs per item. The baseline's ``_worker.py``
-                       (from ``git show REV:...``) and ours run in one process, alternately,
-                       on the same ring and orders: the fairest comparison on a noisy machine.
-    worker, per batch  the same with batches of 1: µs per batch
-    parent, per batch  a ``workers=0`` loader of batches of 1, the caller filling each batch
-                       itself, less the fill's own cost: the loader's per-batch work in the
-                       parent. Two packages cannot share a process, so each round runs a fresh
-                       interpreter per tree (the baseline from a git worktree made for the
-                       run), started from /tmp so that only ``PYTHONPATH`` decides which runs.
+    worker, per item    ``Filler.fill`` of batches of 64 trivial items (a one-int64 record,
+                        no transform) into a ring, ours against the baseline's: µs per item
+    worker, per batch   the same with batches of 1: µs per batch (the per-item cost included)
+    parent, per batch   a ``workers=0`` loader of batches of 1 (the caller fills each batch):
+                        ours with the baseline's ``Filler.fill`` bound into its worker,
+                        against the baseline's loader: what our loader's own per-batch work
+                        costs more, with the filling held equal
+    in the loop         the same loop, ours whole against the baseline's: both together
 
-Each figure is the minimum over repeats within a round (the least disturbed run); the
-reported cost is the median over rounds of (this tree − baseline).
-
-    python benchmarks/bench_accounting.py --baseline 43c86e1 [--rounds 7]
+    python benchmarks/bench_accounting.py --baseline 43c86e1 [--rounds 300] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib
 import json
 import os
-import shutil
-import statistics
+import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
+import types
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+BASELINE = "ap_baseline"
 
 
 class Tiny:
@@ -48,139 +54,138 @@ class Tiny:
         return {"x": np.int64(i)}
 
 
-def fill_us(batch: int, batches: int, repeats: int, worker: Any = None) -> float:
-    """µs per item (batch > 1) or per batch (batch == 1) of ``Filler.fill`` (of ``worker``,
-    a ``_worker`` module: ours by default)."""
-    from agnostic_prefetch import _worker
-    from agnostic_prefetch._layout import layout_from_example
-    from agnostic_prefetch._ring import Ring
-
-    worker = worker or _worker
-    layout = layout_from_example(Tiny()[0], batch)
-    ring = Ring(2, layout.slot_bytes)
-    filler = worker.Filler(worker.Job(Tiny(), None, layout, 0, False), ring.slot_view)
-    orders = [worker.Order(k, k % 2, 0, k, np.arange(k * batch, (k + 1) * batch, dtype=np.int64), k * batch)
-              for k in range(batches)]
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for order in orders:
-            filler.fill(order)
-        best = min(best, time.perf_counter() - started)
-    del filler
-    ring.close()
-    return best / (batches * batch) * 1e6
-
-
-def loop_us(batches: int, repeats: int) -> float:
-    """µs per batch of a ``workers=0`` loader of batches of 1 (the caller fills them)."""
-    import agnostic_prefetch as ap
-
-    best = float("inf")
-    with ap.Loader(Tiny(), 1, workers=0, epochs=None) as loader:
-        it = iter(loader)
-        for _ in range(1000):
-            next(it)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for _ in range(batches):
-                next(it)
-            best = min(best, time.perf_counter() - started)
-    return best / batches * 1e6
+@contextlib.contextmanager
+def baseline_package(revision: str) -> Iterator[types.ModuleType]:
+    """The baseline's ``agnostic_prefetch``, importable as ``ap_baseline`` next to ours."""
+    with tempfile.TemporaryDirectory(prefix="ap_baseline_") as root:
+        archive = subprocess.run(["git", "-C", REPO, "archive", revision, "agnostic_prefetch"],
+                                 check=True, capture_output=True).stdout
+        archive_path = os.path.join(root, "pkg.tar")
+        with open(archive_path, "wb") as f:
+            f.write(archive)
+        with tarfile.open(archive_path) as tar:
+            tar.extractall(root, filter="data")
+        os.rename(os.path.join(root, "agnostic_prefetch"), os.path.join(root, BASELINE))
+        for folder, _, files in os.walk(os.path.join(root, BASELINE)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(folder, name)
+                    with open(path, encoding="utf-8") as f:
+                        text = f.read()
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(re.sub(r"\bagnostic_prefetch\b", BASELINE, text))
+        sys.path.insert(0, root)
+        try:
+            yield importlib.import_module(BASELINE)
+        finally:
+            sys.path.remove(root)
 
 
-def baseline_worker(revision: str) -> Any:
-    """The baseline's ``_worker`` module, loaded next to ours (it imports our other modules)."""
-    import types
+def alternate(runs: dict[str, Callable[[], None]], rounds: int, per_run: int) -> dict[str, float]:
+    """The minimum time of each run over ``rounds`` alternations, per unit of ``per_run``."""
+    best = dict.fromkeys(runs, float("inf"))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, run in runs.items():
+                started = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - started)
+    finally:
+        gc.enable()
+    return {name: seconds / per_run * 1e6 for name, seconds in best.items()}
 
+
+def fill_runs(packages: dict[str, Any], batch: int, batches: int) -> dict[str, Callable[[], None]]:
+    runs = {}
+    for name, package in packages.items():
+        layout_mod = importlib.import_module(f"{package.__name__}._layout")
+        ring_mod = importlib.import_module(f"{package.__name__}._ring")
+        worker = importlib.import_module(f"{package.__name__}._worker")
+        layout = layout_mod.layout_from_example(Tiny()[0], batch)
+        ring = ring_mod.Ring(2, layout.slot_bytes)
+        filler = worker.Filler(worker.Job(Tiny(), None, layout, 0, False), ring.slot_view)
+        orders = [worker.Order(k, k % 2, 0, k, np.arange(k * batch, (k + 1) * batch, dtype=np.int64),
+                               k * batch) for k in range(batches)]
+
+        def run(filler: Any = filler, orders: list[Any] = orders) -> None:
+            for order in orders:
+                filler.fill(order)
+
+        runs[name] = run
+    return runs
+
+
+def baseline_fill(revision: str) -> Any:
+    """The baseline's ``Filler.fill``, compiled against our modules (its layout and tree
+    types must be ours to fill our loader's slots)."""
     text = subprocess.run(["git", "-C", REPO, "show", f"{revision}:agnostic_prefetch/_worker.py"],
                           check=True, capture_output=True, text=True).stdout
-    module = types.ModuleType("baseline_worker")
+    module = types.ModuleType("ap_baseline_worker")
     sys.modules[module.__name__] = module  # its dataclasses look their module up there
-    exec(compile(text, f"{revision}:_worker.py", "exec"), module.__dict__)
-    return module
+    exec(compile(text, f"{revision}:agnostic_prefetch/_worker.py", "exec"), module.__dict__)
+    return module.Filler.fill
 
 
-def worker_ab(revision: str, rounds: int, quick: bool) -> dict[str, dict[str, float]]:
-    """Ours against the baseline's ``Filler.fill``, alternately in this process."""
-    old = baseline_worker(revision)
-    n = 200 if quick else 2000
-    out: dict[str, dict[str, float]] = {}
-    for name, batch, batches in (("fill_per_item_us", 64, n // 10), ("fill_per_batch_us", 1, n * 5)):
-        ours, theirs = [], []
-        for _ in range(rounds):
-            theirs.append(fill_us(batch, batches, 3, old))
-            ours.append(fill_us(batch, batches, 3))
-        out[name] = {"this tree": statistics.median(ours), "baseline": statistics.median(theirs),
-                     "cost": statistics.median(a - b for a, b in zip(ours, theirs, strict=True)),
-                     "cost_of_minima": min(ours) - min(theirs)}
-    return out
+def loop_runs(ours: Any, baseline: Any, base_fill: Any, batches: int) -> tuple[dict[str, Callable[[], None]], list[Any]]:
+    loaders, runs = [], {}
+    for name, package, borrowed in (("baseline", baseline, False), ("ours, baseline fill", ours, True),
+                                    ("ours", ours, False)):
+        loader = package.Loader(Tiny(), 1, workers=0, epochs=None)
+        loaders.append(loader)
+        if borrowed:  # the same filling as the baseline's: what differs is the parent's work
+            filler = loader._scheduler.workers[0]._filler
+            filler.fill = types.MethodType(base_fill, filler)
+        it = iter(loader)
+        for _ in range(500):
+            next(it)
+
+        def run(it: Any = it) -> None:
+            for _ in range(batches):
+                next(it)
+
+        runs[name] = run
+    return runs, loaders
 
 
-def child(quick: bool) -> dict[str, float]:
-    n = 200 if quick else 2000
-    item = fill_us(64, n // 10, 5)
-    per_batch = fill_us(1, n * 5, 5)
-    loop = loop_us(n * 5, 5)
-    return {"fill_per_item_us": item, "fill_per_batch_us": per_batch, "loop_per_batch_us": loop,
-            "parent_per_batch_us": loop - per_batch}
+def measure(revision: str, rounds: int) -> dict[str, Any]:
+    import agnostic_prefetch as ours
 
-
-def run_child(pythonpath: str, quick: bool) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=pythonpath)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *(["--quick"] if quick else [])],
-                         cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    with baseline_package(revision) as baseline:
+        packages = {"baseline": baseline, "ours": ours}
+        item = alternate(fill_runs(packages, 64, 10), rounds, 640)
+        batch = alternate(fill_runs(packages, 1, 300), rounds, 300)
+        runs, loaders = loop_runs(ours, baseline, baseline_fill(revision), 200)
+        try:
+            loop = alternate(runs, rounds, 200)
+        finally:
+            for loader in loaders:
+                loader.close()
+    return {
+        "worker_per_item_us": {**item, "cost": item["ours"] - item["baseline"]},
+        "worker_per_batch_us": {**batch, "cost": batch["ours"] - batch["baseline"]},
+        "parent_per_batch_us": {"baseline": loop["baseline"], "ours": loop["ours, baseline fill"],
+                                "cost": loop["ours, baseline fill"] - loop["baseline"]},
+        "loop_per_batch_us": {"baseline": loop["baseline"], "ours": loop["ours"],
+                              "cost": loop["ours"] - loop["baseline"]},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default=None, help="git revision to compare with (a worktree is made)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--baseline", required=True, help="git revision to compare with")
+    parser.add_argument("--rounds", type=int, default=300, help="alternations (default 300)")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args.quick)))
-        return {}
-    worktree = None
-    try:
-        if args.baseline:
-            worktree = tempfile.mkdtemp(prefix="ap_baseline_")
-            subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", worktree, args.baseline],
-                           check=True, capture_output=True)
-        rows: dict[str, list[dict[str, float]]] = {"this tree": [], "baseline": []}
-        for _ in range(args.rounds):
-            rows["this tree"].append(run_child(REPO, args.quick))
-            if worktree:
-                rows["baseline"].append(run_child(worktree, args.quick))
-    finally:
-        if worktree:
-            subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", worktree], capture_output=True)
-            shutil.rmtree(worktree, ignore_errors=True)
-    result: dict[str, Any] = {}
-    keys = ("fill_per_item_us", "fill_per_batch_us", "parent_per_batch_us", "loop_per_batch_us")
-    print("fresh interpreters, alternating (µs)")
-    print(f"{'':24}" + "".join(f"{k:>22}" for k in keys))
-    for name, runs in rows.items():
-        if runs:
-            medians = {k: statistics.median(r[k] for r in runs) for k in keys}
-            result[name] = medians
-            print(f"{name:24}" + "".join(f"{medians[k]:22.3f}" for k in keys))
-    if rows["baseline"]:
-        costs = {k: statistics.median(a[k] - b[k] for a, b in zip(rows["this tree"], rows["baseline"], strict=True))
-                 for k in keys}
-        result["cost"] = costs
-        print(f"{'cost (median of pairs)':24}" + "".join(f"{costs[k]:22.3f}" for k in keys))
-        result["worker_in_one_process"] = ab = worker_ab(args.baseline, args.rounds, args.quick)
-        print("Filler.fill, both in this process, alternating (µs)")
-        for name, figures in ab.items():
-            print(f"  {name:20} this tree {figures['this tree']:.3f}  baseline {figures['baseline']:.3f}  "
-                  f"cost {figures['cost']:.3f} (of minima {figures['cost_of_minima']:.3f})")
+    result = measure(args.baseline, args.rounds)
+    print(f"accounting cost against {args.baseline} (minima of {args.rounds} alternating runs, µs)")
+    for name, figures in result.items():
+        print(f"  {name:22} baseline {figures['baseline']:8.3f}   ours {figures['ours']:8.3f}   "
+              f"cost {figures['cost']:+7.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"baseline": args.baseline, **result}, f, indent=1)
     return result
 
 

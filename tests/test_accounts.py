@@ -103,7 +103,9 @@ def test_stats_after_close_keep_the_last_figures():
 def test_cpu_time_is_sampled_on_one_item_in_cpu_sample():
     words = bytearray(board_bytes(1))
     account = WorkerAccount(memoryview(words), 0, pid=1, thread=1)
-    account.add(16, 1.0, 0.5, 0.25, [2, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05], now=1.0, force=True)
+    account.acc[:5] = [16, 1, 1.0, 0.5, 0.25]  # items, batches, read, transform, write seconds
+    account.add_sampled([2, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+    account.flush(now=1.0)
     board = Board(words, 0, 1)
     totals = worker_totals(board.table())
     assert totals["items_read"] == 16 and CPU_SAMPLE == 16
