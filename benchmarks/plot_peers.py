@@ -423,7 +423,7 @@ def plot(results: dict[str, Any], out: str) -> None:
         "min–max over the rounds. Ratios are medians of per-round ratios (> 1: ours better).",
         "DALI runs in S2 only (its own Caffe LMDB reader, JPEG decoder and crop_mirror_normalize, device_id=None); "
         "S3's peers are flax.jax_utils.prefetch_to_device(size=2) over each loader.",
-        f"Shared machine: other jobs ran alongside (load average {loads.get('before', '?')} before, "
+        f"Shared VM (load average {loads.get('before', '?')} before, "
         f"{loads.get('after', '?')} after). Command: {meta['command']}",
     ]
     package = meta.get("package", {})

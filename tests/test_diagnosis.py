@@ -134,3 +134,29 @@ def test_log_every_logs_a_diagnosis_line_periodically(caplog):
 def test_log_every_must_be_positive():
     with pytest.raises(ValueError, match="log_every"):
         ap.Loader(ap.ArraySource({"x": np.arange(8)}), 4, workers=0, log_every=0)
+
+
+def test_a_slow_placement_is_the_device_transfer():
+    from agnostic_prefetch.prefetch import Prefetcher
+
+    class SlowCopy:
+        def put(self, host):
+            time.sleep(0.01)  # a transfer that takes far longer than loading 8 integers
+            return host, None
+
+        def hand_out(self, device, token):
+            pass
+
+        def done(self, token):
+            return True
+
+        def close(self):
+            pass
+
+    with ap.Loader(ap.ArraySource({"x": np.arange(400)}), 8, workers=1) as loader, \
+            Prefetcher(loader, 2, SlowCopy()) as it:
+        for _ in it:
+            pass
+        d = ap.diagnose(it)
+    assert d.bound == "device_transfer", str(d)
+    assert d.numbers["stage_place"] > 0.5
