@@ -126,3 +126,25 @@ class SlowFrom(Counting):
         if i >= self.first and in_a_worker(self.owner):
             time.sleep(self.delay)
         return super().__getitem__(i)
+
+
+class OnHost:
+    """The placement of a CPU framework that aliases host memory (JAX on the CPU, torch CPU);
+    ``put_s``: seconds each placement takes (a slow transfer)."""
+
+    def __init__(self, put_s: float = 0.0) -> None:
+        self.put_s = put_s
+
+    def put(self, host):
+        if self.put_s:
+            time.sleep(self.put_s)
+        return host, None
+
+    def hand_out(self, device, token) -> None:
+        pass
+
+    def done(self, token) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

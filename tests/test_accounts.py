@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from sources_for_autotune import Burning, Waiting
 
 import agnostic_prefetch as ap
 from agnostic_prefetch._accounts import CPU_SAMPLE, Board, WorkerAccount, board_bytes, worker_totals
@@ -13,27 +14,9 @@ from agnostic_prefetch._accounts import CPU_SAMPLE, Board, WorkerAccount, board_
 SLEEP_S = 0.004
 
 
-class Sleepy:
-    """Each item waits ``SLEEP_S`` (like I/O) and costs almost no CPU."""
-
-    def __len__(self) -> int:
-        return 48
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        time.sleep(SLEEP_S)
-        return {"x": np.full(4, i, np.int64)}
-
-
-def burn(example, rng, seconds=0.004):
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
-    return example
-
-
 @pytest.mark.parametrize("workers,backend", [(0, "process"), (2, "thread"), (2, "process")])
 def test_a_sleeping_source_shows_as_read_wall_time_without_cpu(workers, backend):
-    with ap.Loader(Sleepy(), 8, workers=workers, backend=backend, epochs=1) as loader:
+    with ap.Loader(Waiting(48, SLEEP_S), 8, workers=workers, backend=backend, epochs=1) as loader:
         for _ in loader:
             pass
         stats = loader.stats()
@@ -49,7 +32,7 @@ def test_a_sleeping_source_shows_as_read_wall_time_without_cpu(workers, backend)
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_a_cpu_burning_transform_shows_as_transform_cpu_time(backend):
     with ap.Loader(ap.ArraySource({"x": np.arange(64)}), 4, workers=1, backend=backend,
-                   transform=burn) as loader:
+                   transform=Burning(0.004)) as loader:
         for _ in loader:
             pass
         stats = loader.stats()
@@ -60,7 +43,7 @@ def test_a_cpu_burning_transform_shows_as_transform_cpu_time(backend):
 
 
 def test_the_callers_wait_splits_into_blocked_and_handoff():
-    with ap.Loader(Sleepy(), 8, workers=1, backend="thread") as loader:
+    with ap.Loader(Waiting(48, SLEEP_S), 8, workers=1, backend="thread") as loader:
         for _ in loader:
             pass
         stats = loader.stats()
@@ -91,7 +74,7 @@ def test_worker_idle_time_counts_the_wait_for_orders_in_progress():
 
 
 def test_stats_after_close_keep_the_last_figures():
-    loader = ap.Loader(Sleepy(), 8, workers=1, backend="thread")
+    loader = ap.Loader(Waiting(48, SLEEP_S), 8, workers=1, backend="thread")
     for _ in loader:
         pass
     before = loader.stats()["read_s"]
@@ -125,7 +108,7 @@ def test_a_trace_level_set_by_the_parent_reaches_a_worker_account():
 
 def test_prefetcher_stats_time_pulling_placing_and_the_transfer():
     pytest.importorskip("jax")
-    with ap.Loader(Sleepy(), 8, workers=1, backend="thread") as loader:
+    with ap.Loader(Waiting(48, SLEEP_S), 8, workers=1, backend="thread") as loader:
         with ap.prefetch_to_device(loader, size=2) as it:
             for _ in it:
                 time.sleep(0.001)
@@ -137,20 +120,9 @@ def test_prefetcher_stats_time_pulling_placing_and_the_transfer():
 
 
 def test_a_prefetcher_ahead_of_a_slow_consumer_waits_for_room():
+    from sources_for_tests import OnHost
+
     from agnostic_prefetch.prefetch import Prefetcher
-
-    class OnHost:
-        def put(self, host):
-            return host, None
-
-        def hand_out(self, device, token):
-            pass
-
-        def done(self, token):
-            return True
-
-        def close(self):
-            pass
 
     with Prefetcher(range(6), 1, OnHost()) as it:
         for _ in it:

@@ -7,27 +7,10 @@ import time
 
 import numpy as np
 import pytest
+from sources_for_autotune import Burning, Waiting
 
 import agnostic_prefetch as ap
 from agnostic_prefetch.diagnosis import BOUNDS
-
-
-class Sleepy:
-    """Each item waits 3 ms (like I/O) and costs almost no CPU."""
-
-    def __len__(self) -> int:
-        return 160
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        time.sleep(0.003)
-        return {"x": np.full(4, i, np.int64)}
-
-
-def burn(example, rng):
-    end = time.thread_time() + 0.003
-    while time.thread_time() < end:
-        pass
-    return example
 
 
 def run(loader, step_s=0.0):
@@ -38,7 +21,7 @@ def run(loader, step_s=0.0):
 
 
 def test_a_source_that_sleeps_is_the_source_waiting_on_io():
-    with ap.Loader(Sleepy(), 8, workers=1) as loader:
+    with ap.Loader(Waiting(160, 0.003), 8, workers=1) as loader:
         d = run(loader)
     assert d.bound == "source_io", str(d)
     assert d.numbers["read_cpu_share"] < 0.5 and d.numbers["consumer_wait"] > 0.5
@@ -46,14 +29,14 @@ def test_a_source_that_sleeps_is_the_source_waiting_on_io():
 
 
 def test_a_transform_that_burns_cpu_is_the_transform():
-    with ap.Loader(ap.ArraySource({"x": np.arange(160)}), 8, workers=1, transform=burn) as loader:
+    with ap.Loader(ap.ArraySource({"x": np.arange(160)}), 8, workers=1, transform=Burning(0.003)) as loader:
         d = run(loader)
     assert d.bound == "transform", str(d)
     assert d.numbers["transform"] > d.numbers["read"]
 
 
 def test_a_consumer_slower_than_source_and_transform_is_not_input_bound():
-    with ap.Loader(Sleepy(), 8, workers=2, transform=burn, epochs=None) as loader:
+    with ap.Loader(Waiting(160, 0.003), 8, workers=2, transform=Burning(0.003), epochs=None) as loader:
         it = iter(loader)
         for _ in range(12):
             next(it)
@@ -65,7 +48,7 @@ def test_a_consumer_slower_than_source_and_transform_is_not_input_bound():
 
 def test_through_a_prefetcher_the_verdict_covers_its_loader():
     pytest.importorskip("jax")
-    with ap.Loader(Sleepy(), 8, workers=1) as loader, ap.prefetch_to_device(loader, size=2) as it:
+    with ap.Loader(Waiting(160, 0.003), 8, workers=1) as loader, ap.prefetch_to_device(loader, size=2) as it:
         for _ in it:
             pass
         d = ap.diagnose(it)
@@ -105,7 +88,7 @@ def test_before_any_batch_there_is_nothing_to_diagnose():
 
 
 def test_the_report_is_short_and_names_the_bound_and_remedy():
-    with ap.Loader(Sleepy(), 8, workers=1) as loader:
+    with ap.Loader(Waiting(160, 0.003), 8, workers=1) as loader:
         d = run(loader)
     text = str(d)
     assert d.bound in BOUNDS
@@ -137,24 +120,13 @@ def test_log_every_must_be_positive():
 
 
 def test_a_slow_placement_is_the_device_transfer():
+    from sources_for_tests import OnHost
+
     from agnostic_prefetch.prefetch import Prefetcher
 
-    class SlowCopy:
-        def put(self, host):
-            time.sleep(0.01)  # a transfer that takes far longer than loading 8 integers
-            return host, None
-
-        def hand_out(self, device, token):
-            pass
-
-        def done(self, token):
-            return True
-
-        def close(self):
-            pass
-
+    # a transfer that takes far longer than loading 8 integers
     with ap.Loader(ap.ArraySource({"x": np.arange(400)}), 8, workers=1) as loader, \
-            Prefetcher(loader, 2, SlowCopy()) as it:
+            Prefetcher(loader, 2, OnHost(put_s=0.01)) as it:
         for _ in it:
             pass
         d = ap.diagnose(it)

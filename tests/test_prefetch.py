@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 import pytest
-from sources_for_tests import Counting, lease_holder, rows_loader
+from sources_for_tests import Counting, OnHost, lease_holder, rows_loader
 
 import agnostic_prefetch as ap
 from agnostic_prefetch._stage import _Channel
@@ -74,22 +74,6 @@ class FakePlacement:
     def alive(self) -> set[int]:
         gc.collect()
         return {n for n, ref in enumerate(self.hosts) if ref() is not None}
-
-
-class OnHost:
-    """The placement of a CPU framework that aliases host memory (JAX on the CPU, torch CPU)."""
-
-    def put(self, host):
-        return host, None
-
-    def hand_out(self, device, token) -> None:
-        pass
-
-    def done(self, token) -> bool:
-        return True
-
-    def close(self) -> None:
-        pass
 
 
 def host_batches(n: int, counter: list[int] | None = None):

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import collections
 import json
-import time
 
-import numpy as np
 import pytest
+from sources_for_autotune import Waiting
 
 import agnostic_prefetch as ap
-
-
-class Sleepy:
-    def __len__(self) -> int:
-        return 400
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        time.sleep(0.001)
-        return {"x": np.full(4, i, np.int64)}
 
 
 def load(path):
@@ -68,7 +58,7 @@ def test_a_trace_of_the_demo_has_the_tracks_and_its_totals_agree_with_stats(tmp_
 
 def test_a_trace_reaches_workers_that_were_already_running(tmp_path):
     path = tmp_path / "t.json"
-    with ap.Loader(Sleepy(), 8, workers=2, epochs=None) as loader:
+    with ap.Loader(Waiting(400, 0.001), 8, workers=2, epochs=None) as loader:
         it = iter(loader)
         for _ in range(5):
             next(it)
@@ -86,7 +76,7 @@ def test_a_trace_reaches_workers_that_were_already_running(tmp_path):
 
 def test_timestamps_share_one_clock_across_processes(tmp_path):
     path = tmp_path / "t.json"
-    with ap.Loader(Sleepy(), 8, workers=1) as loader, ap.trace(path):
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1) as loader, ap.trace(path):
         for _ in loader:
             pass
     _, events = load(path)
@@ -98,7 +88,7 @@ def test_timestamps_share_one_clock_across_processes(tmp_path):
 
 def test_its_size_is_bounded_and_item_spans_are_dropped_first(tmp_path):
     path = tmp_path / "t.json"
-    with ap.Loader(Sleepy(), 8, workers=1, epochs=None) as loader, ap.trace(path, max_events=120):
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1, epochs=None) as loader, ap.trace(path, max_events=120):
         it = iter(loader)
         for _ in range(40):
             next(it)
@@ -113,7 +103,7 @@ def test_its_size_is_bounded_and_item_spans_are_dropped_first(tmp_path):
 
 def test_trace_on_the_loader_records_until_close(tmp_path):
     path = tmp_path / "loader.json"
-    with ap.Loader(Sleepy(), 8, workers=1, backend="thread", trace=path) as loader:
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1, backend="thread", trace=path) as loader:
         for _ in loader:
             pass
         assert not path.exists()
@@ -125,7 +115,7 @@ def test_trace_on_the_loader_records_until_close(tmp_path):
 def test_trace_on_a_prefetcher_records_its_thread_until_close(tmp_path):
     pytest.importorskip("jax")
     path = tmp_path / "stage.json"
-    with ap.Loader(Sleepy(), 8, workers=1) as loader:
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1) as loader:
         with ap.prefetch_to_device(loader, size=2, trace=path) as it:
             for _ in it:
                 pass
@@ -137,7 +127,7 @@ def test_trace_on_a_prefetcher_records_its_thread_until_close(tmp_path):
 
 
 def test_workers_stop_sending_spans_when_the_trace_ends(tmp_path):
-    with ap.Loader(Sleepy(), 8, workers=1, epochs=None) as loader:
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1, epochs=None) as loader:
         it = iter(loader)
         with ap.trace(tmp_path / "t.json"):
             next(it)
