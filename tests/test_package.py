@@ -16,8 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "agnostic_prefetch"
 MAX_LINES = 400
 # Imports whose distribution may not be installed here (the GPU and benchmark extras).
+# Imported only by benchmarks (the bench extras), which a test environment need not have.
 NOT_INSTALLED_HERE = {"cupy": "cupy-cuda12x", "grain": "grain", "absl": "absl-py",
-                      "nvidia.dali": "nvidia-dali-cuda120"}
+                      "matplotlib": "matplotlib", "nvidia.dali": "nvidia-dali-cuda120"}
 NAMESPACES = ("google", "nvidia")  # top-level names that many distributions share
 
 
