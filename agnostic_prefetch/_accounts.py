@@ -38,8 +38,7 @@ FIELDS = (
     "idle_s", "idle_since", "pid", "thread",
 )
 _F = {name: k for k, name in enumerate(FIELDS)}
-ROW_FIELDS = 16
-assert len(FIELDS) == ROW_FIELDS
+ROW_FIELDS = len(FIELDS)
 _ROW = struct.Struct(f"<{ROW_FIELDS}d")
 _IDLE = struct.Struct("<2d")  # idle_s, idle_since
 _HEADER_BYTES = 64  # control words; the trace level first
@@ -53,7 +52,7 @@ def board_bytes(rows: int) -> int:
 class WorkerAccount:
     """One worker's counters: kept as floats, stored into its row of the shared block."""
 
-    __slots__ = ("_board", "_offset", "acc", "flushed_at", "_idle_since", "countdown", "control")
+    __slots__ = ("_board", "_offset", "acc", "flushed_at", "countdown", "control")
 
     def __init__(self, board: memoryview | None, row: int, pid: int, thread: int) -> None:
         self._board = board
@@ -64,7 +63,6 @@ class WorkerAccount:
         self.acc = [0.0] * ROW_FIELDS
         self.acc[_F["pid"]], self.acc[_F["thread"]] = float(pid), float(thread)
         self.flushed_at = 0.0
-        self._idle_since = 0.0
         self.countdown = 0  # items until the next CPU sample
 
     def trace_level(self) -> int:

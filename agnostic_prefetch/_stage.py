@@ -152,6 +152,7 @@ class Stage:
         self.closed = False
         self.placement_closed = False  # set under the reader's lock: copies synced, safe to drop
         self.tracer: Any = None  # the trace recording this stage, if any
+        self.transfer_time = getattr(placement, "transfer_time", None)  # looked up once: per batch
         self.own_tracer: Any = None  # the one ``trace=`` started: written at close()
 
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
@@ -225,7 +226,7 @@ class Stage:
     def free_retired(self) -> None:
         """Drop the retired entries whose copies are done (in the stage's thread, if any)."""
         retired, done = self.retired, self.placement.done
-        timed = getattr(self.placement, "transfer_time", None)
+        timed = self.transfer_time
         for _ in range(len(retired)):
             entry = retired.popleft()
             if not done(entry.token):

@@ -49,9 +49,7 @@ class Snapshots:
         if self.log_every is not None and self._logged is not None and now - self._logged[0] >= self.log_every:
             from agnostic_prefetch.diagnosis import diagnose_between
 
-            owner = self._owner()
-            if owner is not None:
-                log.info("%s", diagnose_between(owner, self._logged, snapshot).line())
+            log.info("%s", diagnose_between(self._logged, snapshot).line())
             self._logged = snapshot
 
     def take(self, now: float | None = None) -> tuple[float, dict[str, Any]]:

@@ -101,8 +101,7 @@ def diagnose(target: Any, *, seconds: float | None = None) -> Diagnosis:
         ...     ap.diagnose(loader).bound
         'none'
     """
-    owner = getattr(target, "_loader", target) if type(target).__name__ == "LoaderIterator" else target
-    snapshots = getattr(owner, "_snapshots", None)
+    snapshots = getattr(target, "_snapshots", None)  # a LoaderIterator shares its loader's
     if snapshots is None:
         raise TypeError(f"diagnose() takes a Loader, its iterator or a prefetcher, not {type(target).__name__}")
     now = time.perf_counter()
@@ -112,12 +111,11 @@ def diagnose(target: Any, *, seconds: float | None = None) -> Diagnosis:
         snapshots.mark = end
     if start is None:  # no batch yet: the whole run so far is warm-up
         return Diagnosis("none", "iterate first: nothing was delivered yet", 0.0, {"batches": 0})
-    return diagnose_between(owner, start, end)
+    return diagnose_between(start, end)
 
 
-def diagnose_between(owner: Any, start: tuple[float, dict[str, Any]],
-                     end: tuple[float, dict[str, Any]]) -> Diagnosis:
-    """The diagnosis of the window between two snapshots of ``owner``."""
+def diagnose_between(start: tuple[float, dict[str, Any]], end: tuple[float, dict[str, Any]]) -> Diagnosis:
+    """The diagnosis of the window between two snapshots of one loader's or prefetcher's stats."""
     window = max(1e-9, end[0] - start[0])
     a, b = start[1], end[1]
     stage = None

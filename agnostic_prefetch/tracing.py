@@ -63,7 +63,6 @@ class Tracer:
         self._processes: dict[int, str] = {os.getpid(): f"trainer (pid {os.getpid()})"}
         self._lock = threading.Lock()
         self._boards: list[Any] = []  # the accounting blocks whose workers this trace reaches
-        self._owners: list[Any] = []
         self.closed = False
 
     # ---- what loaders and prefetchers call --------------------------------------------
