@@ -40,7 +40,7 @@ def test_a_trace_of_the_demo_has_the_tracks_and_its_totals_agree_with_stats(tmp_
     db = str(tmp_path / "photos_lmdb")
     _demo.build_database(str(tmp_path), db, 96)
     path = tmp_path / "demo.json"
-    report = _demo.train(db, steps=30, batch_size=16, workers=2, trace_path=str(path))
+    report = _demo.train(db, steps=150, batch_size=16, workers=2, trace_path=str(path))
     _, events = load(path)
     names = tracks(events)
     assert sum(n.startswith("loader worker ") for n in names) == 2
