@@ -25,6 +25,7 @@ from typing import Any
 
 import cloudpickle
 
+from agnostic_prefetch._messages import Done, Failed
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, Order, pack_orders, serve
 
@@ -98,7 +99,7 @@ class InProcessWorker:
     def has_work(self) -> bool:
         return bool(self._orders) and self._filler is not None
 
-    def run_next(self) -> tuple:
+    def run_next(self) -> Done | Failed:
         """Fill the oldest order now, in this thread; return the worker's message."""
         assert self._filler is not None
         return self._filler.fill(self._orders.popleft())
@@ -157,7 +158,7 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: 
             handle.process = process
             handle.stack_fd = stack_r
             os.set_blocking(stack_r, False)
-            handle.sentinel = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else None
+            handle.sentinel = _pidfd(process.pid)
             handles.append(handle)
         for handle in handles:
             assert isinstance(handle, WorkerHandle)
@@ -167,6 +168,19 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: 
         stop(handles)
         raise
     return handles
+
+
+def _pidfd(pid: int) -> int | None:
+    """A descriptor readable when process ``pid`` ends, or ``None`` where the OS gives none
+    (no ``pidfd_open``, or a kernel or seccomp filter that refuses it: ENOSYS, EPERM); the
+    supervisor then looks for dead processes on a timer instead."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _start_threads(count: int, job: Job, ring: Ring, capacity: int, first_id: int) -> list[Worker]:

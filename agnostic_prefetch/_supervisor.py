@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 
+from agnostic_prefetch._messages import Failed, Message, StartFailed, decode
 from agnostic_prefetch._pool import InProcessWorker, Worker
 from agnostic_prefetch.errors import LoaderTimeoutError, WorkerDiedError, WorkerError
 
@@ -74,12 +75,15 @@ class Supervisor:
 
     def wake(self) -> None:
         """Make a wait in progress (in any thread) return at once; safe from any thread."""
+        fd = self._wake_w
+        if fd < 0:
+            return  # closed: nobody waits (and the number may belong to another file by now)
         try:
-            os.write(self._wake_w, b"!")
+            os.write(fd, b"!")
         except (BlockingIOError, OSError):
             pass  # a byte is already waiting, or the pipe is closed: either way nobody sleeps
 
-    def wait(self) -> list[tuple[Worker, tuple]]:
+    def wait(self) -> list[tuple[Worker, Message]]:
         """Block until a worker reports or dies, a wake-up, or the period; return the reports.
 
         An in-process worker with an order is run now instead, in this thread.
@@ -98,7 +102,7 @@ class Supervisor:
                 self._drain_wake()
             elif kind == "results":
                 try:
-                    messages.append((worker, worker.results.recv()))
+                    messages.append((worker, decode(worker.results.recv())))
                 except (EOFError, OSError):
                     raise died(worker) from None
         for key, _ in events:  # after the results: a worker that answered, then died, is reported
@@ -119,8 +123,12 @@ class Supervisor:
             pass
 
     def close(self) -> None:
+        fds = (self._wake_r, self._wake_w)
+        self._wake_r = self._wake_w = -1
         self.selector.close()
-        for fd in (self._wake_r, self._wake_w):
+        for fd in fds:
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -159,17 +167,17 @@ def died(worker: Worker) -> WorkerDiedError:
     )
 
 
-def failed_to_start(worker: Worker, message: tuple) -> WorkerError:
-    _, _, _, exc, description, tb = message
-    error = WorkerError(f"{worker.describe()} failed to start: {description}\n\nWorker traceback:\n{tb}",
+def failed_to_start(worker: Worker, message: StartFailed) -> WorkerError:
+    tb = message.traceback
+    error = WorkerError(f"{worker.describe()} failed to start: {message.description}\n\nWorker traceback:\n{tb}",
                         index=None, epoch=-1, batch=-1, worker_traceback=tb)
-    error.__cause__ = exc
+    error.__cause__ = message.exception
     return error
 
 
-def record_failed(worker: Worker, message: tuple, epoch: int, number: int) -> WorkerError:
-    """The error for an ``("error", ...)`` report: the record, batch, epoch, worker and cause."""
-    _, _, index, exc, description, tb = message
+def record_failed(worker: Worker, message: Failed, epoch: int, number: int) -> WorkerError:
+    """The error for a ``Failed`` report: the record, batch, epoch, worker and cause."""
+    index, exc, description, tb = message.index, message.exception, message.description, message.traceback
     where = f"record {index}" if index is not None else "a batch"
     error = WorkerError(
         f"{where} (epoch {epoch}, batch {number}) failed in {worker.describe()}: {description}\n\n"

@@ -4,15 +4,11 @@ The same ``Filler`` runs in a worker process, in a worker thread, and in the cal
 ``workers=0``, so every backend produces the same bytes. Nothing here knows about ordering
 or frameworks.
 
-Messages, worker to parent (plain pickle of small tuples; array data never travels here):
-    ("done", order_id, count, objects, skipped, trace, shapes)  (trace: None, or (start,
-    end, per-item spans or None) while a trace is on; shapes: per array leaf, with
-    shapes="per_batch"; else None)
-    ("error", order_id, index, exception_or_None, description, traceback_text)
-    ("warn", text)
-Parent to worker: one or more orders packed as bytes by ``pack_orders`` (a fixed header
-and the int64 indices: no pickling on the per-batch path, and several orders
-per write, since each write wakes the worker); end of file on the order pipe means "exit".
+Messages, worker to parent: the typed messages of ``_messages.py`` (a ``Done`` or ``Failed``
+per order, ``StartFailed``, ``Note``). Parent to worker: one or more orders packed as bytes
+by ``pack_orders`` (a fixed header and the int64 indices: no pickling on the per-batch path,
+and several orders per write, since each write wakes the worker); end of file on the order
+pipe means "exit".
 """
 
 from __future__ import annotations
@@ -49,6 +45,7 @@ from agnostic_prefetch._layout import (
     SlotWriter,
     batch_layout,
 )
+from agnostic_prefetch._messages import Done, Failed, Message, Note, StartFailed, encode
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
@@ -98,18 +95,25 @@ def unpack_orders(message: bytes) -> list[Order]:
     return orders
 
 
-@dataclass
+@dataclass(frozen=True)
+class FillRules:
+    """How a worker fills a slot beyond the layout: the draws, bad records, padding, shapes."""
+
+    seed: int  # each item's rng is seeded from (seed, epoch, position)
+    skip_errors: bool = False  # on_error="skip": a failing record is left out and reported
+    mask_key: str | None = None  # remainder="pad": every batch is full, real rows marked here
+    per_batch: bool = False  # shapes="per_batch": each batch takes its first item's shapes
+
+
+@dataclass(frozen=True)
 class Job:
-    """What a worker needs to fill slots: the source, the transform and the layout."""
+    """What a worker needs to fill slots: the source, the transform, the layout and the rules."""
 
     source: Any
     transform: Any
     layout: Layout
-    seed: int
-    skip_errors: bool
+    rules: FillRules
     worker_init: Any = None
-    mask_key: str | None = None  # remainder="pad": every batch is full, real rows marked here
-    per_batch: bool = False  # shapes="per_batch": each batch takes its first item's shapes
     board_offset: int = 0  # where the accounting block starts in the ring (_accounts.py)
 
 
@@ -124,22 +128,24 @@ class Filler:
         self._writers: dict[int, SlotWriter] = {}
         self._shaped: dict[tuple[int, tuple[Any, ...]], SlotWriter] = {}  # per_batch writers
 
-    def fill(self, order: Order) -> tuple:
+    def fill(self, order: Order) -> Done | Failed:
         """Carry out one order; return the message for the parent."""
         order_id, slot, epoch, number = order.order_id, order.slot, order.epoch, order.number
         indices = order.indices
         positions = range(order.first_position, order.first_position + len(indices))
         job = self.job
+        rules = job.rules
         writer = self._writers.get(slot)
         if writer is None:
             writer = self._writers[slot] = SlotWriter(job.layout, self._slot_view(slot))
         header = writer.header
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
-        per_batch = job.per_batch
+        per_batch = rules.per_batch
         transform = job.transform
         into_slot = getattr(transform, "writes_into_slot", False) and not per_batch
-        mask_key = job.mask_key
+        mask_key = rules.mask_key
+        seed = rules.seed
         slot_writer = writer
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
@@ -170,9 +176,9 @@ class Filler:
                 if sample:
                     c1 = cpu()
                 if into_slot:
-                    example = transform(example, item_rng(job.seed, epoch, position), out=writer.item_out(count))
+                    example = transform(example, item_rng(seed, epoch, position), out=writer.item_out(count))
                 elif transform is not None:
-                    example = transform(example, item_rng(job.seed, epoch, position))
+                    example = transform(example, item_rng(seed, epoch, position))
                 t2 = now()
                 if sample:
                     c2 = cpu()
@@ -182,13 +188,13 @@ class Filler:
                     writer = self._batch_writer(slot, slot_writer, example, index)
                 item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it
-                if job.skip_errors:
+                if rules.skip_errors:
                     skipped.append((index, f"{type(exc).__name__}: {exc}"))
                     t0 = now()
                     continue
                 account.countdown = countdown
-                return ("error", order_id, index, picklable(exc), f"{type(exc).__name__}: {exc}",
-                        traceback.format_exc())
+                return Failed(order_id, index, picklable(exc), f"{type(exc).__name__}: {exc}",
+                              traceback.format_exc())
             t3 = now()
             s0 += t0
             s1 += t1
@@ -231,7 +237,7 @@ class Filler:
         if self.always_flush or ended - account.flushed_at >= FLUSH_S:
             account.flush(ended)
         trace = (started, ended, spans) if level >= TRACE_BATCHES else None
-        return ("done", order_id, count, objects, skipped, trace, shapes)
+        return Done(order_id, count, objects, skipped, trace, shapes)
 
     def _batch_writer(self, slot: int, slot_writer: SlotWriter, example: Any, index: int) -> SlotWriter:
         """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes)."""
@@ -261,8 +267,8 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
         try:
             filler.job.worker_init(worker_id)
         except BaseException as exc:
-            results.send(("error", -1, None, picklable(exc),
-                          f"worker_init failed: {type(exc).__name__}: {exc}", traceback.format_exc()))
+            results.send(encode(StartFailed(picklable(exc), f"worker_init failed: {type(exc).__name__}: {exc}",
+                                            traceback.format_exc())))
             return
     check_imports = threading.current_thread() is threading.main_thread()  # a process worker
     account = filler.account
@@ -275,16 +281,17 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
             return
         account.busy()
         for order in batch_of_orders:
+            message: Message
             try:
                 message = filler.fill(order)
             except BaseException as exc:  # a failure outside any record (e.g. a broken writer)
-                message = ("error", order.order_id, None, picklable(exc),
-                           f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                message = Failed(order.order_id, None, picklable(exc), f"{type(exc).__name__}: {exc}",
+                                 traceback.format_exc())
             try:
                 if check_imports:  # once, and before the first result, so it is never lost
                     check_imports = False
                     _warn_about_frameworks(results)
-                results.send(message)
+                results.send(encode(message))
             except (BrokenPipeError, OSError):
                 return
 
@@ -292,7 +299,7 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
 def _warn_about_frameworks(results: Connection) -> None:
     loaded = [name for name in FRAMEWORKS if name in sys.modules]
     if loaded:
-        results.send(("warn", f"worker pid {os.getpid()}: the source or transform imported "
+        results.send(encode(Note(f"worker pid {os.getpid()}: the source or transform imported "
                       f"{', '.join(loaded)}; loader workers are meant to stay free of "
                       "frameworks (memory, start-up time, threads). Import them lazily "
-                      "outside the code the workers run."))
+                      "outside the code the workers run.")))

@@ -20,6 +20,7 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+from agnostic_prefetch._messages import StartFailed, encode
 from agnostic_prefetch._worker import Filler, Job, picklable, serve
 
 
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     except (EOFError, OSError):
         return
     except BaseException as exc:
-        results.send(("error", -1, None, picklable(exc),
-                      f"could not unpickle the source/transform: {type(exc).__name__}: {exc}",
-                      traceback.format_exc()))
+        results.send(encode(StartFailed(picklable(exc), f"could not unpickle the source/transform: "
+                                        f"{type(exc).__name__}: {exc}", traceback.format_exc())))
         return
     ring = mmap.mmap(ring_fd, ring_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     os.close(ring_fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 import pytest
 from conftest import worker_pids
 from sources_for_tests import Counting, Dying, Failing, Hanging
+from waiting import wait_until_waiting_in_loader
 
 import agnostic_prefetch as ap
 
@@ -50,10 +52,13 @@ def test_a_batch_whose_records_were_all_skipped_is_not_delivered():
         assert [b["i"].tolist() for b in loader] == [[0, 1], [4, 5]]
 
 
-def _kill_later(loader, delay, box):
+def _kill_while_waiting(loader, box):
+    """Kill the loader's first worker once this thread waits inside the loader for it."""
+    waiter = threading.current_thread()
+
     def kill():
-        time.sleep(delay)
-        pid = loader._workers[0].process.pid
+        wait_until_waiting_in_loader(waiter)
+        pid = loader.worker_pids[0]
         box["pid"], box["t"] = pid, time.monotonic()
         os.kill(pid, signal.SIGKILL)
 
@@ -65,7 +70,7 @@ def _kill_later(loader, delay, box):
 def test_sigkill_of_a_worker_is_reported_with_pid_and_signal_within_a_second():
     loader = ap.Loader(Counting(8, slow=set(range(8)), delay=30), 2, workers=2)
     box = {}
-    killer = _kill_later(loader, 0.3, box)
+    killer = _kill_while_waiting(loader, box)
     with pytest.raises(ap.WorkerDiedError) as info:
         next(iter(loader))
     latency = time.monotonic() - box["t"]
@@ -80,7 +85,7 @@ def test_killed_worker_detection_latency_p95():
     for _ in range(8):
         loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
         box = {}
-        killer = _kill_later(loader, 0.15, box)
+        killer = _kill_while_waiting(loader, box)
         with pytest.raises(ap.WorkerDiedError):
             next(iter(loader))
         latencies.append(time.monotonic() - box["t"])
@@ -126,7 +131,8 @@ def test_waiting_parent_uses_no_cpu():
 
 def test_break_then_close_stops_every_worker():
     loader = ap.Loader(Counting(40), 2, workers=3)
-    pids = [w.process.pid for w in loader._workers]
+    pids = loader.worker_pids
+    assert len(pids) == 3
     for batch in loader:
         if batch["i"][0] >= 6:
             break
@@ -138,7 +144,7 @@ def test_garbage_collection_without_close_stops_every_worker():
     loader = ap.Loader(Counting(40), 2, workers=2)
     it = iter(loader)
     next(it)
-    pids = [w.process.pid for w in loader._workers]
+    pids = loader.worker_pids
     del loader, it
     gc.collect()
     assert not set(pids) & set(worker_pids())
@@ -168,7 +174,7 @@ def test_close_from_another_thread_wakes_a_thread_waiting_in_the_loader(backend)
 
     waiter = threading.Thread(target=wait_for_batch_two)
     waiter.start()
-    time.sleep(0.2)
+    wait_until_waiting_in_loader(waiter)
     closed_at = time.monotonic()
     loader.close()
     waiter.join(timeout=5)
@@ -180,9 +186,25 @@ def test_close_from_another_thread_wakes_a_thread_waiting_in_the_loader(backend)
 def test_without_pidfds_a_killed_worker_is_still_noticed_by_the_documented_poll(monkeypatch):
     monkeypatch.delattr(os, "pidfd_open")  # an OS without pidfds
     loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
-    assert loader._workers[0].sentinel is None
     box = {}
-    killer = _kill_later(loader, 0.15, box)
+    killer = _kill_while_waiting(loader, box)
+    with pytest.raises(ap.WorkerDiedError, match="SIGKILL"):
+        next(iter(loader))
+    killer.join()
+    assert time.monotonic() - box["t"] < 1.0
+
+
+@pytest.mark.parametrize("error", [errno.ENOSYS, errno.EPERM])
+def test_a_kernel_that_refuses_pidfds_falls_back_to_the_poll(monkeypatch, error):
+    def refuse(pid, flags=0):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)  # old kernel (ENOSYS) or a seccomp filter (EPERM)
+    with ap.Loader(Counting(8), 2, workers=1) as loader:
+        assert [b["i"].tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
+    box = {}
+    killer = _kill_while_waiting(loader, box)
     with pytest.raises(ap.WorkerDiedError, match="SIGKILL"):
         next(iter(loader))
     killer.join()
