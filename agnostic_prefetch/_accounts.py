@@ -129,6 +129,10 @@ class Board:
         if self._words is not None:
             self._words[0] = level
 
+    def trace_level(self) -> int:
+        """The level workers read from the block (``TRACE_OFF`` once it is closed)."""
+        return int(self._words[0]) if self._words is not None else TRACE_OFF
+
     def table(self) -> np.ndarray:
         """A copy of every row (rows x FIELDS), idle time of a wait in progress included."""
         if self._words is None:

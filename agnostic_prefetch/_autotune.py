@@ -2,7 +2,7 @@
 
 The loader reserves its ring and accounting rows for the largest pool :func:`plan_limit`
 allows, starts ``start_count(cpus)`` workers, and hands a :class:`Tuner` to the scheduler,
-which calls :meth:`Tuner.step` from every dispatch. The tuner lets each worker finish one
+which calls :meth:`Tuner.step` from every dispatch until it returns its decision. The tuner lets each worker finish one
 batch (cold start: imports, first page faults, a database opening), then measures until the
 workers have spent about a quarter second each on batches, and decides with :func:`decide`:
 
@@ -19,8 +19,8 @@ workers have spent about a quarter second each on batches, and decides with :fun
 - a consumer slower than the workers (it hardly waited while the ring held workers back)
   gets no more workers: they would only fill the ring sooner.
 
-Nothing here decodes or orders batches; the scheduler adds and retires workers on the
-tuner's word (``Scheduler.add_workers``, ``Scheduler.retire``), and batch contents never
+Nothing here decodes or orders batches, or starts workers: the scheduler applies the
+decision (``Membership.resize`` starts and retires workers), and batch contents never
 depend on the pool (orders are a function of the sampler).
 """
 
@@ -30,20 +30,14 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch import _pool
-from agnostic_prefetch._accounts import FIELDS, worker_totals
+from agnostic_prefetch._accounts import FIELDS, Board, worker_totals
 from agnostic_prefetch._cpus import CpuBudget, cpu_budget
 from agnostic_prefetch._ring import available_bytes
 from agnostic_prefetch._sizing import plan_ring
-
-if TYPE_CHECKING:
-    from agnostic_prefetch._ring import Ring
-    from agnostic_prefetch._schedule import Scheduler
-    from agnostic_prefetch._worker import Job
 
 log = logging.getLogger("agnostic_prefetch")
 
@@ -233,15 +227,17 @@ def _private_bytes(pid: int) -> int | None:
 
 
 class Tuner:
-    """Runs the probe from the scheduler's dispatches and applies the decision once.
+    """Runs the probe from the scheduler's dispatches and returns its decision once.
+
+    Called by the thread driving the loader's scheduler only (:meth:`step`); ``summary``,
+    ``log_line`` and ``report`` may be read from any thread (they read fields that are
+    replaced whole).
 
     Args:
         plan: the limit, the starting pool and what threads are allowed.
-        job, ring, capacity: what new workers are started with (as ``_pool.start``).
     """
 
-    def __init__(self, plan: AutoPlan, job: Job, ring: Ring, capacity: int) -> None:
-        self._job, self._ring, self._capacity = job, ring, capacity
+    def __init__(self, plan: AutoPlan) -> None:
         self.budget, self.limit, self.limit_why = plan.budget, plan.limit, plan.limit_why
         self.asked, self.allowed = plan.asked, plan.allowed
         self.workers, self.backend = plan.first
@@ -252,21 +248,27 @@ class Tuner:
         self._born = time.perf_counter()
         self._next_check = 0.0
         self._start: tuple[float, np.ndarray, float, float, float] | None = None
-        self._next_id = plan.first[0]
         self._probed_on = plan.first[1]
 
-    def step(self, scheduler: Scheduler) -> None:
-        """Called from every dispatch: measure when due; decide, and change the pool, once."""
+    def step(self, board: Board, blocked_s: float, held_s: float, pids: list[int]) -> Decision | None:
+        """Measure when due; once the probe has seen enough, the pool to run (else ``None``).
+
+        Args:
+            board: the workers' accounting rows.
+            blocked_s, held_s: the scheduler's totals so far (the caller blocked; workers
+                held back by a full ring).
+            pids: the worker processes now (one is measured for its memory).
+        """
         now = time.perf_counter()
         if now < self._next_check:
-            return
+            return None
         self._next_check = now + CHECK_S
-        table = scheduler.board.table()
+        table = board.table()
         rows = table[: self.workers]
         if self._start is None:
             if (rows[:, _F["batches"]] >= 1).all() or now - self._born >= WARM_MAX_S:
-                self._start = (now, table, self._runq(table), scheduler.blocked_s, scheduler.held_s)
-            return
+                self._start = (now, table, self._runq(table), blocked_s, held_s)
+            return None
         began, first, runq0, blocked0, held0 = self._start
         delta = table - first
         batches = float(delta[: self.workers, _F["batches"]].sum())
@@ -275,7 +277,7 @@ class Tuner:
         elapsed = now - began
         enough = busy >= PROBE_BUSY_S * self.workers and batches >= self.workers
         if not (enough or (batches >= 1 and elapsed >= PROBE_MAX_S) or now - self._born >= GIVE_UP_S):
-            return
+            return None
         if batches < 1:  # nothing finished since the first batches: decide from everything so far
             delta, elapsed = table, now - self._born
             totals = worker_totals(delta)
@@ -284,19 +286,21 @@ class Tuner:
         cpu = totals["read_cpu_s"] + totals["transform_cpu_s"] + totals["write_cpu_s"]
         runq = max(0.0, self._runq(table) - runq0)
         self.probe = Probe(self.workers, elapsed, totals["items_read"], busy, cpu, min(runq, busy),
-                           scheduler.blocked_s - blocked0, scheduler.held_s - held0)
-        self._measure_memory(scheduler)
+                           blocked_s - blocked0, held_s - held0)
+        self.room = available_bytes(True)[0]
+        self.process_bytes = _private_bytes(pids[0]) if pids else None
         if self.probe.items == 0:
-            self.decision = Decision(self.workers, self.backend, f"no item finished in {elapsed:.1f} s: kept",
-                                     1.0, 0.0, 0.0, self.limit, "not measured")
+            decision = Decision(self.workers, self.backend, f"no item finished in {elapsed:.1f} s: kept",
+                                1.0, 0.0, 0.0, self.limit, "not measured")
         else:
-            self.decision = decide(self.probe, self.budget.cpus, self.limit, backend=self.asked,
-                                   allowed=self.allowed, current=self.backend,
-                                   process_bytes=self.process_bytes, room=self.room)
+            decision = decide(self.probe, self.budget.cpus, self.limit, backend=self.asked,
+                              allowed=self.allowed, current=self.backend,
+                              process_bytes=self.process_bytes, room=self.room)
         self._probed_on = self.backend
-        self._apply(scheduler, self.decision)
-        scheduler.tuner = None  # decided: dispatch pays nothing more
+        self.decision = decision
+        self.workers, self.backend = decision.workers, decision.backend
         log.info("%s", self.log_line())
+        return decision
 
     def _runq(self, table: np.ndarray) -> float:
         total = 0.0
@@ -307,29 +311,6 @@ class Tuner:
                 if stat is not None:
                     total += stat[1]
         return total
-
-    def _measure_memory(self, scheduler: Scheduler) -> None:
-        self.room = available_bytes(True)[0]
-        for worker in scheduler.workers:
-            if getattr(worker, "process", None) is not None:
-                self.process_bytes = _private_bytes(worker.process.pid)
-                break
-
-    def _apply(self, scheduler: Scheduler, decision: Decision) -> None:
-        current = list(scheduler.workers)
-        if decision.backend == self.backend:
-            keep, start = current[: decision.workers], decision.workers - len(current)
-        else:
-            keep, start = [], decision.workers
-        if start > 0:
-            handles = _pool.start(start, decision.backend, self._job, self._ring, self._capacity,
-                                  first_id=self._next_id)
-            self._next_id += start
-            scheduler.add_workers(handles)
-        for worker in current:
-            if worker not in keep:
-                scheduler.retire(worker)
-        self.workers, self.backend = decision.workers, decision.backend
 
     def summary(self) -> str:
         """For ``repr``: what was picked, in a few words."""

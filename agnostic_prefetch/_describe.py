@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from agnostic_prefetch.loader import Loader
+from agnostic_prefetch._core import LoaderCore
 
 
-def describe(loader: Loader) -> str:
+def describe(core: LoaderCore) -> str:
     """The loader's ``repr``: batches, shard, workers, and the ring's bytes (slots and counters)."""
-    ring, layout, tuner = loader._ring, loader.layout, loader._tuner
-    pool = tuner.summary() if tuner is not None else f"workers={loader.workers}, backend={loader.backend!r}"
+    ring, layout, tuner, members = core.scheduler.ring, core.layout, core.tuner, core.scheduler.members
+    pool = tuner.summary() if tuner is not None else f"workers={members.count}, backend={members.backend!r}"
     return (
-        f"Loader(batch_size={loader.batch_size}, batches_per_epoch={loader.batches_per_epoch}, "
-        f"{_shard(loader)}{pool}, ring={loader.slots} slots x {layout.slot_bytes:,} B + "
+        f"Loader(batch_size={core.sampler.batch_size}, batches_per_epoch={core.bpe}, "
+        f"{_shard(core)}{pool}, ring={ring.slots} slots x {layout.slot_bytes:,} B + "
         f"{ring.nbytes - ring.extra_offset:,} B of counters = {ring.nbytes:,} B [{layout.describe()}]"
-        f"{', closed' if loader.closed else ''})"
+        f"{', closed' if core.closed else ''})"
     )
 
 
-def _shard(loader: Loader) -> str:
-    sampler = loader._sampler
+def _shard(core: LoaderCore) -> str:
+    sampler = core.sampler
     parts = []
     if sampler.shard_count > 1:
         parts.append(f"shard {sampler.shard_index} of {sampler.shard_count} of global batches of "

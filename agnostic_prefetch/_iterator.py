@@ -8,23 +8,18 @@ ahead asks the iterator it reads, after each batch, and gets an exact answer.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch._resume import ENDLESS, Position, decode, encode
+from agnostic_prefetch._core import CLOSED, Cursor, LoaderCore
+from agnostic_prefetch._resume import ENDLESS, decode, encode
 from agnostic_prefetch._schedule import Ready, Scheduler
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch.errors import LoaderError
 
-if TYPE_CHECKING:
-    from agnostic_prefetch.loader import Loader
-
 log = logging.getLogger("agnostic_prefetch")
-
-_CLOSED = "this Loader is closed; build a new one (load_state_dict resumes exactly)"
 
 
 class LoaderIterator:
@@ -45,29 +40,27 @@ class LoaderIterator:
         (1, [0, 1])
     """
 
-    def __init__(self, loader: Loader, scheduler: Scheduler, position: Position) -> None:
-        self._loader = loader  # kept alive while this iterator is: `for b in Loader(...)`
-        self._scheduler = scheduler
-        self._position = position
-        assert position.end is not None
-        self._end = position.end
-        self._ended = False
-        self._ordered = loader.ordered
-        self._layout = loader.layout
-        self._stats = loader._stats
+    def __init__(self, core: LoaderCore, cursor: Cursor) -> None:
+        self._core = core  # shared with the loader: keeps the workers while this iterator lives
+        self._cursor = cursor
+        self._scheduler = core.scheduler
+        self._layout = core.layout
+        self._stats = core.stats
         self._only_arrays = "object" not in self._layout.kinds
-        self._padded = loader._mask_key is not None  # every batch full; a mask marks real rows
-        self._by_source = loader._by_source
-        self._snapshots = loader._snapshots
+        self._padded = core.padded
+        self._by_source = core.by_source
+        self._snapshots = core.snapshots
+        self._trace = core.trace
 
     def __iter__(self) -> LoaderIterator:
         return self
 
     def __len__(self) -> int:
         """Batches this iteration has yet to deliver."""
-        if self._end >= ENDLESS:
+        cursor = self._cursor
+        if cursor.end >= ENDLESS:
             raise TypeError("an iteration of a Loader with epochs=None never ends and has no length")
-        return 0 if self._ended else self._position.remaining(self._end)
+        return 0 if cursor.ended else cursor.position.remaining(cursor.end)
 
     @property
     def max_held(self) -> int:
@@ -80,83 +73,94 @@ class LoaderIterator:
         return len(self._scheduler.table)
 
     @property
+    def global_batch_size(self) -> int:
+        """Items per global batch, over all shards (its loader's)."""
+        return self._core.sampler.global_batch_size
+
+    @property
+    def shard_index(self) -> int:
+        return self._core.sampler.shard_index
+
+    @property
+    def shard_count(self) -> int:
+        return self._core.sampler.shard_count
+
+    @property
     def interruptible(self) -> bool:
         """Whether :meth:`cancel` ends a ``next()`` in progress at once (not with ``workers=0``,
         where that ``next()`` runs the source itself)."""
-        return self._loader.workers > 0
+        return self._scheduler.members.count > 0
 
     def stats(self) -> dict[str, Any]:
         """Its loader's :meth:`~agnostic_prefetch.Loader.stats`."""
-        return self._loader.stats()
+        return self._core.stats_dict()
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterator delivered: small and JSON-able."""
-        return encode(self._position, self._loader._settings, endless=self._end >= ENDLESS)
+        cursor = self._cursor
+        return encode(cursor.position, self._core.settings, endless=cursor.end >= ENDLESS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue *this* iterator from ``state`` (see ``Loader.load_state_dict``); the
-        loader's other live iterator, if any, ends. Not while another thread iterates it."""
-        self._loader._begin(self, decode(state, self._loader._settings))
+        loader's other live iterator, if any, ends. Not while another thread iterates it.
 
-    def _restart(self, position: Position) -> None:
-        assert position.end is not None
-        self._position, self._end, self._ended = position, position.end, False
+        Raises:
+            ValueError: the state cannot be continued exactly here (nothing changes then).
+        """
+        core = self._core
+        core.begin(self._cursor, decode(state, core.settings))
 
     def cancel(self) -> None:
         """End this iterator from any thread; a ``next()`` waiting for a worker wakes at once."""
-        if not self._ended:
-            self._ended = True
-            self._scheduler.supervisor.wake()
+        self._core.cancel(self._cursor)
 
     def close(self) -> None:
         """End this iterator (like a generator's ``close()``)."""
         self.cancel()
 
     def __next__(self) -> Any:
-        if self._ended:
+        cursor = self._cursor
+        if cursor.ended:
             raise StopIteration
         scheduler = self._scheduler
         started = time.perf_counter()
-        scheduler.drive.acquire()
         try:
-            scheduler.driver = threading.get_ident()
-            batch = self._next_batch(scheduler)
+            with scheduler.drive:
+                batch = self._next_batch(scheduler, cursor)
         except LoaderError:
             if not scheduler.closed:  # a failed pipeline stops with its error, at once
-                self._loader._close(grace=0.0)
+                self._core.close(grace=0.0)
             raise
         finally:
             now = time.perf_counter()
             self._stats["wait_s"] += now - started
-            scheduler.drive.release()
-            scheduler.left()
-        tracer = self._loader._tracer
-        if tracer is not None:
-            tracer.span("next", started, now)
+        if self._trace.tracers:
+            self._trace.span("next", started, now)
         if now >= self._snapshots.next_at:
             self._snapshots.tick(now)
         return batch
 
-    def _next_batch(self, scheduler: Scheduler) -> Any:
+    def _next_batch(self, scheduler: Scheduler, cursor: Cursor) -> Any:
+        end = cursor.end
         while True:
             if scheduler.closed:
-                raise LoaderError(_CLOSED)
-            if self._ended:
+                raise LoaderError(CLOSED)
+            if cursor.ended:
                 raise StopIteration
-            position = self._position
-            if position.next_seq >= self._end:
-                self._position = position._replace(end=None)  # no iteration in progress
-                self._ended = True
+            position = cursor.position
+            if position.next_seq >= end:
+                cursor.position = position._replace(end=None)  # no iteration in progress
+                cursor.ended = True
                 raise StopIteration
             # Top the workers up first, even when a batch is ready: otherwise they idle while
             # the caller drains ready batches, and the caller then waits a whole fill.
-            scheduler.dispatch(position, self._end)
-            found = scheduler.take(position, self._end, self._ordered)
+            scheduler.dispatch(position, end)
+            found = scheduler.take(position, end)
             if found is None:
                 scheduler.wait()
                 continue
             seq, ready = found
-            self._position = position.after(seq)
+            cursor.position = position.after(seq)
             for index, reason in ready.skipped:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)
@@ -186,8 +190,8 @@ class LoaderIterator:
         arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows, ready.shapes)
         if copied:
             self._stats["copied_out"] += 1
-            if not self._loader._warned_copy:
-                self._loader._warned_copy = True
+            if not self._core.warned_copy:
+                self._core.warned_copy = True
                 log.warning(
                     "the caller holds %d of %d ring slots, so the workers would starve; further "
                     "batches are copied out of the ring until batches are released (raise slots= "

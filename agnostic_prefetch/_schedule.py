@@ -8,7 +8,8 @@ position still needs (the look-ahead into the next epoch, say) and drops the res
 
 One thread drives the scheduler at a time: it holds :attr:`Scheduler.drive` while it
 dispatches, takes and waits. Another thread that must stop it (``close()``, ``cancel()``)
-wakes the wait and then takes ``drive`` itself, so nothing is released under the driver.
+wakes the wait and then takes ``drive`` itself, or hands the release to the driver
+(``_drive.py``), so nothing is released under the driver.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agnostic_prefetch import _pool, _supervisor
-from agnostic_prefetch._accounts import Board, per_worker, worker_totals
+from agnostic_prefetch._accounts import Board
+from agnostic_prefetch._drive import Drive
 from agnostic_prefetch._layout import (
     H_COUNT,
     H_EPOCH,
@@ -33,6 +36,8 @@ from agnostic_prefetch._layout import (
     HEADER_BYTES,
     MAGIC,
 )
+from agnostic_prefetch._membership import Membership
+from agnostic_prefetch._messages import Done, Message, Note, StartFailed
 from agnostic_prefetch._resume import ENDLESS, Position
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._slots import SlotTable
@@ -40,6 +45,10 @@ from agnostic_prefetch._warn import warn
 from agnostic_prefetch._worker import Order
 from agnostic_prefetch.errors import LoaderError, WorkerError
 from agnostic_prefetch.sampler import Sampler
+
+if TYPE_CHECKING:
+    from agnostic_prefetch._autotune import Tuner
+    from agnostic_prefetch.tracing import TraceLink
 
 log = logging.getLogger("agnostic_prefetch")
 
@@ -79,37 +88,47 @@ class Ready:
 class Scheduler:
     """Orders, results and the wait for one loader's workers and ring; closes them.
 
+    Threads: every method but :meth:`close` is called by the thread that holds
+    :attr:`drive` (the driving thread); ``close()`` may come from any thread and takes the
+    drive itself, or hands the release to the driver (``_drive.py``). ``closed`` is set
+    once, by ``close()``, and read by the driver to leave. Every other field belongs to the
+    driving thread.
+
     Args:
         sampler: what batch ``seq`` holds.
         ring, table: the ring and its slot table.
-        workers: started workers (see ``_pool.start``).
+        members: the workers (``_membership.py``), with the supervisor every wait blocks in.
+        board: the workers' accounting rows after the ring's slots.
         timeout: seconds a worker may go without progress, or ``None``.
         lookahead: batches it may order past the end of an iteration (no drain between epochs).
-        board_rows: worker rows in the accounting block after the ring's slots.
+        ordered: ``False``: any ready batch may be taken, not only the next in order.
+        trace: the traces recording this loader (``tracing.TraceLink``).
+        tuner: ``workers="auto"`` until it decides: its decision is applied here, once.
+        on_released: called once the workers and ring are released, with whether every
+            worker that ran in this process has ended (so what the source opened here
+            may be let go).
     """
 
-    def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, workers: list[_pool.Worker],
-                 timeout: float | None, lookahead: int, board_rows: int) -> None:
-        self.drive = threading.RLock()
+    def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, members: Membership, board: Board, *,
+                 timeout: float | None, lookahead: int, ordered: bool, trace: TraceLink,
+                 tuner: Tuner | None = None, on_released: Callable[[bool], None] | None = None) -> None:
+        self.drive = Drive()
         self.closed = False
         self.blocked_s = 0.0  # the driving thread blocked waiting for workers
         self.held_s = 0.0  # worker-seconds without an order because every slot was taken
         self._full_since = 0.0  # when a dispatch last found no free slot (0: there was one)
-        self.on_trace: Any = None  # (worker, order's seq, trace) while a trace records
-        self.tracer: Any = None  # the trace that records this loader's waits, if any
-        self.tuner: Any = None  # workers="auto" while it probes: _autotune.Tuner
-        self.starting: list[_pool.Worker] = []  # added, watched, given orders once they serve
-        self.retiring: list[_pool.Worker] = []  # no new orders; stopped once their orders are answered
-        self.retired: list[_pool.Worker] = []  # told to exit; reaped at close
-        self.board = Board(ring.map, ring.extra_offset, board_rows)
+        self.board = board
         self.ring = ring
         self.table = table
-        self.workers = workers
-        self.supervisor = _supervisor.Supervisor(workers, timeout)
+        self.members = members
+        self._trace = trace
+        self._tuner = tuner
+        self._on_released = on_released
         self._sampler = sampler
         self._bpe = sampler.batches_per_epoch
         self._timeout = timeout
         self._lookahead = lookahead
+        self._ordered = ordered
         self._headers: np.ndarray | None = np.frombuffer(ring.map, np.int64, ring.extra_offset // 8).reshape(
             ring.slots, -1)[:, : HEADER_BYTES // 8]
         self._orders: dict[int, _Order] = {}
@@ -118,9 +137,7 @@ class Scheduler:
         self._failed: dict[int, WorkerError] = {}
         self._pending: set[int] = set()  # seqs ordered (not stale), ready or failed
         self._dispatch_seq = 0
-        self._warned_frameworks = False
-        self._release_when_left: float | None = None
-        self.driver = 0  # the ident of the thread driving now, for close()'s warning
+        self._noted = False
 
     # ---- what an iterator calls, holding ``drive`` ------------------------------------------
 
@@ -148,11 +165,16 @@ class Scheduler:
 
         A worker is topped up to its capacity in one write once it is down to half of it:
         each write wakes a sleeping worker, which costs more than a tiny batch.
+
+        Raises:
+            LoaderError: ``workers="auto"`` could not apply its decision.
+            WorkerDiedError: a worker's order pipe is closed.
         """
-        if self.tuner is not None:
-            self.tuner.step(self)
-        if self.starting:
-            self._admit()
+        if self._tuner is not None:
+            self._step_tuner()
+        members = self.members
+        if members.starting:
+            members.admit(self.board.serving)
         table = self.table
         table.reclaim()
         free = table.free
@@ -166,7 +188,7 @@ class Scheduler:
         seq = max(self._dispatch_seq, position.next_seq)
         limit = end + self._lookahead if end < ENDLESS else ENDLESS
         pending_seqs, ahead = self._pending, position.ahead
-        workers = self.workers
+        workers = members.serving
         only = workers[0] if len(workers) == 1 else None
         batches: dict[Any, list[Order]] = {}
         while free and seq < limit:
@@ -177,7 +199,7 @@ class Scheduler:
             load = len(worker.outstanding)
             if load >= worker.capacity or (worker not in batches and load > worker.capacity // 2):
                 break
-            if worker.on_demand and (self._ready or self._failed):
+            if worker.on_demand and self._takeable(position, end):
                 # It fills in the caller's thread when the caller waits: an order placed
                 # before it is needed would only take a slot early (and a cache-cold one:
                 # the caller has not let go of its previous batch yet).
@@ -194,9 +216,9 @@ class Scheduler:
             except OSError:
                 raise _supervisor.died(worker) from None
 
-    def take(self, position: Position, end: int, ordered: bool) -> tuple[int, Ready] | None:
+    def take(self, position: Position, end: int) -> tuple[int, Ready] | None:
         """A ready batch for ``position``: the next in order, or with ``ordered=False`` any."""
-        if ordered:
+        if self._ordered:
             candidates: Any = (position.next_seq,)
         else:
             candidates = sorted(s for s in itertools.chain(self._ready, self._failed) if s < end)
@@ -215,48 +237,47 @@ class Scheduler:
         if not self._orders:
             raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
         started = time.perf_counter()
-        reports = self.supervisor.wait()
+        reports = self.members.supervisor.wait()
         ended = time.perf_counter()
         self.blocked_s += ended - started
-        if self.tracer is not None:
-            self.tracer.span("wait for workers", started, ended)
+        if self._trace.tracers:
+            self._trace.span("wait for workers", started, ended)
         for worker, message in reports:
             self._on_message(worker, message)
         if self._timeout is not None:
             self._check_progress()
 
-    # ---- a pool that changes (workers="auto") ------------------------------------------
+    def wake(self) -> None:
+        """Make the driving thread's wait return at once (any thread)."""
+        self.members.supervisor.wake()
 
-    def add_workers(self, workers: list[_pool.Worker]) -> None:
-        """Watch these started workers, and give them orders once they serve (a process
-        takes a while to start: orders waiting in its pipe would hold up delivery)."""
-        for worker in workers:
-            self.supervisor.add(worker)
-        self.starting += workers
-        self._admit()
+    # ---- workers="auto" ------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        ready = [w for w in self.starting if not self.workers or self.board.serving(w.worker_id)]
-        self.starting = [w for w in self.starting if w not in ready]
-        self.workers += ready
-
-    def retire(self, worker: _pool.Worker) -> None:
-        """No new orders for ``worker``; it is stopped once its orders are answered."""
-        self.workers.remove(worker)
-        if worker.outstanding:
-            self.retiring.append(worker)
-        else:
-            self._let_go(worker)
-
-    def _let_go(self, worker: _pool.Worker) -> None:
-        # End of file on its order pipe makes it exit; its exit is no failure now, so it
-        # leaves the selector first. It is reaped (and its pipes closed) at close.
-        self.supervisor.remove(worker)
-        if isinstance(worker, _pool.WorkerHandle):
-            _pool.close_quietly(worker.orders)
-        self.retired.append(worker)
+    def _step_tuner(self) -> None:
+        tuner = self._tuner
+        assert tuner is not None
+        try:
+            decision = tuner.step(self.board, self.blocked_s, self.held_s, self.members.pids)
+            if decision is None:
+                return
+            self._tuner = None  # decided: dispatch pays nothing more
+            self.members.resize(decision.workers, decision.backend)
+        except LoaderError:
+            self._tuner = None
+            raise
+        except Exception as exc:
+            self._tuner = None
+            raise LoaderError(f"workers='auto' could not change the pool as it decided "
+                              f"({type(exc).__name__}: {exc}); the loader has stopped. Pass a "
+                              "fixed workers= count to continue without it.") from exc
 
     # ---- bookkeeping --------------------------------------------------------------------
+
+    def _takeable(self, position: Position, end: int) -> bool:
+        """Whether :meth:`take` would find a batch for ``position`` now."""
+        if self._ordered:
+            return position.next_seq in self._ready or position.next_seq in self._failed
+        return any(s < end for s in itertools.chain(self._ready, self._failed))
 
     def _make_room(self, needed: int) -> None:
         # Dispatch goes lowest first, so the needed batch is normally ordered already. After
@@ -280,34 +301,31 @@ class Scheduler:
         worker.outstanding.append(order_id)
         return Order(order_id, slot, epoch, number, batch.indices, batch.first_position)
 
-    def _on_message(self, worker: _pool.Worker, message: tuple) -> None:
-        kind = message[0]
-        if kind == "warn":
-            if not self._warned_frameworks:
-                self._warned_frameworks = True
-                log.warning(message[1])
+    def _on_message(self, worker: _pool.Worker, message: Message) -> None:
+        if isinstance(message, Note):
+            if not self._noted:
+                self._noted = True
+                log.warning(message.text)
             return
-        order_id = message[1]
-        if order_id == -1:
+        if isinstance(message, StartFailed):
             raise _supervisor.failed_to_start(worker, message)
+        order_id = message.order_id
         order = self._orders.pop(order_id)
         if worker.outstanding[0] == order_id:
             worker.outstanding.popleft()
         else:
             worker.outstanding.remove(order_id)
-        if self.retiring and not worker.outstanding and worker in self.retiring:
-            self.retiring.remove(worker)
-            self._let_go(worker)
-        if kind == "done":
-            _, _, count, objects, skipped, trace, shapes = message
-            if trace is not None and self.on_trace is not None:
-                self.on_trace(worker, order.seq, trace)
-            self._check_header(order, count)
+        self.members.answered(worker)
+        if isinstance(message, Done):
+            if message.trace is not None and self._trace.tracers:
+                self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), message.trace)
+            self._check_header(order, message.count)
             if order.stale:
                 self.table.discard(order.slot)
                 return
             self.table.filled(order.slot)
-            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices, shapes)
+            self._ready[order.seq] = Ready(order.slot, message.count, message.objects, message.skipped,
+                                           order.indices, message.shapes)
             return
         self.table.discard(order.slot)
         if not order.stale:
@@ -326,7 +344,7 @@ class Scheduler:
     def _check_progress(self) -> None:
         assert self._timeout is not None and self._headers is not None
         now = time.monotonic()
-        for worker in (*self.workers, *self.retiring):
+        for worker in self.members.watched:
             if not worker.outstanding or (worker.process is None and worker.thread is None):
                 continue
             order = self._orders.get(worker.outstanding[0])  # the one it is filling
@@ -348,38 +366,23 @@ class Scheduler:
 
         A thread waiting for workers is woken and leaves at once. One that is filling a
         batch itself (``workers=0``) cannot be interrupted: then this warns, naming it, and
-        the release happens when that thread leaves.
+        that thread releases everything as it leaves.
         """
         if self.closed:
             return
         self.closed = True
-        self.supervisor.wake()
-        if not self.drive.acquire(timeout=_LEAVE_S):
-            driver = next((t.name for t in threading.enumerate() if t.ident == self.driver), self.driver)
+        self.wake()
+        driver = self.drive.close_or_hand_over(lambda: self._release(grace), _LEAVE_S)
+        if driver is not None:
+            name = next((t.name for t in threading.enumerate() if t.ident == driver), driver)
             warn(
-                f"Loader.close(): thread {driver!r} is still inside the loader, filling a "
+                f"Loader.close(): thread {name!r} is still inside the loader, filling a "
                 "batch in that thread (workers=0 runs the source in the thread that iterates), "
                 "and cannot be interrupted; the ring is released as soon as that batch is done.")
-            self._release_when_left = grace
-            return
-        try:
-            self._release(grace)
-        finally:
-            self.drive.release()
-
-    def left(self) -> None:
-        """The driving thread has released ``drive``: finish a close() that had to wait for it."""
-        if self._release_when_left is not None:
-            with self.drive:
-                grace, self._release_when_left = self._release_when_left, None
-                if grace is not None:
-                    self._release(grace)
 
     def _release(self, grace: float) -> None:
-        workers, self.workers = [*self.workers, *self.starting, *self.retiring, *self.retired], []
-        self.starting, self.retiring, self.retired, self.tuner = [], [], [], None
-        _pool.stop(workers, grace)
-        self.supervisor.close()
+        self._tuner = None
+        ended_here = self.members.stop(grace)
         self._ready.clear()
         self._orders.clear()
         self.table.reclaim()
@@ -387,13 +390,5 @@ class Scheduler:
         self._headers = None  # our own views of the ring: drop them so the mapping can close
         self.board.close()
         self.ring.close()
-
-
-def stage_times(scheduler: Scheduler, wait_s: float) -> dict[str, Any]:
-    """The per-stage part of ``Loader.stats()``: the caller's wait split up, the workers' times."""
-    table = scheduler.board.table()
-    times: dict[str, Any] = {"blocked_s": scheduler.blocked_s, "handoff_s": max(0.0, wait_s - scheduler.blocked_s),
-                             "held_s": scheduler.held_s, **worker_totals(table)}
-    times["fill_s"] = times["read_s"] + times["transform_s"] + times["write_s"]
-    times["per_worker"] = per_worker(table)
-    return times
+        if self._on_released is not None:
+            self._on_released(ended_here)

@@ -1,8 +1,9 @@
-"""The prefetch stage's machinery: the thread, the bounded queue, and the host batches it holds.
+"""The prefetch stage's machinery: pulling and placing, the thread and its bounded queue, or the
+same work inline in ``next()``, and the host batches held until their copies are done.
 
-``Prefetcher`` (prefetch.py) is the public face; this is what runs behind it and what its
-finalizer closes, holding no reference back to it, so dropping a prefetcher stops its
-thread.
+``Prefetcher`` (prefetch.py) is the public face; one of the two stages here runs behind it
+(:class:`ThreadedStage` or :class:`InlineStage`, one interface) and is what its finalizer
+closes, holding no reference back to it, so dropping a prefetcher stops its thread.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from agnostic_prefetch._placement import Placement
 from agnostic_prefetch._warn import warn
+from agnostic_prefetch.tracing import TraceLink
 
-if TYPE_CHECKING:
-    from agnostic_prefetch.prefetch import Placement
+__all__ = ["END", "Entry", "InlineStage", "ThreadedStage"]
 
 _THREAD_NAME = "agnostic_prefetch-device"
 END = object()
@@ -40,7 +42,11 @@ class Entry:
 
 
 class _Channel:
-    """A bounded queue whose ``close()`` wakes both a blocked ``put`` and a blocked ``get``."""
+    """A bounded queue whose ``close()`` wakes both a blocked ``put`` and a blocked ``get``.
+
+    ``put`` runs in the stage's thread, ``get`` in the caller's, ``close`` in either (or a
+    finalizer's); ``_cond``'s lock guards every field.
+    """
 
     def __init__(self, size: int, stats: dict[str, Any]) -> None:
         self._items: collections.deque[Any] = collections.deque()
@@ -85,20 +91,30 @@ class _Channel:
 
 
 class _Reader:
-    """Pulls the next batch, notes the source iterator's position right after it, places it."""
+    """Pulls the next batch, notes the source iterator's position right after it, places it.
+
+    ``pull`` runs in the thread that reads (the stage's, or the caller's inline).
+    ``place_lock`` is held around ``placement.put`` (and the wait for its copy) and around
+    ``placement.close``, so a placement is never closed under a put. ``placing`` (the ident
+    of the thread inside ``put``) and ``close_after_put`` let a close that comes from that
+    very thread (a finalizer run by a garbage collection inside ``put``) wait for the put
+    instead of deadlocking on the lock it holds.
+    """
 
     def __init__(self, source: Iterator[Any], placement: Placement, stats: dict[str, Any],
-                 wait_for_copies: bool) -> None:
+                 trace: TraceLink, wait_for_copies: bool) -> None:
         self.source = source
         self.state_of = getattr(source, "state_dict", None)
         self.placement = placement
         self.stats = stats
+        self.trace = trace
         # In the stage's own thread, waiting for each copy to complete costs the caller
         # nothing and measures the transfer; in the caller's thread it would stall the step.
         self.wait_for_copy = getattr(placement, "wait", None) if wait_for_copies else None
-        self.tracer: Any = None
-        self.place_lock = threading.Lock()  # placement.close() never runs during a put()
+        self.place_lock = threading.Lock()
         self.stopped = False
+        self.placing: int | None = None
+        self.close_after_put: Callable[[], None] | None = None
 
     def pull(self) -> Entry | None:
         """The next batch placed, or ``None`` at the end of the source (or once stopped)."""
@@ -115,57 +131,126 @@ class _Reader:
         with self.place_lock:
             if self.stopped:
                 return None
-            device, token = self.placement.put(host)
-            placed = done = time.perf_counter()
-            stats["place_s"] += placed - pulled
-            if self.wait_for_copy is not None:
-                self.wait_for_copy(token)
-                done = time.perf_counter()
-                stats["transfer_s"] += done - placed
-        tracer = self.tracer
-        if tracer is not None:
-            tracer.span("pull", started, pulled)
-            tracer.span("place", pulled, placed)
+            self.placing = threading.get_ident()
+            try:
+                device, token = self.placement.put(host)
+                placed = done = time.perf_counter()
+                stats["place_s"] += placed - pulled
+                if self.wait_for_copy is not None:
+                    self.wait_for_copy(token)
+                    done = time.perf_counter()
+                    stats["transfer_s"] += done - placed
+            finally:
+                self.placing = None
+        close, self.close_after_put = self.close_after_put, None
+        if close is not None:
+            close()
+            return None
+        trace = self.trace
+        if trace.tracers:
+            trace.span("pull", started, pulled)
+            trace.span("place", pulled, placed)
             if done > placed:
-                tracer.span("transfer", placed, done)
+                trace.span("transfer", placed, done)
         return Entry(device, host, state, token)
 
 
-class Stage:
-    """What a prefetcher runs and holds; closed by it or its finalizer (no reference back to it)."""
+class _Stage:
+    """What both stages share: the placement, the reader, the host batches held until their
+    copies are done (``retired``), and closing.
 
-    def __init__(self, placement: Placement, size: int, threaded: bool, name: str) -> None:
+    ``retired`` is a deque: appends and pops from two threads are atomic. ``closed`` is set
+    once, by :meth:`close`, from any thread.
+    """
+
+    threaded = False
+
+    def __init__(self, placement: Placement, size: int, name: str, trace: TraceLink) -> None:
         self.placement = placement
         self.size = size
-        self.threaded = threaded
         self.name = name
-        # Handed out and moved past by the caller; dropped once their copies are done, in the
-        # stage's thread: freeing a jax.Array releases the GIL, and the thread would take it in
-        # the middle of the caller's loop if the caller's ``batch = next(it)`` freed it.
+        self.trace = trace
         self.retired: collections.deque[Entry] = collections.deque()
-        self.last: Entry | None = None  # with the thread: the batch the caller holds
         self.reader: _Reader | None = None
-        self.thread: threading.Thread | None = None
-        self.channel: _Channel | None = None
-        self.queue: collections.deque[Entry] = collections.deque()  # without a thread
-        self.error: BaseException | None = None  # without a thread: raised once the queue drains
         self.closed = False
         self.placement_closed = False  # set under the reader's lock: copies synced, safe to drop
-        self.tracer: Any = None  # the trace recording this stage, if any
         self.transfer_time = getattr(placement, "transfer_time", None)  # looked up once: per batch
         self.own_tracer: Any = None  # the one ``trace=`` started: written at close()
 
+    def _reader_for(self, source: Iterator[Any], stats: dict[str, Any]) -> _Reader:
+        self.reader = _Reader(source, self.placement, stats, self.trace, wait_for_copies=self.threaded)
+        return self.reader
+
+    def free_retired(self) -> None:
+        """Drop the retired entries whose copies are done."""
+        retired, done = self.retired, self.placement.done
+        timed = self.transfer_time
+        for _ in range(len(retired)):
+            entry = retired.popleft()
+            if not done(entry.token):
+                retired.append(entry)
+            elif timed is not None and self.reader is not None and entry.token is not None:
+                self.reader.stats["transfer_s"] += timed(entry.token)
+
+    def stop_reading(self) -> None:
+        """Stop reading and drop the read-ahead (kept in ``retired`` until its copies are done)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop reading, wait for pending copies, then let every host batch go (from any thread)."""
+        if self.closed:
+            return
+        self.closed = True
+        reader = self.reader
+        if reader is not None and reader.placing == threading.get_ident():
+            # A finalizer run by a garbage collection inside this thread's own put, which
+            # holds the placement lock: finish once the put returns.
+            reader.stopped = True
+            reader.close_after_put = lambda: self._close(reader)
+            return
+        self._close(reader)
+
+    def _close(self, reader: _Reader | None) -> None:
+        self.stop_reading()
+        # placement.close() first: it waits for the copies still reading host batches, so
+        # their ring slots go back to the loader only after that.
+        lock = reader.place_lock if reader is not None else threading.Lock()
+        with lock:
+            self.placement.close()
+            self.placement_closed = True
+            self.retired.clear()
+        self.trace.close()
+        if self.own_tracer is not None:
+            self.own_tracer.write()
+
+
+class ThreadedStage(_Stage):
+    """Pulls and places in a background thread; ``next()`` takes a placed batch off a queue.
+
+    Threads: :meth:`start`, :meth:`get`, :meth:`handed_out` and :meth:`stop_reading` run in
+    the caller's thread; ``_run`` (pull, place, queue, free retired batches) in the stage's
+    thread; :meth:`close` in either, or in a finalizer. ``last`` belongs to the caller's
+    thread; ``reader``, ``thread`` and ``channel`` are replaced by the caller's thread
+    (``start``, ``stop_reading``), and the stage's thread uses its own references to them.
+    """
+
+    threaded = True
+
+    def __init__(self, placement: Placement, size: int, name: str, trace: TraceLink) -> None:
+        super().__init__(placement, size, name, trace)
+        # Handed out and moved past by the caller; dropped once their copies are done, in the
+        # stage's thread: freeing a jax.Array releases the GIL, and the thread would take it in
+        # the middle of the caller's loop if the caller's ``batch = next(it)`` freed it.
+        self.last: Entry | None = None  # the batch the caller holds
+        self.thread: threading.Thread | None = None
+        self.channel: _Channel | None = None
+
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
-        reader = self.reader = _Reader(source, self.placement, stats, wait_for_copies=self.threaded)
-        reader.tracer = self.tracer
-        self.error = None
-        if self.threaded:
-            self.channel = _Channel(self.size, stats)
-            self.thread = threading.Thread(target=self._run, args=(reader, self.channel),
-                                           name=_THREAD_NAME, daemon=True)
-            self.thread.start()
-        else:
-            self._fill(self.size)
+        reader = self._reader_for(source, stats)
+        self.channel = _Channel(self.size, stats)
+        self.thread = threading.Thread(target=self._run, args=(reader, self.channel),
+                                       name=_THREAD_NAME, daemon=True)
+        self.thread.start()
 
     def _run(self, reader: _Reader, channel: _Channel) -> None:
         while not reader.stopped:
@@ -186,56 +271,19 @@ class Stage:
                 break
         self.free_retired()
 
-    def _fill(self, n: int) -> None:
-        while n > 0 and self.error is None and self.reader is not None:
-            try:
-                entry = self.reader.pull()
-            except Exception as exc:  # raised after the batches pulled before it, as with the thread
-                self.error = exc
-                return
-            if entry is None:
-                self.error = StopIteration()
-                return
-            self.queue.append(entry)
-            n -= 1
-
     def get(self) -> Any:
         """The next entry, ``END``, or the exception the source raised."""
-        if self.channel is not None:
-            return self.channel.get()
-        self.free_retired()  # before the pull: a slot whose copy is done can take it
-        if not self.queue:
-            error, self.error = self.error, None
-            return END if error is None or isinstance(error, StopIteration) else error
-        entry = self.queue.popleft()
-        self._fill(1)  # start the next transfer before handing this batch out: it overlaps the step
-        return entry
+        return self.channel.get() if self.channel is not None else END
 
     def handed_out(self, entry: Entry) -> None:
-        """``entry`` went to the caller: keep what must outlive the hand-out."""
-        if self.threaded:
-            # Keep the whole batch, device arrays too, until the caller moves past it: then
-            # the caller's ``batch = next(it)`` frees nothing, and the thread frees it.
-            last, self.last = self.last, entry
-            if last is not None:
-                self.retired.append(last)
-        else:
-            entry.device = None  # the caller holds it; the host batch waits for its copy
-            self.retired.append(entry)
-
-    def free_retired(self) -> None:
-        """Drop the retired entries whose copies are done (in the stage's thread, if any)."""
-        retired, done = self.retired, self.placement.done
-        timed = self.transfer_time
-        for _ in range(len(retired)):
-            entry = retired.popleft()
-            if not done(entry.token):
-                retired.append(entry)
-            elif timed is not None and self.reader is not None and entry.token is not None:
-                self.reader.stats["transfer_s"] += timed(entry.token)
+        """``entry`` went to the caller: keep the whole batch, device arrays too, until the
+        caller moves past it; then the caller's ``batch = next(it)`` frees nothing, and the
+        thread frees it."""
+        last, self.last = self.last, entry
+        if last is not None:
+            self.retired.append(last)
 
     def stop_reading(self) -> None:
-        """Stop the thread and drop the read-ahead (kept in ``retired`` until its copies are done)."""
         reader, self.reader = self.reader, None
         if reader is None:
             return
@@ -256,28 +304,65 @@ class Stage:
                     f"{thread.ident}): it is inside the source's __next__, which cannot be "
                     "interrupted (a Loader with workers=0 or a plain generator runs in that "
                     "thread). It ends, holding nothing, when the source returns its next batch.")
-        self.retired.extend(self.queue)
-        self.queue.clear()
         if self.last is not None:
             self.retired.append(self.last)
             self.last = None
 
-    def close(self) -> None:
-        """Stop reading, wait for pending copies, then let every host batch go."""
-        if self.closed:
+
+class InlineStage(_Stage):
+    """The same work in the caller's ``next()``: it pulls and places ``size`` batches ahead.
+
+    Threads: everything runs in the caller's thread, except :meth:`close` from a finalizer,
+    which may run in any thread (``place_lock`` keeps it from closing the placement under a
+    put). ``queue`` and ``error`` belong to the caller's thread.
+    """
+
+    def __init__(self, placement: Placement, size: int, name: str, trace: TraceLink) -> None:
+        super().__init__(placement, size, name, trace)
+        self.queue: collections.deque[Entry] = collections.deque()
+        self.error: BaseException | None = None  # raised once the queue drains
+
+    def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
+        self._reader_for(source, stats)
+        self.error = None
+        self._fill(self.size)
+
+    def _fill(self, n: int) -> None:
+        while n > 0 and self.error is None and self.reader is not None:
+            try:
+                entry = self.reader.pull()
+            except Exception as exc:  # raised after the batches pulled before it, as with the thread
+                self.error = exc
+                return
+            if entry is None:
+                self.error = StopIteration()
+                return
+            self.queue.append(entry)
+            n -= 1
+
+    def get(self) -> Any:
+        """The next entry, ``END``, or the exception the source raised."""
+        self.free_retired()  # before the pull: a slot whose copy is done can take it
+        if not self.queue:
+            error, self.error = self.error, None
+            return END if error is None or isinstance(error, StopIteration) else error
+        entry = self.queue.popleft()
+        self._fill(1)  # start the next transfer before handing this batch out: it overlaps the step
+        return entry
+
+    def handed_out(self, entry: Entry) -> None:
+        """``entry`` went to the caller, who holds its device arrays; the host batch waits
+        for its copy."""
+        entry.device = None
+        self.retired.append(entry)
+
+    def stop_reading(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is None:
             return
-        self.closed = True
-        reader = self.reader
-        self.stop_reading()
-        # placement.close() first: it waits for the copies still reading host batches, so
-        # their ring slots go back to the loader only after that.
-        lock = reader.place_lock if reader is not None else threading.Lock()
-        with lock:
-            self.placement.close()
-            self.placement_closed = True
-            self.retired.clear()
-        self.last = None
-        if self.own_tracer is not None:
-            self.own_tracer.write()
-
-
+        reader.stopped = True
+        cancel = getattr(reader.source, "cancel", None)
+        if cancel is not None:
+            cancel()
+        self.retired.extend(self.queue)
+        self.queue.clear()

@@ -23,11 +23,17 @@ log = logging.getLogger("agnostic_prefetch")
 
 
 class Snapshots:
-    """Timed copies of the owner's ``_snapshot_stats()``; every ``log_every`` seconds, a
-    diagnosis line in the log."""
+    """Timed copies of the owner's stats; every ``log_every`` seconds, a diagnosis line in the log.
 
-    def __init__(self, owner_ref: Callable[[], Any], log_every: float | None = None) -> None:
-        self._owner = owner_ref  # weak: the owner's finalizer must not wait for a GC cycle
+    Args:
+        stats_of: a weak reference to the owner's stats method (``weakref.WeakMethod``): the
+            owner's finalizer must not wait for a garbage collection cycle.
+        log_every: seconds between log lines, or ``None``.
+    """
+
+    def __init__(self, stats_of: Callable[[], Callable[[], dict[str, Any]] | None],
+                 log_every: float | None = None) -> None:
+        self._stats_of = stats_of
         self.kept: collections.deque[tuple[float, dict[str, Any]]] = collections.deque(maxlen=KEPT)
         self.warm: tuple[float, dict[str, Any]] | None = None
         self.mark: tuple[float, dict[str, Any]] | None = None  # diagnose()'s previous call
@@ -53,8 +59,8 @@ class Snapshots:
             self._logged = snapshot
 
     def take(self, now: float | None = None) -> tuple[float, dict[str, Any]]:
-        owner = self._owner()
-        snapshot = (time.perf_counter() if now is None else now, owner._snapshot_stats() if owner is not None else {})
+        stats_of = self._stats_of()
+        snapshot = (time.perf_counter() if now is None else now, stats_of() if stats_of is not None else {})
         self.kept.append(snapshot)
         return snapshot
 

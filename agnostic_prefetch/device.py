@@ -16,9 +16,7 @@ import numpy as np
 
 from agnostic_prefetch.prefetch import Prefetcher
 
-__all__ = ["DevicePrefetcher", "prefetch_to_device"]
-
-DevicePrefetcher = Prefetcher  # an alias for code written against 0.1, which named the type so
+__all__ = ["prefetch_to_device"]
 
 _PASS_THROUGH = (str, bytes, type(None))  # leaves that never go to a device (e.g. file names)
 
@@ -111,13 +109,10 @@ def prefetch_to_device(
 
 
 def _loader_of(iterable: Any) -> Any:
+    """The Loader (or its iterator: it knows its shard too) behind ``iterable``, if any."""
     from agnostic_prefetch.loader import Loader, LoaderIterator
 
-    if isinstance(iterable, Loader):
-        return iterable
-    if isinstance(iterable, LoaderIterator):
-        return iterable._loader
-    return None
+    return iterable if isinstance(iterable, Loader | LoaderIterator) else None
 
 
 class _JaxPlacement:

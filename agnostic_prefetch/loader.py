@@ -11,34 +11,17 @@ memory and each slot's state), ``_pool`` and ``_supervisor`` (workers), ``_sched
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch import _autotune, _pool
-from agnostic_prefetch._accounts import board_bytes
+from agnostic_prefetch._assemble import assemble
 from agnostic_prefetch._describe import describe
 from agnostic_prefetch._iterator import LoaderIterator
-from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
-from agnostic_prefetch._options import (
-    check_shapes,
-    check_values,
-    local_batch_size,
-    read_example,
-    remainder_of,
-)
-from agnostic_prefetch._resume import START, Position, decode, encode, iteration_end, order_settings
-from agnostic_prefetch._ring import Ring
-from agnostic_prefetch._schedule import Scheduler, stage_times
-from agnostic_prefetch._sizing import plan_ring
-from agnostic_prefetch._slots import SlotTable
-from agnostic_prefetch._window import Snapshots
-from agnostic_prefetch._worker import Job
-from agnostic_prefetch.errors import LoaderError
-from agnostic_prefetch.sampler import Sampler
-from agnostic_prefetch.tracing import Tracer, attach, detach, register
+from agnostic_prefetch._layout import Layout
+from agnostic_prefetch._resume import encode, iteration_end
+from agnostic_prefetch._settings import LoaderOptions
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -153,141 +136,107 @@ class Loader:
         log_every: float | None = None,
         trace: str | os.PathLike[str] | None = None,
     ) -> None:
-        _autotune.check(workers, backend)
-        check_values(on_error=on_error, workers=workers, epochs=epochs, timeout=timeout, log_every=log_every)
-        batch_size = local_batch_size(batch_size, global_batch_size, shard_count)
-        remainder = remainder_of(remainder, drop_remainder, on_error, shard_count)
-        check_shapes(shapes, spec, shard_count, remainder)
-        self._sampler = Sampler(source, batch_size, shuffle=shuffle, seed=seed,
-                                remainder=remainder, shard_index=shard_index,
-                                shard_count=shard_count)
-        self._bpe = self._sampler.batches_per_epoch
-        self._tuner: _autotune.Tuner | None = None
-        self.epochs = epochs
-        self.ordered = ordered
-        self.timeout = timeout
-        self._skip = on_error == "skip"
-        example = spec if spec is not None else read_example(self._sampler, source, transform, self._skip)
-        self._mask_key = mask_key if remainder == "pad" else None
-        if self._mask_key is not None:
-            example = with_mask(example, self._mask_key)
-        self.layout: Layout = layout_from_example(example, self._sampler.batch_size)
-        auto = _autotune.plan_auto(source, transform, backend, self.layout.slot_bytes, slots) if workers == "auto" else None
-        self._fixed = workers, backend = auto.first if auto else (workers, backend)
-        self._plan = plan_ring(auto.limit if auto else workers, self.layout.slot_bytes, slots)
-        self.slots = self._plan.slots
-        self._settings = order_settings(self._sampler, ordered)
-        self._settings["source_order"] = getattr(source, "order_fingerprint", None)
-        self._by_source = getattr(source, "items_by_source", None)
-        self._stats: dict[str, Any] = {"batches": 0, "items": 0, "padded": 0, "wait_s": 0.0,
-                                       "skipped": 0, "copied_out": 0}
-        if self._by_source is not None:
-            self._stats["items_per_source"] = self._by_source(np.zeros(0, np.int64))
-        self._warned_copy = False
-        self._snapshots = Snapshots(weakref.ref(self), log_every)
-        self._latest: LoaderIterator | None = None
-        self._start: Position = START  # where the next iter() starts when there is no latest
-        board_rows = max(1, workers) if auto is None else auto.rows
-        self._ring = Ring(self.slots, self.layout.slot_bytes, board_bytes(board_rows))
-        workers_started: list[_pool.Worker] = []
-        try:
-            job = Job(source, transform, self.layout, self._sampler.seed, self._skip, worker_init,
-                      self._mask_key, shapes == "per_batch", self._ring.extra_offset)
-            workers_started = _pool.start(workers, backend, job, self._ring, self._plan.orders_per_worker)
-            self._scheduler = Scheduler(self._sampler, self._ring, SlotTable(self.slots, self._plan.max_held),
-                                        workers_started, timeout, lookahead=self.slots,
-                                        board_rows=board_rows)
-            if auto is not None:
-                self._tuner = self._scheduler.tuner = _autotune.Tuner(auto, job, self._ring, self._plan.orders_per_worker)
-        except BaseException:
-            _pool.stop(workers_started, 0.0)
-            self._ring.close()
-            raise
-        self._workers = [w for w in workers_started if not isinstance(w, _pool.InProcessWorker)]
-        self._tracer: Tracer | None = None
-        own = Tracer(trace) if trace is not None else None
-        self._finalizer = weakref.finalize(self, _shut_down, self._scheduler, own)
-        if own is not None:
-            self._attach_tracer(own)
-        register(self)
+        self.options = LoaderOptions.from_arguments(
+            batch_size=batch_size, global_batch_size=global_batch_size, shuffle=shuffle, seed=seed,
+            epochs=epochs, drop_remainder=drop_remainder, remainder=remainder, mask_key=mask_key,
+            ordered=ordered, shard_index=shard_index, shard_count=shard_count, workers=workers,
+            backend=backend, slots=slots, timeout=timeout, worker_init=worker_init,
+            transform=transform, on_error=on_error, spec=spec, shapes=shapes, log_every=log_every,
+            trace=trace)
+        self._core = assemble(source, self.options)
+        # What diagnose() reads: the core's timed snapshots of stats().
+        self._snapshots = self._core.snapshots
 
     # ---- public surface ---------------------------------------------------------------
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches one epoch yields (global batches: the same on every shard)."""
-        return self._bpe
+        return self._core.bpe
 
     @property
     def batch_size(self) -> int:
         """Rows of each batch this shard loads (``global_batch_size / shard_count``)."""
-        return self._sampler.batch_size
+        return self._core.sampler.batch_size
 
     @property
     def global_batch_size(self) -> int:
         """Items per global batch, over all shards."""
-        return self._sampler.global_batch_size
+        return self._core.sampler.global_batch_size
 
     @property
     def shard_index(self) -> int:
-        return self._sampler.shard_index
+        return self._core.sampler.shard_index
 
     @property
     def shard_count(self) -> int:
-        return self._sampler.shard_count
+        return self._core.sampler.shard_count
+
+    @property
+    def epochs(self) -> int | None:
+        """Epochs one iteration covers (``None``: endless)."""
+        return self._core.epochs
+
+    @property
+    def ordered(self) -> bool:
+        return self._core.ordered
+
+    @property
+    def timeout(self) -> float | None:
+        return self.options.pool.timeout
+
+    @property
+    def layout(self) -> Layout:
+        """Where each leaf of a batch sits in a ring slot (``repr`` lists the leaves)."""
+        return self._core.layout
+
+    @property
+    def slots(self) -> int:
+        """Slots in the ring."""
+        return len(self._core.scheduler.table)
+
+    @property
+    def max_held(self) -> int:
+        """Batches a consumer may hold at once before further ones are copied out of the ring
+        (``slots`` less one per worker)."""
+        return self._core.scheduler.table.max_held
 
     @property
     def workers(self) -> int:
         """Workers loading now (with ``workers="auto"``: the probe's, then what it picked)."""
-        return self._fixed[0] if self._tuner is None else self._tuner.workers
+        return self._core.scheduler.members.count
 
     @property
     def backend(self) -> str:
         """The workers' backend now (``"process"`` or ``"thread"``)."""
-        return self._fixed[1] if self._tuner is None else self._tuner.backend
+        return self._core.scheduler.members.backend
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the worker processes now serving (none with threads or ``workers=0``)."""
+        return self._core.scheduler.members.pids
 
     def __len__(self) -> int:
         """Batches the next iteration yields (from where ``state_dict()`` says)."""
-        if self.epochs is None:
+        core = self._core
+        if core.epochs is None:
             raise TypeError("a Loader with epochs=None never ends and has no length")
-        position = self._position()
-        return position.remaining(iteration_end(position, self.epochs, self._bpe))
+        position = core.position()
+        return position.remaining(iteration_end(position, core.epochs, core.bpe))
 
     def __iter__(self) -> LoaderIterator:
-        return self._begin(None, None)
-
-    def _begin(self, iterator: LoaderIterator | None, position: Position | None) -> LoaderIterator:
-        """Start an iteration from ``position`` (default: where the latest stands), run by
-        ``iterator`` (default: a new one); the iterator it takes over from ends."""
-        self._check_open()
-        latest = self._latest
-        if latest is not None and latest is not iterator:
-            latest.cancel()  # its thread, if one waits inside, wakes and leaves
-        scheduler = self._scheduler
-        with scheduler.drive:
-            self._check_open()
-            latest = self._latest  # another thread may have started one meanwhile
-            if latest is not None and latest is not iterator:
-                latest.cancel()
-            start = self._position() if position is None else position
-            end = iteration_end(start, self.epochs, self._bpe)
-            if iterator is None:
-                iterator = LoaderIterator(self, scheduler, start._replace(end=end))
-            else:
-                iterator._restart(start._replace(end=end))
-            scheduler.restart(iterator._position, end)
-            self._latest = iterator
-        scheduler.left()
-        return iterator
+        return LoaderIterator(self._core, self._core.begin(None, None))
 
     def state_dict(self) -> dict[str, Any]:
         """The latest iterator's position (where the next ``iter()`` starts): small, JSON-able."""
-        return encode(self._position(), self._settings, endless=self.epochs is None)
+        core = self._core
+        return encode(core.position(), core.settings, endless=core.epochs is None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next ``iter()`` yields exactly the batches not yet delivered.
 
-        A live iterator ends (its next ``next()`` raises ``StopIteration``).
+        A live iterator ends (its next ``next()`` raises ``StopIteration``). A state that is
+        refused changes nothing.
 
         The state may come from any shard of a run with another shard count, worker count
         or backend, as long as the global batch is the same (docs/elastic.md).
@@ -298,17 +247,7 @@ class Loader:
                 another shard of an ``ordered=False`` run, or a version 1 state saved with
                 several shards. The message names both values and the remedy.
         """
-        self._check_open()
-        position = decode(state, self._settings)
-        latest = self._latest
-        if latest is not None:
-            latest.cancel()
-        with self._scheduler.drive:
-            if self._latest is not None:
-                self._latest.cancel()  # one another thread started meanwhile
-            self._latest = None
-            self._start = position
-        self._scheduler.left()
+        self._core.load(state)
 
     def stats(self) -> dict[str, Any]:
         """Counters and per-stage times since the loader was built (docs/diagnose.md).
@@ -331,18 +270,7 @@ class Loader:
         Also ``ring_bytes``, ``slots``, ``workers``, ``backend``; with ``workers="auto"``,
         ``auto``: what it picked, why, and the figures it picked from.
         """
-        scheduler = self._scheduler
-        stats = {**self._stats, "ring_bytes": self._ring.nbytes, "slots": self.slots,
-                 "workers": self.workers, "backend": self.backend}
-        if "items_per_source" in stats:
-            stats["items_per_source"] = dict(stats["items_per_source"])
-        stats.update(stage_times(scheduler, stats["wait_s"]))
-        if self._tuner is not None:
-            stats["auto"] = self._tuner.report()
-        return stats
-
-    def _snapshot_stats(self) -> dict[str, Any]:
-        return self.stats()
+        return self._core.stats_dict()
 
     def close(self) -> None:
         """Stop the workers and release the ring (views you hold stay valid).
@@ -350,11 +278,11 @@ class Loader:
         A thread waiting inside the loader (a prefetch stage's, say) is woken and raises
         ``LoaderError``; the release happens once it has left.
         """
-        self._finalizer()
+        self._core.close()
 
     @property
     def closed(self) -> bool:
-        return self._scheduler.closed
+        return self._core.closed
 
     def __enter__(self) -> Loader:
         return self
@@ -363,33 +291,4 @@ class Loader:
         self.close()
 
     def __repr__(self) -> str:
-        return describe(self)
-
-    # ---- helpers ------------------------------------------------------------------------
-
-    def _position(self) -> Position:
-        return self._latest._position if self._latest is not None else self._start
-
-    def _close(self, grace: float) -> None:
-        if self._finalizer.alive:
-            _, _, (scheduler, own), _ = self._finalizer.detach()
-            _shut_down(scheduler, own, grace)
-
-    def _attach_tracer(self, tracer: Tracer) -> None:
-        self._tracer = tracer if attach(self._scheduler, self._bpe, tracer) else self._tracer
-
-    def _detach_tracer(self, tracer: Tracer) -> None:
-        if self._tracer is tracer:
-            self._tracer = None
-            detach(self._scheduler)
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise LoaderError("this Loader is closed; build a new one (load_state_dict resumes exactly)")
-
-
-def _shut_down(scheduler: Scheduler, tracer: Tracer | None, grace: float = 0.5) -> None:
-    """What closing a loader does (its finalizer's work: no reference to the loader)."""
-    scheduler.close(grace)
-    if tracer is not None and not tracer.closed:
-        tracer.write()
+        return describe(self._core)

@@ -17,37 +17,15 @@ import os
 import time
 import weakref
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import Any
 
-from agnostic_prefetch._stage import END, Entry, Stage
+from agnostic_prefetch._placement import Placement
+from agnostic_prefetch._stage import END, Entry, InlineStage, ThreadedStage
 from agnostic_prefetch._warn import warn
 from agnostic_prefetch._window import Snapshots
-from agnostic_prefetch.tracing import Tracer, register
+from agnostic_prefetch.tracing import TraceLink, Tracer, register
 
 __all__ = ["Placement", "Prefetcher"]
-
-class Placement(Protocol):
-    """How one batch reaches a device. ``put`` runs in the stage's thread, the rest in the caller's."""
-
-    def put(self, host: Any) -> tuple[Any, Any]:
-        """Start moving ``host``; return the device tree and a token for :meth:`done`."""
-        ...
-
-    def hand_out(self, device: Any, token: Any) -> None:
-        """Called in the caller's ``next()`` just before ``device`` is returned."""
-        ...
-
-    def done(self, token: Any) -> bool:
-        """Whether the copy no longer reads the host batch (its ring slot may then be reused)."""
-        ...
-
-    def close(self) -> None:
-        """Wait for pending copies and release what the placement holds (page-locking, streams)."""
-        ...
-
-    # Optional, for ``stats()["transfer_s"]``: ``wait(token)`` blocks until the copy is
-    # complete (the stage's thread calls it right after ``put``), or ``transfer_time(token)``
-    # gives the seconds a copy took once ``done`` (CUDA timing events: nothing waits).
 
 
 class Prefetcher:
@@ -101,13 +79,16 @@ class Prefetcher:
         self._placement = placement
         self._stats: dict[str, Any] = {"batches": 0, "wait_s": 0.0, "pull_s": 0.0, "place_s": 0.0,
                                        "transfer_s": 0.0, "full_s": 0.0}
-        self._stage = Stage(placement, self.size, self.thread, name)
-        self._snapshots = Snapshots(weakref.ref(self))
+        own_tracer = Tracer(trace) if trace is not None else None
+        self._trace = TraceLink()
+        stage = ThreadedStage if self.thread else InlineStage
+        self._stage = stage(placement, self.size, name, self._trace)
+        self._stage.own_tracer = own_tracer
+        self._snapshots = Snapshots(weakref.WeakMethod(self._snapshot_stats))
         self._finalizer = weakref.finalize(self, self._stage.close)
-        if trace is not None:
-            self._stage.own_tracer = Tracer(trace)
-            self._attach_tracer(self._stage.own_tracer)
-        register(self)
+        register(self._trace)
+        if own_tracer is not None:
+            self._trace.attach(own_tracer)
         self._warned_ring = False
         try:
             self._start()
@@ -149,9 +130,8 @@ class Prefetcher:
         self._stats["batches"] += 1
         now = time.perf_counter()
         self._stats["wait_s"] += now - started
-        tracer = self._stage.tracer
-        if tracer is not None:
-            tracer.span(f"next ({self._name})", started, now)
+        if self._trace.tracers:
+            self._trace.span(f"next ({self._name})", started, now)
         if now >= self._snapshots.next_at:
             self._snapshots.tick(now)
         return device
@@ -169,9 +149,13 @@ class Prefetcher:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Drop the read-ahead and restart the source from ``state`` (``Loader.load_state_dict``).
 
+        A state the source refuses changes nothing: the prefetcher goes on from the batches
+        you received.
+
         Raises:
             TypeError: the source cannot load a state (a generator, say).
             RuntimeError: the prefetcher is closed.
+            ValueError: the source refused the state (another seed, say); nothing changed.
         """
         load = getattr(self._iterable, "load_state_dict", None)
         if load is None:
@@ -182,7 +166,14 @@ class Prefetcher:
         if self._stage.closed:
             raise RuntimeError(f"{self._name}: this prefetcher is closed; build a new one")
         self._stage.stop_reading()
-        load(state)
+        try:
+            load(state)
+        except BaseException:
+            # The read-ahead is gone: go back to what the caller received, then re-raise.
+            if self._state is not None:
+                load(self._state)
+            self._start()
+            raise
         self._start()
 
     def stats(self) -> dict[str, Any]:
@@ -197,20 +188,6 @@ class Prefetcher:
         ``full_s``: time the thread waited for room in the queue (you were slower).
         """
         return {**self._stats, "size": self.size, "thread": self.thread}
-
-    def _attach_tracer(self, tracer: Tracer) -> None:
-        stage = self._stage
-        if not stage.closed:
-            stage.tracer = tracer
-            if stage.reader is not None:
-                stage.reader.tracer = tracer
-
-    def _detach_tracer(self, tracer: Tracer) -> None:
-        stage = self._stage
-        if stage.tracer is tracer:
-            stage.tracer = None
-            if stage.reader is not None:
-                stage.reader.tracer = None
 
     def _snapshot_stats(self) -> dict[str, Any]:
         upstream = getattr(self._iterable, "stats", None)

@@ -126,6 +126,12 @@ class Sampler:
         return self.remainder == "drop"
 
     @property
+    def cached_epochs(self) -> list[int]:
+        """The epochs whose order is kept now (the two latest at most: a look-ahead straddles
+        an epoch boundary, and an epoch's order is as large as the source)."""
+        return sorted(self._orders)
+
+    @property
     def orders_itself(self) -> bool:
         """Whether the source supplies its batches (``batch_order``): ``shuffle`` has no effect."""
         return self._batch_order is not None

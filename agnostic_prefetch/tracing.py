@@ -2,8 +2,10 @@
 
 ``with ap.trace("run.json"):`` records every live ``Loader`` and prefetcher (and those built
 inside the block); ``Loader(..., trace=path)`` or ``Prefetcher(..., trace=path)`` records
-one from construction until ``close()``. Perfetto (ui.perfetto.dev) and ``chrome://tracing``
-open the file. docs/diagnose.md says how to read it.
+one from construction until ``close()``. Traces may overlap: every trace open over a loader
+or prefetcher records it (a block nested in another, or one over a loader's own ``trace=``),
+and each keeps recording until its own end. Perfetto (ui.perfetto.dev) and
+``chrome://tracing`` open the file. docs/diagnose.md says how to read it.
 
 Spans are complete (``"X"``) events with a pid and tid, and ``thread_name`` /
 ``process_name`` metadata events name the tracks. Timestamps are microseconds since the
@@ -33,10 +35,10 @@ from typing import Any
 
 from agnostic_prefetch._accounts import TRACE_BATCHES, TRACE_ITEMS, TRACE_OFF
 
-__all__ = ["Tracer", "trace"]
+__all__ = ["TraceLink", "Tracer", "trace"]
 
 MAX_EVENTS = 250_000  # about 30 MB of JSON
-_LIVE: weakref.WeakSet[Any] = weakref.WeakSet()  # loaders and prefetchers a trace can reach
+_LIVE: weakref.WeakSet[TraceLink] = weakref.WeakSet()  # the loaders and stages a trace can reach
 _ACTIVE: list[Tracer] = []  # the traces of `with trace(...)` blocks now open
 
 
@@ -52,6 +54,10 @@ class Tracer:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events}")
         self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot write a trace to {self.path!r}: the directory {folder!r} "
+                                    "does not exist; create it first, or trace to another path")
         self.max_events = max_events
         self.item_budget = max_events * 3 // 4
         self.t0 = time.perf_counter()
@@ -62,7 +68,8 @@ class Tracer:
         self._names: dict[tuple[int, int], str] = {}
         self._processes: dict[int, str] = {os.getpid(): f"trainer (pid {os.getpid()})"}
         self._lock = threading.Lock()
-        self._boards: list[Any] = []  # the accounting blocks whose workers this trace reaches
+        self._links: list[TraceLink] = []  # the loaders and stages this trace records
+        self.level = TRACE_ITEMS  # what it asks of workers: TRACE_BATCHES once item spans are spent
         self.closed = False
 
     # ---- what loaders and prefetchers call --------------------------------------------
@@ -89,8 +96,10 @@ class Tracer:
             return
         if self.item_spans + 3 * len(spans) > self.item_budget:
             self.dropped_item_spans += 3 * len(spans)
-            for board in self._boards:  # from their next batch on, workers send batch spans only
-                board.set_trace_level(TRACE_BATCHES)
+            if self.level == TRACE_ITEMS:  # from their next batch on, workers send batch spans only
+                self.level = TRACE_BATCHES
+                for link in list(self._links):
+                    link.refresh()
             return
         self.item_spans += 3 * len(spans)
         for index, t0, t1, t2, t3 in spans:
@@ -99,21 +108,18 @@ class Tracer:
             self._add("transform", key, t1, t2, args)
             self._add("write", key, t2, t3, args)
 
-    def reach(self, board: Any) -> None:
-        """Tell the workers behind ``board`` to send spans."""
-        self._boards.append(board)
-        board.set_trace_level(TRACE_ITEMS if self.item_spans < self.item_budget else TRACE_BATCHES)
 
     # ---- the file -----------------------------------------------------------------------
 
     def write(self) -> str:
-        """Stop the workers' spans and save the JSON; returns the path."""
-        for board in self._boards:
-            board.set_trace_level(TRACE_OFF)
-        self._boards.clear()
+        """Stop recording (workers stop sending spans unless another trace records them) and
+        save the JSON; returns the path."""
         with self._lock:
             events = list(self.events)
             self.closed = True
+        self.level = TRACE_OFF
+        for link in list(self._links):
+            link.detach(self)
         meta: list[dict[str, Any]] = []
         for pid, name in self._processes.items():
             meta.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
@@ -132,6 +138,9 @@ class Tracer:
 
     def _add(self, name: str, key: tuple[int, int], start: float, end: float,
              args: dict[str, Any] | None) -> None:
+        if end < self.t0:
+            return  # over before this trace began (a batch it reached while in flight)
+        start = max(start, self.t0)  # the part of it this trace saw
         event = {"name": name, "ph": "X", "pid": key[0], "tid": key[1],
                  "ts": round((start - self.t0) * 1e6, 3), "dur": round(max(0.0, end - start) * 1e6, 3)}
         if args:
@@ -153,27 +162,69 @@ def _track_of(worker: Any) -> tuple[tuple[int, int], str]:
     return (os.getpid(), threading.get_native_id()), "caller (workers=0 loads here)"
 
 
-def attach(scheduler: Any, batches_per_epoch: int, tracer: Tracer) -> bool:
-    """Have a loader's scheduler and workers report to ``tracer`` (``False``: it is closed)."""
-    if scheduler.closed:
-        return False
-    scheduler.tracer = tracer
-    scheduler.on_trace = lambda worker, seq, spans: tracer.worker_batch(
-        worker, *divmod(seq, batches_per_epoch), spans)
-    tracer.reach(scheduler.board)
-    return True
+class TraceLink:
+    """The traces recording one loader or prefetch stage; every one of them records it.
+
+    The loader's scheduler and iterator, or the stage's threads, call :meth:`span` and
+    :meth:`worker_batch` (after a cheap ``if link.tracers:``); :meth:`attach` and
+    :meth:`detach` may come from any thread: ``tracers`` is replaced whole (a tuple), never
+    changed in place, and ``_lock`` orders the replacements. The workers' trace level (in
+    the ring's accounting block, ``board``) is the highest any of the traces asks for.
+
+    Args:
+        board: the accounting block whose workers send spans (``None`` for a prefetch stage).
+    """
+
+    def __init__(self, board: Any = None) -> None:
+        self.tracers: tuple[Tracer, ...] = ()
+        self._board = board
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def attach(self, tracer: Tracer) -> None:
+        """Have ``tracer`` record this loader or stage too (nothing once either is closed)."""
+        with self._lock:
+            if self._closed or tracer.closed or tracer in self.tracers:
+                return
+            self.tracers = (*self.tracers, tracer)
+            tracer._links.append(self)
+        self.refresh()
+
+    def detach(self, tracer: Tracer) -> None:
+        with self._lock:
+            self.tracers = tuple(t for t in self.tracers if t is not tracer)
+            if self in tracer._links:
+                tracer._links.remove(self)
+        self.refresh()
+
+    def close(self) -> None:
+        """At close of the loader or stage: no trace records it any more."""
+        with self._lock:
+            self._closed = True
+        for tracer in self.tracers:
+            self.detach(tracer)
+        self._board = None  # the accounting block goes with the ring
+
+    def refresh(self) -> None:
+        """Set the workers' trace level to the highest the traces ask for."""
+        board = self._board
+        if board is not None:
+            board.set_trace_level(max((t.level for t in self.tracers), default=TRACE_OFF))
+
+    def span(self, name: str, start: float, end: float) -> None:
+        for tracer in self.tracers:
+            tracer.span(name, start, end)
+
+    def worker_batch(self, worker: Any, epoch: int, number: int, trace: tuple) -> None:
+        for tracer in self.tracers:
+            tracer.worker_batch(worker, epoch, number, trace)
 
 
-def detach(scheduler: Any) -> None:
-    scheduler.tracer = scheduler.on_trace = None
-    scheduler.board.set_trace_level(TRACE_OFF)
-
-
-def register(owner: Any) -> None:
-    """A new loader or prefetcher: reachable by traces started later; traced by one open now."""
-    _LIVE.add(owner)
+def register(link: TraceLink) -> None:
+    """A new loader or prefetcher: reachable by traces started later; traced by those open now."""
+    _LIVE.add(link)
     for tracer in _ACTIVE:
-        owner._attach_tracer(tracer)
+        link.attach(tracer)
 
 
 @contextlib.contextmanager
@@ -191,14 +242,12 @@ def trace(path: str | os.PathLike[str], *, max_events: int = MAX_EVENTS) -> Iter
         True
     """
     tracer = Tracer(path, max_events)
-    owners = list(_LIVE)
+    links = list(_LIVE)
     _ACTIVE.append(tracer)
     try:
-        for owner in owners:
-            owner._attach_tracer(tracer)
+        for link in links:
+            link.attach(tracer)
         yield tracer
     finally:
         _ACTIVE.remove(tracer)
-        for owner in list(_LIVE):
-            owner._detach_tracer(tracer)
-        tracer.write()
+        tracer.write()  # detaches it from every loader and stage it recorded

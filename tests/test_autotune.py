@@ -198,3 +198,18 @@ def test_cpu_budget_is_what_auto_reports():
     budget = CpuBudget(3.0, 4, 3.0, "cgroup v2 /sys/fs/cgroup/job")
     plan = plan_auto(Waiting(10), None, "process", 4096, None, budget=budget, room=None)
     assert plan.first == (3, "process") and plan.limit == 24 and plan.rows == 27
+
+
+def test_a_pool_change_that_fails_stops_the_loader_with_a_loader_error(monkeypatch):
+    from agnostic_prefetch import _pool
+
+    # slots=5 caps the limit at 4 processes: the decision grows the probe's pool
+    with ap.Loader(Waiting(10**6), 16, workers="auto", backend="auto", slots=5, epochs=None) as loader:
+        def refuse(*args, **kwargs):
+            raise OSError(24, "Too many open files")
+
+        monkeypatch.setattr(_pool, "start", refuse)
+        with pytest.raises(ap.LoaderError, match=r"workers='auto' could not change the pool.*Too many open files"):
+            for _ in loader:
+                pass
+        assert loader.closed

@@ -23,6 +23,7 @@ from fake_cuda import (
 from sources_for_tests import NamedRows, rows_loader
 
 import agnostic_prefetch as ap
+from agnostic_prefetch._testing import internals
 from agnostic_prefetch.adapters import _cupy_stage, cupy_prefetch
 from agnostic_prefetch.adapters._cupy_stage import _CupyPlacement
 from agnostic_prefetch.adapters._pinned import mapping_of
@@ -208,12 +209,10 @@ def test_without_cupy_or_a_gpu_it_is_a_clear_error():
         cupy_prefetch(iter([]))
 
 
-def test_the_0_1_positional_device_still_works_with_a_deprecation_warning(fake_cupy, monkeypatch):
+def test_a_device_by_position_is_refused(fake_cupy, monkeypatch):
     monkeypatch.setattr(_cupy_stage, "import_cupy", lambda: fake_cupy)
-    with pytest.warns(DeprecationWarning, match="pass device= by keyword"):
-        it = cupy_prefetch(iter([{"x": np.zeros(2, np.float32)}]), 2, 1)
-    assert it._placement.device.id == 1
-    it.close()
+    with pytest.raises(TypeError, match="positional"):
+        cupy_prefetch(iter([{"x": np.zeros(2, np.float32)}]), 2, 1)
 
 
 @pytest.mark.gpu
@@ -229,7 +228,7 @@ def test_on_a_gpu_batches_arrive_intact_on_the_consumer_stream_and_resume_exactl
         head = [cupy.asnumpy(next(it)["x"].sum(axis=1)) for _ in range(4)]
         it.load_state_dict(it.state_dict())
         rest = [cupy.asnumpy(b["x"].sum(axis=1)) for b in it]
-        assert it._placement.consumer is consumer
+        assert internals(it).placement.consumer is consumer
     with ap.Loader(source, 50, workers=0, shuffle=True, seed=3) as reference:
         want = [b["x"].sum(axis=1) for b in reference]
     for got, expected in zip(head + rest, want, strict=True):

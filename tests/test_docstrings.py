@@ -11,7 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The worker entry point runs a worker when imported as a script; the 0.1 module warns.
-SKIP = {"agnostic_prefetch._worker_entry", "agnostic_prefetch.transforms"}
+SKIP = {"agnostic_prefetch._worker_entry"}
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
     for p in (ROOT / "agnostic_prefetch").rglob("*.py")

@@ -404,7 +404,7 @@ def test_pillow_is_forced_by_the_environment_variable():
     import subprocess
     import sys
 
-    code = "from agnostic_prefetch.sources import images as _decode; print(_decode._simplejpeg is None)"
+    code = "from agnostic_prefetch.sources.images import jpeg_decoder; print(jpeg_decoder() == 'pillow')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "AGNOSTIC_PREFETCH_JPEG": "pillow"}).stdout
     assert out.strip() == "True"
@@ -418,7 +418,7 @@ def test_without_simplejpeg_installed_jpegs_decode_with_pillow():
         "import sys, io; sys.modules['simplejpeg'] = None\n"  # makes `import simplejpeg` raise ImportError
         "import numpy as np; from PIL import Image\n"
         "from agnostic_prefetch.sources import images as _decode\n"
-        "assert _decode._simplejpeg is None\n"
+        "assert _decode.jpeg_decoder() == 'pillow'\n"
         "b = io.BytesIO(); Image.new('RGB', (9, 7), (10, 200, 30)).save(b, 'JPEG')\n"
         "print(_decode.decode_image(b.getvalue(), name='x').shape)\n"
     )
@@ -484,3 +484,15 @@ def test_force_color_and_force_gray_exclude_each_other(tmp_path, images):
     path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
     with pytest.raises(ValueError, match="exclude each other"):
         LMDBSource(path, force_color=True, force_gray=True)
+
+
+@pytest.mark.parametrize("workers,backend", [(0, "process"), (2, "thread")])
+def test_a_loader_whose_workers_read_here_lets_the_database_go_at_close(tmp_path, images, workers, backend):
+    import agnostic_prefetch as ap
+
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    source = LMDBSource(path)  # the user keeps it (for a second loader, say)
+    with ap.Loader(source, 2, workers=workers, backend=backend) as loader:
+        assert len(list(loader)) == 5
+    lmdb.open(path, readonly=True, lock=False).close()  # py-lmdb: "already open" if it were not let go
+    assert source[3]["label"] == 3  # and the source reopens it when read again

@@ -242,12 +242,47 @@ def test_numpy_strings_travel_as_lists_and_framework_tensors_as_arrays():
 
 
 def test_workers_are_topped_up_while_ready_batches_wait():
-    import time
+    from waiting import eventually
+
+    from agnostic_prefetch._testing import internals
 
     with ap.Loader(Counting(200), 1, workers=1, slots=12, epochs=None) as loader:
         it = iter(loader)
         next(it)
-        time.sleep(0.5)  # the worker finishes every order it holds; batches wait, ready
+        worker = internals(loader).workers[0]
+        # the worker finishes every order it holds; batches wait, ready
+        assert eventually(lambda: loader.stats()["per_worker"][0]["batches"] >= worker.capacity)
         for _ in range(5):
             next(it)  # handing out a ready batch must also hand the worker new orders
-            assert len(loader._workers[0].outstanding) > loader._plan.orders_per_worker // 2
+            assert len(worker.outstanding) > worker.capacity // 2
+
+
+def test_a_construction_that_fails_late_leaves_no_worker_and_no_descriptor(monkeypatch):
+    import os
+
+    from conftest import worker_pids
+
+    from agnostic_prefetch import _autotune
+
+    def broken(self, plan):
+        raise RuntimeError("the tuner broke")
+
+    monkeypatch.setattr(_autotune.Tuner, "__init__", broken)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="the tuner broke"):
+        ap.Loader(Counting(8), 2, workers="auto", slots=5)  # after its workers started
+    assert not worker_pids() and len(os.listdir("/proc/self/fd")) == descriptors
+
+
+def test_a_bad_trace_argument_is_refused_before_any_worker_starts():
+    import gc
+
+    from conftest import worker_pids
+
+    gc.disable()  # nothing may be left for the cycle collector to find
+    try:
+        with pytest.raises(TypeError):
+            ap.Loader(Counting(8), 2, workers=1, trace=123)
+        assert not worker_pids()
+    finally:
+        gc.enable()

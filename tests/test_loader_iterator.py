@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import threading
 import time
+import warnings
+import weakref
 
 import pytest
+from conftest import worker_pids
 from sources_for_tests import Counting, SlowFrom
+from waiting import eventually, inside, wait_until_waiting_in_loader
 
 import agnostic_prefetch as ap
 from agnostic_prefetch._iterator import LoaderIterator
+from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._testing import internals
 
 
 def ids(batches):
@@ -30,7 +37,7 @@ def blocked_in_next(it):
 
     waiter = threading.Thread(target=run)
     waiter.start()
-    time.sleep(0.1)  # it now waits inside the loader
+    wait_until_waiting_in_loader(waiter)
     return waiter, box
 
 
@@ -105,39 +112,26 @@ def test_cancel_wakes_a_waiting_next_at_once_which_then_ends(backend):
 
 @pytest.mark.parametrize("backend", ["process", "thread"])
 def test_close_from_another_thread_wakes_the_waiter_and_releases_only_after_it_left(backend, monkeypatch):
-    from agnostic_prefetch import _schedule
+    released_while_inside = []
+    real_close = Ring.close
 
-    inside = threading.Event()
-    order = []
-    real_next_batch = LoaderIterator._next_batch
-    real_release = _schedule.Scheduler._release
+    def close(ring):
+        released_while_inside.append(inside(waiter, "_iterator.py", "_next_batch"))
+        real_close(ring)
 
-    def next_batch(self, scheduler):
-        inside.set()
-        try:
-            return real_next_batch(self, scheduler)
-        finally:
-            order.append("waiter left")
-
-    def release(self, grace):
-        order.append("released")
-        return real_release(self, grace)
-
-    monkeypatch.setattr(LoaderIterator, "_next_batch", next_batch)
-    monkeypatch.setattr(_schedule.Scheduler, "_release", release)
+    monkeypatch.setattr(Ring, "close", close)
     loader = ap.Loader(SlowFrom(40, first=8, delay=3), 4, workers=2, backend=backend)
     it = iter(loader)
     next(it), next(it)
     waiter, box = blocked_in_next(it)
-    assert inside.wait(2)
     closed_at = time.perf_counter()
     loader.close()
     waiter.join(2)
     assert not waiter.is_alive()
     assert isinstance(box.get("error"), ap.LoaderError) and "closed" in str(box["error"])
     assert box["left_at"] - closed_at < 0.5
-    assert order[-2:] == ["waiter left", "released"]
-    assert loader._ring.map.closed
+    assert released_while_inside == [False]  # released once, after the waiter left
+    assert internals(loader).ring.map.closed
 
 
 def test_close_while_the_iterating_thread_fills_a_batch_itself_warns_and_releases_when_it_leaves():
@@ -160,7 +154,7 @@ def test_close_while_the_iterating_thread_fills_a_batch_itself_warns_and_release
     waiter.join(5)
     assert isinstance(box.get("error"), ap.LoaderError)
     del box
-    assert loader._ring.fd == -1  # released by the thread as it left
+    assert internals(loader).ring.fd == -1  # released by the thread as it left
 
 
 def test_an_iterator_of_an_endless_loader_has_no_length():
@@ -169,10 +163,29 @@ def test_an_iterator_of_an_endless_loader_has_no_length():
             len(iter(loader))
 
 
-def test_the_iterator_keeps_its_loader_alive():
-    it = iter(ap.Loader(Counting(6), 2, workers=1))
+def test_the_iterator_keeps_its_loader_alive_and_the_last_of_them_to_go_stops_the_workers():
+    it = iter(ap.Loader(Counting(6), 2, workers=1))  # the Loader itself is dropped at once
     assert ids(it) == [[0, 1], [2, 3], [4, 5]]
-    it._loader.close()
+    assert worker_pids()
+    gc.disable()  # no cycle keeps them: the last reference going stops the workers at once
+    try:
+        del it
+        assert not worker_pids()
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_loader_stops_its_workers_without_the_cycle_collector():
+    loader = ap.Loader(Counting(8), 2, workers=1)
+    for _ in loader:
+        pass
+    gc.disable()
+    try:
+        ref = weakref.ref(loader)
+        del loader
+        assert ref() is None and not worker_pids()
+    finally:
+        gc.enable()
 
 
 def test_an_iterator_reports_how_many_batches_its_consumer_may_hold():
@@ -184,15 +197,46 @@ def test_an_iterator_reports_how_many_batches_its_consumer_may_hold():
 
 
 def test_the_look_ahead_into_the_next_epoch_is_kept_by_the_next_iteration():
-    with ap.Loader(Counting(8), 2, workers=1, slots=8) as loader:
+    reads: list[int] = []
+
+    class CountsReads(Counting):
+        def __getitem__(self, i):
+            if threading.current_thread().name.startswith("agnostic_prefetch-worker"):
+                reads.append(i)
+            return super().__getitem__(i)
+
+    with ap.Loader(CountsReads(8), 2, workers=1, backend="thread", slots=8) as loader:
         list(loader)
-        scheduler = loader._scheduler
-
-        def live_orders_for(seq):
-            return [oid for oid, o in scheduler._orders.items() if o.seq == seq and not o.stale]
-
-        ahead = live_orders_for(4)  # epoch 1's first batch, ordered during epoch 0
-        assert ahead
+        assert eventually(lambda: reads.count(0) == 2)  # epoch 1's first batch, read ahead
         it = iter(loader)
-        assert live_orders_for(4) == ahead  # kept for the new iteration, not ordered again
         assert ids([next(it)]) == [[0, 1]]
+        assert reads.count(0) == 2  # kept for the new iteration, not read again
+
+
+def test_a_driver_that_leaves_as_close_gives_up_waiting_still_releases_everything():
+    # close() waits a moment for a workers=0 fill, then hands the release to the filling
+    # thread. The thread finishing just then (here: while close() warns) must not strand it.
+    gate = threading.Event()
+
+    class Gated(Counting):
+        def __getitem__(self, i):
+            if i == 4:
+                gate.wait(10)
+            return super().__getitem__(i)
+
+    loader = ap.Loader(Gated(10), 2, workers=0)
+    it = iter(loader)
+    next(it), next(it)
+    waiter, box = blocked_in_next(it)  # fills batch 2 itself: record 4 blocks
+
+    def leave_now(message, *args):  # runs inside close(), once it gave up waiting
+        gate.set()
+        waiter.join(5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = leave_now
+        loader.close()
+    assert not waiter.is_alive() and isinstance(box.get("error"), ap.LoaderError)
+    del box
+    assert internals(loader).ring.fd == -1  # released: by close() or by the thread as it left

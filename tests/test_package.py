@@ -77,6 +77,44 @@ def test_no_module_imports_another_packages_private_module():
     assert not offences, "\n".join(offences)
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Which of the package's modules each module imports: at the top, under
+    ``TYPE_CHECKING`` and inside functions alike (``from pkg import mod`` counts as ``pkg.mod``
+    where that is a module)."""
+    names = {module_name(path): path for path in modules()}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in names else node.module)
+        graph[name] = {e for e in edges if e in names and e != name}
+    return graph
+
+
+def test_no_import_circle_between_the_packages_modules():
+    graph = import_graph()
+    circles, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                circles.append(" -> ".join(path[path.index(nxt):] + [node, nxt][-1:]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not circles, "import circles:\n" + "\n".join(circles)
+
+
 def declared() -> dict[str, set[str]]:
     """Distribution names per group: 'core' and each optional extra (normalized)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -10,6 +10,7 @@ import numpy as np
 from fake_cuda import ring_address_and_length
 from sources_for_tests import rows_loader
 
+from agnostic_prefetch._testing import internals
 from agnostic_prefetch.adapters._pinned import PinnedRegistry, mapping_of
 
 # ---- mapping_of -------------------------------------------------------------------------
@@ -20,7 +21,7 @@ def test_mapping_of_a_loader_batch_is_the_rings_mmap():
         batch = next(iter(loader))
         m = mapping_of(batch["x"])
         assert isinstance(m, mmap.mmap)
-        assert m is loader._ring.map
+        assert m is internals(loader).ring.map
         assert len(m) == loader.stats()["ring_bytes"]
         start, length = ring_address_and_length(m)
         assert start <= batch["x"].ctypes.data < start + length
@@ -67,7 +68,7 @@ def test_every_batch_of_a_loader_registers_the_ring_once_whole():
     driver = FakeDriver()
     registry = PinnedRegistry(driver.register, driver.unregister)
     with rows_loader(rows=40) as loader:
-        ring = ring_address_and_length(loader._ring.map)
+        ring = ring_address_and_length(internals(loader).ring.map)
         batches = 0
         for batch in loader:
             assert registry.ensure(batch["x"]) is True
@@ -114,7 +115,7 @@ def test_a_registered_ring_stays_mapped_until_unregistered_even_after_the_loader
     registry = PinnedRegistry(driver.register, driver.unregister)
     with rows_loader() as loader:
         batch = next(iter(loader))["x"]
-        ring = loader._ring.map
+        ring = internals(loader).ring.map
         address, _ = ring_address_and_length(ring)
         assert registry.ensure(batch)
     del batch

@@ -16,9 +16,11 @@ import weakref
 import numpy as np
 import pytest
 from sources_for_tests import Counting, OnHost, lease_holder, rows_loader
+from waiting import eventually, inside, wait_until_waiting_in_loader
 
 import agnostic_prefetch as ap
 from agnostic_prefetch._stage import _Channel
+from agnostic_prefetch._testing import internals
 from agnostic_prefetch.adapters._pinned import mapping_of
 from agnostic_prefetch.prefetch import Prefetcher
 
@@ -27,15 +29,6 @@ BOTH = pytest.mark.parametrize("thread", [False, True], ids=["inline", "thread"]
 
 def stage_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "agnostic_prefetch-device"]
-
-
-def eventually(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
 
 
 class FakePlacement:
@@ -149,7 +142,7 @@ def test_a_host_batch_keeps_its_ring_slot_until_its_copy_is_done():
     with rows_loader() as loader, Prefetcher(loader, 1, placement, thread=False) as it:
         first = next(it)
         slot = placement.hosts[0]()
-        assert slot is not None and slot.dtype == np.uint8 and mapping_of(slot) is loader._ring.map
+        assert slot is not None and slot.dtype == np.uint8 and mapping_of(slot) is internals(loader).ring.map
         del first, slot  # the caller is done with the device batch; the copy is not
         next(it)
         next(it)
@@ -241,7 +234,7 @@ def test_it_holds_at_most_held_at_peak_batches_so_a_ring_that_size_copies_nothin
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a ring of exactly the peak is enough: no warning
         with ap.Loader(Counting(60), 2, workers=2, slots=2 + peak) as loader:
-            assert loader._plan.max_held == peak
+            assert loader.max_held == peak
             for batch in Prefetcher(loader, size, OnHost(), thread=thread):  # noqa: B007
                 time.sleep(0.001)  # the step, holding ``batch``
             del batch
@@ -325,7 +318,7 @@ def test_a_prefetcher_over_a_loader_iterator_resumes_that_iterator_in_place(thre
         stage.load_state_dict(state)  # back to after the first two
         rest = [b["x"][:, 0].tolist() for b in stage]
         assert first + rest == [[0.0, 4.0], [8.0, 12.0], [16.0, 20.0], [24.0, 28.0], [32.0, 36.0]]
-        assert loader._latest is it
+        assert loader.state_dict() == it.state_dict()  # the loader stands where its latest iterator does
 
 
 @BOTH
@@ -447,7 +440,7 @@ def test_close_of_a_stage_waiting_inside_a_loader_returns_within_20_ms_with_its_
         with ap.Loader(SlowFromRecord(40, slow=2, delay=3.0), 1, workers=1, backend="thread") as loader:
             it = Prefetcher(loader, 1, OnHost())
             next(it), next(it)
-            time.sleep(0.05)  # the thread now waits inside the loader for batch 2
+            wait_until_waiting_in_loader(stage_threads()[0])  # for batch 2
             started = time.perf_counter()
             it.close()
             took.append(time.perf_counter() - started)
@@ -459,7 +452,7 @@ def test_a_loader_closed_under_the_thread_ends_the_stage_with_the_loaders_error(
     loader = ap.Loader(SlowFromRecord(40, slow=8, delay=2.0), 4, workers=2)
     it = Prefetcher(loader, 2, OnHost())
     next(it), next(it)
-    time.sleep(0.1)  # the thread now waits inside the loader for batch 2
+    wait_until_waiting_in_loader(stage_threads()[0])  # for batch 2
     started = time.monotonic()
     loader.close()
     with pytest.raises(ap.LoaderError, match="closed"):
@@ -483,7 +476,7 @@ def test_resuming_the_same_loader_after_close_loses_no_batch():
     loader = ap.Loader(Gated(), 1, workers=1, backend="thread")
     it = Prefetcher(loader, 1, OnHost())
     assert [int(next(it)["i"][0]) for _ in range(3)] == [0, 1, 2]
-    time.sleep(0.05)  # the thread waits inside the loader for batch 3
+    wait_until_waiting_in_loader(stage_threads()[0])  # for batch 3
     state = it.state_dict()
     it.close()
     loader.load_state_dict(state)  # resume the same loader at what the caller received
@@ -513,7 +506,9 @@ def test_close_warns_naming_the_thread_when_the_source_cannot_be_interrupted(sou
     loader = ap.Loader(Slow(), 1, workers=0) if source == "workers=0" else None
     it = Prefetcher(slow_generator() if loader is None else loader, 1, OnHost())
     next(it)
-    time.sleep(0.05)  # the thread is now inside the source
+    thread = stage_threads()[0]
+    assert eventually(lambda: inside(thread, "test_prefetch.py", "__getitem__")
+                      or inside(thread, "test_prefetch.py", "slow_generator"))  # waiting for ``release``
     started = time.monotonic()
     with pytest.warns(RuntimeWarning, match=r"could not stop its thread 'agnostic_prefetch-device'"):
         it.close()
@@ -534,9 +529,84 @@ def test_closing_the_channel_wakes_a_blocked_put_and_a_blocked_get():
     putter = threading.Thread(target=lambda: results.update(put=full.put("b")))
     getter = threading.Thread(target=lambda: results.update(get=empty.get()))
     putter.start(), getter.start()
-    time.sleep(0.05)
+    assert eventually(lambda: inside(putter, "threading.py", "wait") and inside(getter, "threading.py", "wait"))
     assert putter.is_alive() and getter.is_alive()  # both blocked, neither polling out
     assert full.close() == ["a"]
     empty.close()
     putter.join(1), getter.join(1)
     assert results["put"] is False and results["get"] is not None and not putter.is_alive()
+
+
+# ---- resuming and closing at awkward moments ----------------------------------------------
+
+
+class GatedFromFour:
+    """Records from 2 on take 50 ms (in whichever thread reads them); ``entered`` is set when
+    record 4 is read, the first of batch 2."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.entered = threading.Event()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i >= 2:
+            time.sleep(0.05)
+        if i == 4:
+            self.entered.set()
+        return {"i": np.int64(i)}
+
+
+@pytest.mark.filterwarnings("ignore:prefetch:RuntimeWarning")
+def test_resuming_a_workers_0_loader_while_its_thread_fills_a_later_batch_continues_exactly():
+    source = GatedFromFour(20)
+    with ap.Loader(source, 2, workers=0) as loader:
+        it = Prefetcher(loader, 2, OnHost())
+        assert next(it)["i"].tolist() == [0, 1]
+        state = it.state_dict()
+        assert source.entered.wait(10)  # the stage's thread fills batch 2 itself, in the loader
+        it.load_state_dict(state)  # batch 2 is filled after the cancel, ahead of the position
+        got = [b["i"].tolist() for b in it]
+    assert got == [[2 * k, 2 * k + 1] for k in range(1, 10)]
+
+
+@BOTH
+def test_a_refused_state_leaves_the_prefetcher_where_it_was(thread):
+    with rows_loader(rows=40, batch_size=2) as loader:
+        it = Prefetcher(loader, 2, OnHost(), thread=thread)
+        assert next(it)["x"][:, 0].tolist() == [0.0, 4.0]
+        state = it.state_dict()
+        with pytest.raises(ValueError, match="seed"):
+            it.load_state_dict({**state, "seed": 999})
+        assert len(it) == 19 and it.state_dict() == state
+        assert [b["x"][0, 0] for b in it][:2] == [8.0, 16.0]  # batches 1, 2: nothing lost or repeated
+
+
+def test_a_prefetcher_collected_by_its_own_thread_inside_a_put_closes_without_deadlock():
+    # Inline, the put runs inside the caller's next(), whose frame holds the prefetcher: it
+    # cannot be collected there. With the thread, a collection inside put can free it.
+    dropped, closed = threading.Event(), threading.Event()
+
+    class CollectsInPut(OnHost):
+        def put(self, host):
+            if dropped.is_set():
+                gc.collect()  # collects the prefetcher: its finalizer runs here, inside put
+            return host, None
+
+        def close(self):
+            closed.set()
+
+    def endless():
+        while True:
+            yield {"x": np.zeros(2)}
+
+    it = Prefetcher(endless(), 1, CollectsInPut())
+    it.cycle = it  # only the cycle collector can free it
+    first = next(it)
+    dropped.set()
+    del it
+    assert closed.wait(10), "close() deadlocked in the thread that was placing"
+    assert eventually(lambda: not stage_threads())
+    assert first["x"].tolist() == [0.0, 0.0]

@@ -27,6 +27,21 @@ def wait_gone(pids, seconds=5.0):
     return [p for p in pids if alive(p)]
 
 
+def blocked_in_select(pid: int, seconds: float = 10.0) -> bool:
+    """Whether process ``pid``'s main thread came to wait in the kernel for a descriptor
+    (epoll, select or poll: the loader waiting for its workers) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if any(w in f.read() for w in ("epoll", "select", "poll")):
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.001)
+    return False
+
+
 def shm_names():
     return {n for n in os.listdir("/dev/shm") if "agnostic_prefetch" in n} if os.path.isdir("/dev/shm") else set()
 
@@ -76,7 +91,7 @@ class Slow:
         return {"x": np.zeros(4)}
 
 loader = ap.Loader(Slow(), 2, workers=2)
-print(" ".join(str(w.process.pid) for w in loader._workers), flush=True)
+print(" ".join(map(str, loader.worker_pids)), flush=True)
 it = iter(loader)
 next(it)
 MODE = sys.argv[1]
@@ -102,7 +117,7 @@ def test_sigint_to_the_process_group_while_blocked_stops_everything(tmp_path):
     proc, pids = start(tmp_path, "block")
     try:
         assert proc.stdout.readline().strip() == "blocked"
-        time.sleep(0.3)
+        assert blocked_in_select(proc.pid), "the child never blocked waiting for its worker"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
         proc.wait(timeout=10)
     finally:

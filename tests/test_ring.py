@@ -11,6 +11,7 @@ from sources_for_tests import Counting
 import agnostic_prefetch as ap
 from agnostic_prefetch import _ring
 from agnostic_prefetch._layout import ALIGN, HEADER_BYTES, PAGE, layout_from_example
+from agnostic_prefetch._testing import internals
 
 
 def test_ring_that_does_not_fit_is_an_error_with_numbers_and_remedies(monkeypatch):
@@ -41,7 +42,7 @@ def test_ring_memory_is_reserved_up_front():
 def test_fallback_without_memfd_uses_an_unlinked_file_and_works(monkeypatch):
     monkeypatch.delattr(os, "memfd_create")
     with ap.Loader(Counting(10), 4, workers=2) as loader:
-        assert "unlinked file" in loader._ring.kind
+        assert "unlinked file" in internals(loader).ring.kind
         assert [b["i"].tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 

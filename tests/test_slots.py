@@ -20,6 +20,7 @@ import agnostic_prefetch as ap
 from agnostic_prefetch._layout import layout_from_example
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._slots import FREE, LEASED, ORDERED, READY, SlotStateError, SlotTable
+from agnostic_prefetch._testing import internals
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = layout_from_example({"x": np.zeros(4, np.float32)}, 2)
@@ -187,7 +188,7 @@ def test_after_close_and_the_last_view_nothing_of_the_ring_is_left(workers, stop
         if k == stop:
             break
     loader.close()
-    counts = loader._scheduler.table.counts()
+    counts = internals(loader).table.counts()
     assert counts["ordered"] == counts["ready"] == 0 and counts["leased"] <= len(held) + 1
     assert ring_mappings() == before + 1  # the caller's views keep the ring mapped
     del batch

@@ -27,6 +27,7 @@ from sources_for_tests import NamedRows, rows_loader
 torch = pytest.importorskip("torch")
 
 import agnostic_prefetch as ap  # noqa: E402
+from agnostic_prefetch._testing import internals  # noqa: E402
 from agnostic_prefetch.adapters import _torch_stage, torch_prefetch  # noqa: E402
 from agnostic_prefetch.adapters._pinned import mapping_of  # noqa: E402
 from agnostic_prefetch.adapters._torch_stage import _CudaPlacement  # noqa: E402
@@ -47,7 +48,7 @@ def test_on_cpu_it_yields_zero_copy_tensors_of_the_loader_ring(thread):
         seen = []
         for batch in torch_prefetch(loader, 2, device="cpu", thread=thread):
             assert isinstance(batch["x"], torch.Tensor)
-            ring = loader._ring
+            ring = internals(loader).ring
             assert ring.address <= batch["x"].data_ptr() < ring.address + ring.nbytes
             seen.append(batch["x"].clone())
         assert len(seen) == 4
@@ -83,14 +84,9 @@ def test_inline_it_reads_exactly_size_batches_ahead():
         it.close()
 
 
-def test_a_device_given_by_position_still_works_with_a_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match=r"pass device= by keyword"):
-        it = torch_prefetch(iter([{"x": np.zeros(2)}]), "cpu", size=1)
-    assert [b["x"].tolist() for b in it] == [[0.0, 0.0]]
-    with pytest.warns(DeprecationWarning):
-        assert len(list(torch_prefetch(iter([{"x": np.zeros(2)}] * 3), torch.device("cpu"), 2))) == 3
-    with pytest.raises(TypeError, match="'device' both by position and by keyword"):
-        torch_prefetch(iter([]), "cpu", device="cpu")
+def test_a_device_by_position_is_refused():
+    with pytest.raises(TypeError, match="positional"):
+        torch_prefetch(iter([{"x": np.zeros(2)}]), 2, "cpu")
 
 
 def test_other_devices_are_refused():
@@ -270,8 +266,8 @@ def test_on_a_gpu_the_ring_is_page_locked_and_resume_is_exact():
     with ap.Loader(source, 50, workers=2, shuffle=True, seed=2) as loader:
         it = torch_prefetch(loader, 2, device="cuda")
         head = [next(it)["x"].cpu() for _ in range(5)]
-        pinned = it._placement.pinned
-        assert len(pinned._mappings) == 1 and not pinned._failed  # the driver took the memfd ring
+        pinned = internals(it).placement.pinned
+        assert pinned.registered == 1 and not pinned.failed  # the driver took the memfd ring
         state = it.state_dict()
         it.load_state_dict(state)
         rest = [b["x"].cpu() for b in it]

@@ -9,6 +9,8 @@ import pytest
 from sources_for_autotune import Waiting
 
 import agnostic_prefetch as ap
+from agnostic_prefetch._accounts import TRACE_OFF
+from agnostic_prefetch._testing import internals
 
 
 def load(path):
@@ -131,5 +133,40 @@ def test_workers_stop_sending_spans_when_the_trace_ends(tmp_path):
         it = iter(loader)
         with ap.trace(tmp_path / "t.json"):
             next(it)
-        assert loader._scheduler.board._words[0] == 0
-        assert loader._scheduler.on_trace is None
+        assert internals(loader).trace_level == TRACE_OFF
+
+
+def test_a_trace_block_over_a_loaders_own_trace_leaves_it_recording(tmp_path):
+    own, block = tmp_path / "own.json", tmp_path / "block.json"
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1, epochs=None, trace=own) as loader:
+        it = iter(loader)
+        next(it)
+        with ap.trace(block):
+            next(it), next(it)
+        assert internals(loader).trace_level != TRACE_OFF  # its own trace still asks for spans
+        next(it)
+    nexts = [e for e in load(own)[1] if e["name"] == "next"]
+    assert len(nexts) == 4  # before, during and after the block
+    assert len([e for e in load(block)[1] if e["name"] == "next"]) == 2
+    assert len([e for e in load(own)[1] if e["name"] == "fill"]) >= 3  # the worker's spans too
+
+
+def test_nested_trace_blocks_each_record_until_their_own_end(tmp_path):
+    outer, inner = tmp_path / "outer.json", tmp_path / "inner.json"
+    with ap.Loader(Waiting(400, 0.001), 8, workers=1, epochs=None) as loader:
+        it = iter(loader)
+        with ap.trace(outer):
+            next(it)
+            with ap.trace(inner):
+                next(it)
+            next(it), next(it)
+            assert internals(loader).trace_level != TRACE_OFF
+        assert internals(loader).trace_level == TRACE_OFF
+        next(it)
+    assert len([e for e in load(outer)[1] if e["name"] == "next"]) == 4
+    assert len([e for e in load(inner)[1] if e["name"] == "next"]) == 1
+
+
+def test_a_trace_path_in_a_missing_directory_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ap.Loader(Waiting(8), 2, workers=1, trace=tmp_path / "missing" / "t.json")

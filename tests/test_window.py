@@ -70,7 +70,7 @@ def test_batches_hold_the_foreground_share_spread_evenly(mixed):
 def test_every_slice_of_a_global_batch_keeps_the_foreground_share_to_within_one_window(mixed, g, fraction, data):
     path, root = mixed
     source = WindowSource(path, root_folder=root, crop_size=8, fg_fraction=fraction)
-    num_fg = source._split(g)[0]
+    num_fg = int(np.float32(g) * np.float32(fraction))  # Caffe's split, in float32
     batch = source.batch_order(seed=2, epoch=0, batch_size=g)[0]
     is_fg = np.asarray(batch) // 2 < source.num_fg
     assert is_fg.sum() == num_fg

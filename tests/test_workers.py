@@ -9,13 +9,14 @@ import numpy as np
 from sources_for_tests import Env
 
 import agnostic_prefetch as ap
+from agnostic_prefetch._testing import internals
 
 
 def test_workers_are_fresh_processes_with_capped_threads_that_ignore_sigint(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with ap.Loader(Env(), 2, workers=2) as loader:
         batches = list(loader)
-        worker_pids = {w.process.pid for w in loader._workers}
+        worker_pids = set(loader.worker_pids)
     pids = {p for b in batches for p in b["pid"].tolist()}
     assert pids <= worker_pids and os.getpid() not in pids
     assert all(v == "1" for b in batches for v in b["omp"])
@@ -31,7 +32,7 @@ def test_user_thread_settings_are_kept(monkeypatch):
 def test_workers_are_not_forks_of_the_parent():
     with ap.Loader(Env(), 2, workers=1) as loader:
         next(iter(loader))  # the worker has exec'd and answered
-        pid = loader._workers[0].process.pid
+        pid = loader.worker_pids[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     assert b"from agnostic_prefetch._worker_entry import main" in argv[2]  # its own entry point, a fresh exec
@@ -83,10 +84,10 @@ def test_small_slots_get_more_of_them_so_workers_take_several_orders_per_write()
     from sources_for_tests import Counting
 
     with ap.Loader(Counting(100), 1, workers=2) as small:
-        assert small.slots == 2 * 8 + 6 and small._plan.orders_per_worker == 8
+        assert small.slots == 2 * 8 + 6 and internals(small).workers[0].capacity == 8
     big = {"x": np.zeros((256, 256), np.float32)}
     with ap.Loader(Counting(100), 8, workers=2, spec=big) as large:
-        assert large.slots == 2 + 6 and large._plan.orders_per_worker == 2
+        assert large.slots == 2 + 6 and internals(large).workers[0].capacity == 2
 
 
 def test_a_transposed_view_of_the_slot_is_still_copied_not_trusted():

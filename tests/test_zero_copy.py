@@ -10,6 +10,7 @@ import pytest
 from sources_for_tests import Counting
 
 import agnostic_prefetch as ap
+from agnostic_prefetch._testing import internals
 
 
 class Images:
@@ -21,7 +22,7 @@ class Images:
 
 
 def inside_ring(loader, array):
-    ring = loader._ring
+    ring = internals(loader).ring
     return ring.address <= array.ctypes.data < ring.address + ring.nbytes
 
 
@@ -50,7 +51,7 @@ def test_a_held_view_keeps_its_slot_and_the_mapping_outlives_close():
 def test_close_unmaps_the_ring_once_no_batch_is_held(workers):
     loader = ap.Loader(Images(), 4, workers=workers)
     assert sum(1 for _ in loader) == 10  # every batch let go
-    ring = loader._ring.map
+    ring = internals(loader).ring.map
     loader.close()  # the loader object itself is still alive
     gc.collect()
     assert ring.closed

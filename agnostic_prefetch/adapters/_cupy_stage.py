@@ -10,11 +10,9 @@ import numpy as np
 from agnostic_prefetch._tree import flatten, unflatten
 from agnostic_prefetch.adapters._dlpack import array_kind, import_cupy, to_numpy
 from agnostic_prefetch.adapters._pinned import PinnedRegistry
-from agnostic_prefetch.adapters._torch_stage import legacy_positional
 from agnostic_prefetch.prefetch import Prefetcher
 
 
-@legacy_positional("size", "device")
 def cupy_prefetch(iterable: Iterable[Any], size: int = 2, *, device: int = 0, stream: Any = None,
                   thread: bool = True) -> Prefetcher:
     """Yield the batches of ``iterable`` as CuPy arrays on GPU ``device``, ``size`` batches ahead.

@@ -53,6 +53,16 @@ class PinnedRegistry:
         self._mappings: dict[int, tuple[mmap.mmap, np.ndarray]] = {}  # address -> (map, a view)
         self._failed: set[int] = set()
 
+    @property
+    def registered(self) -> int:
+        """Mappings page-locked now."""
+        return len(self._mappings)
+
+    @property
+    def failed(self) -> int:
+        """Mappings whose registration failed (copied from pageable memory instead)."""
+        return len(self._failed)
+
     def ensure(self, a: Any) -> bool:
         """Register the mapping behind ``a`` if it has one; True if ``a`` is page-locked."""
         m = mapping_of(a)

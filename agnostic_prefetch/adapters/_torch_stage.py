@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import numbers
-import warnings
-from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
 from agnostic_prefetch._tree import flatten, unflatten
 from agnostic_prefetch.adapters._dlpack import array_kind, to_torch
 from agnostic_prefetch.adapters._pinned import PinnedRegistry
 from agnostic_prefetch.prefetch import Prefetcher
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
-
-def legacy_positional(*names: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
-    """Accept the 0.1 positional order ``(iterable, *names)`` when its first extra is not a size.
-
-    ``torch_prefetch(loader, "cuda")`` and ``torch_prefetch(loader, "cuda", size=2)`` (as the
-    0.1 docs show) keep working, with a ``DeprecationWarning``; ``(loader, 3)`` is the size.
-    """
-    def decorate(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            extra = args[1:]
-            legacy = len(extra) > 1 or (extra and not isinstance(extra[0], numbers.Integral))
-            if legacy:
-                given = dict(zip(names, extra, strict=False))
-                clash = sorted(set(given) & set(kwargs))
-                if clash:
-                    raise TypeError(f"{fn.__name__}() got {clash[0]!r} both by position and by keyword")
-                warnings.warn(
-                    f"{fn.__name__}(iterable, {', '.join(names[:len(extra)])}) by position is "
-                    f"deprecated; pass {', '.join(f'{k}=' for k in given if k != 'size')} by "
-                    f"keyword: {fn.__name__}(iterable, size=2, *, ...).",
-                    DeprecationWarning, stacklevel=2)
-                kwargs.update(given)
-                args = args[:1]
-            return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-@legacy_positional("device", "size")
 def torch_prefetch(iterable: Iterable[Any], size: int = 2, *, device: Any = "cpu",
                    stream: Any = None, thread: bool = True) -> Prefetcher:
     """Yield the batches of ``iterable`` as torch tensors on ``device``, ``size`` batches ahead.

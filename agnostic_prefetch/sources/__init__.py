@@ -13,24 +13,7 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from typing import Any
-
 from agnostic_prefetch.sources.array import ArraySource
 from agnostic_prefetch.sources.protocol import BatchOrderSource, MapSource
 
 __all__ = ["ArraySource", "BatchOrderSource", "MapSource"]
-
-# Where these lived in 0.1; the Caffe sources moved to agnostic_prefetch.caffe.
-_MOVED = {name: f"agnostic_prefetch.caffe.{module}" for name, module in (
-    ("ImageListSource", "image_list"), ("LMDBSource", "lmdb"),
-    ("WindowSource", "window"), ("write_array_records", "lmdb"))}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        warnings.warn(f"agnostic_prefetch.sources.{name} moved to agnostic_prefetch.caffe.{name} "
-                      f"(also ap.{name})", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 if os.environ.get("AGNOSTIC_PREFETCH_JPEG", "").lower() == "pillow":
     _simplejpeg = None
 
-__all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "load_image", "probe_image"]
+
+def jpeg_decoder() -> str:
+    """Which library decodes JPEGs here: ``"simplejpeg"`` (libjpeg-turbo), or ``"pillow"``
+    where simplejpeg is missing or ``AGNOSTIC_PREFETCH_JPEG=pillow`` is set."""
+    return "pillow" if _simplejpeg is None else "simplejpeg"
+
+__all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "jpeg_decoder", "load_image", "probe_image"]
 
 # Pillow modes whose natural decoding is one channel (OpenCV's IMREAD_ANYCOLOR keeps them gray).
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

@@ -1,0 +1,91 @@
+"""Putting a loader together from its source and settings, in an order whose every failure
+releases what was built before it.
+
+The order: what cannot fail after resources exist is done first (the trace's path, the
+order, the layout example, the ring's plan); then the ring, the workers, the supervisor
+and the scheduler, each registered for release as it is made, and released in reverse if
+anything after it fails. Nothing is left to the garbage collector: a construction that
+raises leaves no worker, no descriptor and no open database behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+from agnostic_prefetch import _autotune, _pool
+from agnostic_prefetch._accounts import Board, board_bytes
+from agnostic_prefetch._core import LoaderCore
+from agnostic_prefetch._example import let_go, read_example
+from agnostic_prefetch._layout import layout_from_example, with_mask
+from agnostic_prefetch._membership import Membership
+from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._schedule import Scheduler
+from agnostic_prefetch._settings import LoaderOptions
+from agnostic_prefetch._sizing import plan_ring
+from agnostic_prefetch._slots import SlotTable
+from agnostic_prefetch._worker import FillRules, Job
+from agnostic_prefetch.sampler import Sampler
+from agnostic_prefetch.tracing import TraceLink, Tracer
+
+__all__ = ["assemble"]
+
+
+def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
+    """A running loader's core: workers started, ring reserved, nothing delivered yet.
+
+    Raises:
+        ValueError, LayoutError, RingTooLargeError, LoaderError, OSError: whatever failed,
+            after everything built before it was released.
+    """
+    order, pool, items, watch = options.order, options.pool, options.items, options.watch
+    own_tracer = Tracer(watch.trace) if watch.trace is not None else None
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(let_go, source)  # what a failed construction opened in this process
+        sampler = Sampler(source, order.batch_size, shuffle=order.shuffle, seed=order.seed,
+                          remainder=order.remainder, shard_index=order.shard_index,
+                          shard_count=order.shard_count)
+        example = items.spec if items.spec is not None else read_example(sampler, source, items.transform, items.skip)
+        if order.mask is not None:
+            example = with_mask(example, order.mask)
+        layout = layout_from_example(example, sampler.batch_size)
+        auto = (_autotune.plan_auto(source, items.transform, pool.backend, layout.slot_bytes, pool.slots)
+                if pool.workers == "auto" else None)
+        workers, backend = auto.first if auto else (int(pool.workers), pool.backend)
+        plan = plan_ring(auto.limit if auto else workers, layout.slot_bytes, pool.slots)
+        rows = auto.rows if auto else max(1, workers)
+        ring = Ring(plan.slots, layout.slot_bytes, board_bytes(rows))
+        cleanup.callback(ring.close)
+        job = Job(source, items.transform, layout,
+                  FillRules(sampler.seed, items.skip, order.mask, items.shapes == "per_batch"),
+                  pool.worker_init, ring.extra_offset)
+        started: list[_pool.Worker] = []
+        cleanup.callback(_pool.stop, started, 0.0)  # the list fills as workers start
+        started += _pool.start(workers, backend, job, ring, plan.orders_per_worker)
+        spawn = (functools.partial(_start_more, job, ring, plan.orders_per_worker) if auto else None)
+        members = Membership(started, backend, spawn, pool.timeout)
+        cleanup.callback(members.stop, 0.0)
+        board = Board(ring.map, ring.extra_offset, rows)
+        trace = TraceLink(board)
+        tuner = _autotune.Tuner(auto) if auto else None
+        scheduler = Scheduler(sampler, ring, SlotTable(plan.slots, plan.max_held), members, board,
+                              timeout=pool.timeout, lookahead=plan.slots, ordered=order.ordered, trace=trace,
+                              tuner=tuner, on_released=functools.partial(_released, source))
+        core = LoaderCore(scheduler, sampler, layout, epochs=order.epochs, ordered=order.ordered,
+                          mask_key=order.mask, source=source, tuner=tuner, trace=trace,
+                          own_tracer=own_tracer, log_every=watch.log_every)
+        cleanup.pop_all()
+    return core
+
+
+def _start_more(job: Job, ring: Ring, capacity: int, count: int, backend: str, first_id: int) -> list[_pool.Worker]:
+    return _pool.start(count, backend, job, ring, capacity, first_id)
+
+
+def _released(source: Any, ended_here: bool) -> None:
+    # Workers that ran in this process (threads, workers=0) read the user's own source
+    # object: once they have all ended, let go of what they opened (an LMDB environment,
+    # which py-lmdb allows once per path, so the user can open the database again).
+    if ended_here:
+        let_go(source)

@@ -1,0 +1,204 @@
+"""What a Loader and its iterators share: the scheduler (workers and ring), the order's settings,
+delivery counters, the latest iteration's cursor, the traces; closed when neither holds it.
+
+The ``Loader`` is configuration and the public face; a ``LoaderIterator`` is one iteration.
+Both hold this core, and it holds neither (the latest iteration's position lives in a
+:class:`Cursor` that the core and that iterator share), so there is no reference cycle:
+``for batch in Loader(...)`` keeps the workers for as long as the iterator lives, and the
+moment neither the loader nor an iterator is referenced, the core's finalizer stops the
+workers and releases the ring, without waiting for the cyclic garbage collector.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import numpy as np
+
+from agnostic_prefetch._accounts import per_worker, worker_totals
+from agnostic_prefetch._autotune import Tuner
+from agnostic_prefetch._layout import Layout
+from agnostic_prefetch._resume import START, Position, decode, iteration_end, order_settings
+from agnostic_prefetch._schedule import Scheduler
+from agnostic_prefetch._window import Snapshots
+from agnostic_prefetch.errors import LoaderError
+from agnostic_prefetch.sampler import Sampler
+from agnostic_prefetch.tracing import TraceLink, Tracer, register
+
+__all__ = ["CLOSED", "Cursor", "LoaderCore"]
+
+CLOSED = "this Loader is closed; build a new one (load_state_dict resumes exactly)"
+
+
+class Cursor:
+    """One iteration's position, shared by its iterator and (while it is the latest) the core.
+
+    ``position`` is an immutable tuple replaced whole on every delivery, so any thread may
+    read it; the iterating thread replaces it while holding the scheduler's drive.
+    ``ended`` may be set by any thread (``cancel``); once set, the iteration takes no
+    further batch.
+    """
+
+    __slots__ = ("end", "ended", "position")
+
+    def __init__(self, position: Position) -> None:
+        assert position.end is not None
+        self.position, self.end, self.ended = position, position.end, False
+
+    def restart(self, position: Position) -> None:
+        assert position.end is not None
+        self.position, self.end, self.ended = position, position.end, False
+
+
+class LoaderCore:
+    """The state a loader and its iterators share, each field with one owner.
+
+    Set at construction and never changed: ``scheduler``, ``sampler``, ``layout``,
+    ``settings``, ``epochs``, ``ordered``, ``padded``, ``by_source``, ``tuner``, ``trace``,
+    ``snapshots``. ``latest`` and ``start`` change only under ``scheduler.drive``. The
+    delivery counters in ``stats`` are added to by the thread driving the scheduler.
+
+    Args:
+        scheduler: the workers, ring and orders.
+        sampler: the order.
+        layout: the slot layout.
+        epochs, ordered, mask_key: the loader's settings (``mask_key``: ``None`` without padding).
+        source: what the workers read (its fingerprint and component counts are asked here).
+        tuner: ``workers="auto"``'s tuner (kept for its report), or ``None``.
+        trace: the traces that record this loader.
+        own_tracer: the trace ``trace=`` started, written at close.
+        log_every: seconds between diagnosis log lines, or ``None``.
+    """
+
+    def __init__(self, scheduler: Scheduler, sampler: Sampler, layout: Layout, *, epochs: int | None,
+                 ordered: bool, mask_key: str | None, source: Any, tuner: Tuner | None, trace: TraceLink,
+                 own_tracer: Tracer | None, log_every: float | None) -> None:
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.layout = layout
+        self.epochs = epochs
+        self.ordered = ordered
+        self.bpe = sampler.batches_per_epoch
+        self.padded = mask_key is not None  # every batch full; a mask marks real rows
+        self.settings = order_settings(sampler, ordered)
+        self.settings["source_order"] = getattr(source, "order_fingerprint", None)
+        self.by_source = getattr(source, "items_by_source", None)
+        self.tuner = tuner
+        self.trace = trace
+        self.stats: dict[str, Any] = {"batches": 0, "items": 0, "padded": 0, "wait_s": 0.0,
+                                      "skipped": 0, "copied_out": 0}
+        if self.by_source is not None:
+            self.stats["items_per_source"] = self.by_source(np.zeros(0, np.int64))
+        self.warned_copy = False
+        self.snapshots = Snapshots(weakref.WeakMethod(self.snapshot_stats), log_every)
+        self.latest: Cursor | None = None
+        self.start: Position = START  # where the next iteration starts when there is no latest
+        self._finalizer = weakref.finalize(self, _shut_down, scheduler, trace, own_tracer)
+        register(trace)
+        if own_tracer is not None:
+            trace.attach(own_tracer)
+
+    # ---- iterations ----------------------------------------------------------------------
+
+    def position(self) -> Position:
+        """Where the next iteration starts: the latest one's position, else ``start``."""
+        latest = self.latest
+        return latest.position if latest is not None else self.start
+
+    def begin(self, cursor: Cursor | None, position: Position | None) -> Cursor:
+        """Start an iteration from ``position`` (default: where the latest stands), on
+        ``cursor`` (default: a new one); the iteration it takes over from ends."""
+        self.check_open()
+        self._cancel_latest(cursor)
+        with self.scheduler.drive:
+            self.check_open()
+            self._cancel_latest(cursor)  # one another thread started meanwhile
+            start = self.position() if position is None else position
+            end = iteration_end(start, self.epochs, self.bpe)
+            if cursor is None:
+                cursor = Cursor(start._replace(end=end))
+            else:
+                cursor.restart(start._replace(end=end))
+            self.scheduler.restart(cursor.position, end)
+            self.latest = cursor
+        return cursor
+
+    def load(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """The next iteration continues from ``state``; the live one ends. A state that is
+        refused changes nothing.
+
+        Raises:
+            ValueError: the state cannot be continued exactly here (``_resume.decode``).
+        """
+        self.check_open()
+        position = decode(state, self.settings)
+        self._cancel_latest(None)
+        with self.scheduler.drive:
+            self._cancel_latest(None)
+            self.latest = None
+            self.start = position
+
+    def cancel(self, cursor: Cursor) -> None:
+        """End ``cursor``'s iteration from any thread; a ``next()`` waiting in it wakes at once."""
+        if not cursor.ended:
+            cursor.ended = True
+            if not self.scheduler.closed:
+                self.scheduler.wake()
+
+    def _cancel_latest(self, keep: Cursor | None) -> None:
+        latest = self.latest
+        if latest is not None and latest is not keep:
+            self.cancel(latest)
+
+    # ---- stats ---------------------------------------------------------------------------
+
+    def stats_dict(self) -> dict[str, Any]:
+        """``Loader.stats()``."""
+        scheduler = self.scheduler
+        members = scheduler.members
+        stats = {**self.stats, "ring_bytes": scheduler.ring.nbytes, "slots": len(scheduler.table),
+                 "workers": members.count, "backend": members.backend}
+        if "items_per_source" in stats:
+            stats["items_per_source"] = dict(stats["items_per_source"])
+        stats.update(stage_times(scheduler, stats["wait_s"]))
+        if self.tuner is not None:
+            stats["auto"] = self.tuner.report()
+        return stats
+
+    def snapshot_stats(self) -> dict[str, Any]:
+        return self.stats_dict()
+
+    # ---- closing -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.scheduler.closed
+
+    def check_open(self) -> None:
+        if self.scheduler.closed:
+            raise LoaderError(CLOSED)
+
+    def close(self, grace: float = 0.5) -> None:
+        """Stop the workers and release the ring (once; what ``Loader.close()`` does)."""
+        if self._finalizer.alive:
+            _, _, (scheduler, trace, own_tracer), _ = self._finalizer.detach()
+            _shut_down(scheduler, trace, own_tracer, grace)
+
+
+def _shut_down(scheduler: Scheduler, trace: TraceLink, own_tracer: Tracer | None, grace: float = 0.5) -> None:
+    """What closing a loader does (its finalizer's work: no reference to the core)."""
+    scheduler.close(grace)
+    trace.close()
+    if own_tracer is not None and not own_tracer.closed:
+        own_tracer.write()
+
+
+def stage_times(scheduler: Scheduler, wait_s: float) -> dict[str, Any]:
+    """The per-stage part of ``Loader.stats()``: the caller's wait split up, the workers' times."""
+    table = scheduler.board.table()
+    times: dict[str, Any] = {"blocked_s": scheduler.blocked_s, "handoff_s": max(0.0, wait_s - scheduler.blocked_s),
+                             "held_s": scheduler.held_s, **worker_totals(table)}
+    times["fill_s"] = times["read_s"] + times["transform_s"] + times["write_s"]
+    times["per_worker"] = per_worker(table)
+    return times

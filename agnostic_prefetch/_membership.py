@@ -1,0 +1,126 @@
+"""Pool membership: which workers a loader has, and whether each serves, starts, retires or is done.
+
+The one owner of that state. With a fixed worker count every worker serves from the start
+and stays until close; with ``workers="auto"`` the scheduler applies the tuner's decision
+through :meth:`Membership.resize`: new workers start (watched at once, given orders once they
+serve) and others retire (no new orders; told to exit once their orders are answered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from agnostic_prefetch import _pool
+from agnostic_prefetch._supervisor import Supervisor
+
+# Starts ``count`` workers of a backend with ids from ``first_id`` (``_pool.start`` with the
+# loader's job, ring and orders per worker bound).
+Spawn = Callable[[int, str, int], list[_pool.Worker]]
+
+
+class Membership:
+    """The loader's workers by state, and the supervisor that watches them.
+
+    Only the thread driving the scheduler calls these methods (or ``close()``, once it
+    holds the drive), so no lock guards the lists.
+
+    Args:
+        workers: the started workers (``_pool.start``).
+        backend: their backend (``"process"`` or ``"thread"``; ignored for the in-process one).
+        spawn: starts more workers (``workers="auto"``), or ``None`` for a fixed pool.
+        timeout: the loader's ``timeout=``, for the supervisor's wake-ups.
+
+    Attributes:
+        serving: workers that take new orders (dispatch picks among these).
+        count, backend: the pool as it is meant to be now: the configured one, or the
+            tuner's decision once applied (0 for the in-process worker).
+        supervisor: the selector every wait for workers blocks in.
+    """
+
+    def __init__(self, workers: list[_pool.Worker], backend: str, spawn: Spawn | None,
+                 timeout: float | None) -> None:
+        self.serving: list[_pool.Worker] = list(workers)
+        self._starting: list[_pool.Worker] = []  # watched; given orders once their row says they serve
+        self._retiring: list[_pool.Worker] = []  # no new orders; let go once their orders are answered
+        self._retired: list[_pool.Worker] = []  # told to exit; reaped at close
+        in_process = any(isinstance(w, _pool.InProcessWorker) for w in workers)
+        self.count = 0 if in_process else len(workers)
+        self.backend = backend
+        self._spawn = spawn
+        self._next_id = len(workers)  # ids are rows of the accounting block: never reused
+        self.supervisor = Supervisor(workers, timeout)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the worker processes that serve or start now."""
+        return [w.process.pid for w in (*self.serving, *self._starting) if w.process is not None]
+
+    @property
+    def watched(self) -> tuple[_pool.Worker, ...]:
+        """Workers that may be filling an order: those serving and those retiring."""
+        return (*self.serving, *self._retiring)
+
+    @property
+    def starting(self) -> bool:
+        return bool(self._starting)
+
+    def admit(self, serves: Callable[[int], bool]) -> None:
+        """Give orders from now on to the starting workers whose row says they serve (or to
+        all of them when no worker serves: someone must fill the next batch)."""
+        ready = [w for w in self._starting if not self.serving or serves(w.worker_id)]
+        if ready:
+            self._starting = [w for w in self._starting if w not in ready]
+            self.serving += ready
+
+    def resize(self, count: int, backend: str) -> None:
+        """Make the pool ``count`` workers of ``backend``: start the missing ones, retire the rest.
+
+        Raises:
+            RuntimeError: the pool is fixed (no ``spawn``).
+            OSError, ...: whatever starting a worker raised (the workers started before it
+                are watched, so close() stops them).
+        """
+        if self._spawn is None:
+            raise RuntimeError("this loader's pool is fixed; only workers='auto' resizes it")
+        current = list(self.serving)
+        keep = current[:count] if backend == self.backend else []
+        self.count, self.backend = count, backend
+        if count > len(keep):
+            started = self._spawn(count - len(keep), backend, self._next_id)
+            self._next_id += len(started)
+            for worker in started:
+                self.supervisor.add(worker)
+            self._starting += started
+        for worker in current:
+            if worker not in keep:
+                self._retire(worker)
+
+    def answered(self, worker: _pool.Worker) -> None:
+        """``worker`` answered an order: a retiring one with nothing left is let go."""
+        if self._retiring and not worker.outstanding and worker in self._retiring:
+            self._retiring.remove(worker)
+            self._let_go(worker)
+
+    def _retire(self, worker: _pool.Worker) -> None:
+        self.serving.remove(worker)
+        if worker.outstanding:
+            self._retiring.append(worker)
+        else:
+            self._let_go(worker)
+
+    def _let_go(self, worker: _pool.Worker) -> None:
+        # End of file on its order pipe makes it exit; its exit is no failure now, so it
+        # leaves the selector first. It is reaped (and its pipes closed) at close.
+        self.supervisor.remove(worker)
+        if isinstance(worker, _pool.WorkerHandle):
+            _pool.close_quietly(worker.orders)
+        self._retired.append(worker)
+
+    def stop(self, grace: float) -> bool:
+        """Stop every worker and the supervisor; whether all of those that ran in this
+        process (threads, the in-process worker) have ended."""
+        workers = [*self.serving, *self._starting, *self._retiring, *self._retired]
+        self.serving, self._starting, self._retiring, self._retired = [], [], [], []
+        _pool.stop(workers, grace)
+        self.supervisor.close()
+        return not any(w.thread is not None and w.thread.is_alive() for w in workers)
