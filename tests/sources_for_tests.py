@@ -148,3 +148,38 @@ class OnHost:
 
     def close(self) -> None:
         pass
+
+
+class Doubled:
+    """A source that orders itself over an index space twice its length: ``n`` records,
+    each read two ways (index ``2 * record + side``); record ``i`` of it reads
+    ``{"i": 10000 * tag + index}``.
+
+    Each epoch of its order is the first ``per_epoch`` indices (default all ``2 * n``) of a
+    permutation of ``range(2 * n)`` from ``(seed, epoch)``, in batches of ``batch_size``:
+    no index twice in an epoch, and with the default every index once.
+    """
+
+    def __init__(self, n: int, tag: int = 0, per_epoch: int | None = None) -> None:
+        self.n, self.tag = n, tag
+        self.per_epoch = 2 * n if per_epoch is None else per_epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def index_space(self) -> int:
+        return 2 * self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < 2 * self.n:
+            raise IndexError(f"index {index} out of range for {2 * self.n} indices")
+        return {"i": np.int64(10000 * self.tag + index)}
+
+    def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
+        order = np.random.default_rng([seed, epoch]).permutation(2 * self.n)[: self.per_epoch]
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+    @property
+    def order_fingerprint(self) -> dict:
+        return {"doubled": self.n, "per_epoch": self.per_epoch}

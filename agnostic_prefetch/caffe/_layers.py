@@ -164,6 +164,11 @@ class CaffeStream:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def index_space(self) -> int:
+        """The wrapped source's: its indices are passed through unchanged."""
+        return int(getattr(self.source, "index_space", self.n))
+
     def __getitem__(self, index: int) -> Any:
         return self.source[index]
 

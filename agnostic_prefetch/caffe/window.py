@@ -229,6 +229,11 @@ class WindowSource:
         return len(self._label)
 
     @property
+    def index_space(self) -> int:
+        """Indices run over ``range(2 * len(self))``: window × flip (see :class:`BatchOrderSource`)."""
+        return 2 * len(self)
+
+    @property
     def order_fingerprint(self) -> dict[str, Any]:
         """What decides :meth:`batch_order` beyond the loader's settings (checked on resume)."""
         return {"windows": len(self), "foreground": self.num_fg, "background": self.num_bg,

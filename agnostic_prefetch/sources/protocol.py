@@ -46,15 +46,26 @@ class BatchOrderSource(Protocol):
 
     Indices in the returned batches are passed to ``__getitem__`` unchanged; they may
     range over a larger index space than ``len(source)`` (for example window × flip),
-    as long as ``__getitem__`` is a pure function of the index.
+    as long as ``__getitem__`` is a pure function of the index. Such a source says so with
+    an ``index_space`` attribute (an int: its indices run over ``range(index_space)``;
+    without one, ``range(len(source))``): a source that holds it, such as a
+    :class:`~agnostic_prefetch.Mixture`, places its indices by it, while ``len(source)``
+    stays the number of items an epoch is built around.
+
+    A source that orders its batches may also define ``order_fingerprint``: a JSON-able
+    value naming what decides its order beyond the arguments (checked on resume).
 
     Example:
-        >>> class Pairs:
-        ...     def __len__(self): return 6
-        ...     def __getitem__(self, i): return {"x": i}
+        >>> class Sides:
+        ...     "Three records, each read as itself (0, 2, 4) and mirrored (1, 3, 5)."
+        ...     index_space = 6
+        ...     def __len__(self): return 3
+        ...     def __getitem__(self, i): return {"record": i // 2, "mirrored": i % 2}
         ...     def batch_order(self, *, seed, epoch, batch_size):
-        ...         order = [5, 4, 3, 2, 1, 0] if epoch % 2 else [0, 1, 2, 3, 4, 5]
-        ...         return [order[i:i + batch_size] for i in range(0, 6, batch_size)]
+        ...         order = [5, 2, 1] if epoch % 2 else [0, 3, 4]
+        ...         return [order[i:i + batch_size] for i in range(0, 3, batch_size)]
+        >>> isinstance(Sides(), BatchOrderSource)
+        True
     """
 
     def __len__(self) -> int: ...
