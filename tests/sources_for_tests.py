@@ -148,3 +148,16 @@ class OnHost:
 
     def close(self) -> None:
         pass
+
+
+class Records:
+    """Record i is ``records[i]``, as given (a list of example trees)."""
+
+    def __init__(self, records):
+        self.records = list(records)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
