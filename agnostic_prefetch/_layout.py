@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch._numbers import holds, why_not_held
+from agnostic_prefetch._numbers import holds, number_kind, why_not_held
 from agnostic_prefetch._tree import TreeDef, flatten, key_paths, unflatten
 from agnostic_prefetch.errors import LayoutError
 
@@ -75,16 +75,18 @@ class Layout:
 def _spec_of(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     """Shape and dtype of an array leaf, or ``None`` for a leaf that travels as a list.
 
-    Numeric numpy arrays and scalars and Python numbers are arrays; so is anything numpy
-    can convert (``__array__``: a torch tensor, say) and a spec with ``shape`` and ``dtype``
-    (``jax.ShapeDtypeStruct``). Strings, bytes, paths and numpy strings are not.
+    Numeric numpy arrays and scalars (``ml_dtypes``' bfloat16 and float8 among them) and
+    Python numbers are arrays; so is anything numpy can convert (``__array__``: a torch
+    tensor, say) and a spec with ``shape`` and ``dtype`` (``jax.ShapeDtypeStruct``).
+    Strings, bytes, paths, numpy strings, structured dtypes and Python ints beyond 64 bits
+    are not (``_numbers.number_kind``).
     """
     if isinstance(x, bool | int | float | complex):
-        a = np.asarray(x)
-        return (), a.dtype
+        dtype = np.asarray(x).dtype
+        return None if number_kind(dtype) is None else ((), dtype)
     if isinstance(x, str | bytes | np.ndarray | np.generic) or hasattr(x, "__array__"):
         dtype = np.asarray(x).dtype if not isinstance(x, np.ndarray | np.generic) else x.dtype
-        if isinstance(x, str | bytes) or dtype.kind not in "biufc":
+        if isinstance(x, str | bytes) or number_kind(dtype) is None:
             return None
         return tuple(np.shape(x)), np.dtype(dtype)
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)

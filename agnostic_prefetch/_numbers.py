@@ -1,4 +1,8 @@
-"""Which numbers a dtype holds: the check behind a scalar leaf that takes values of other dtypes.
+"""Which dtypes are numbers, and which numbers a dtype holds (the check behind a scalar leaf).
+
+Numbers are numpy's bool, integer, float and complex dtypes and ``ml_dtypes``' (bfloat16,
+float8_*, int4, ...): these batch into arrays. Structured and raw ``np.void`` dtypes, strings
+and objects are not: such leaves travel as lists.
 
 A scalar leaf (shape ``()``: a label, a weight) keeps the dtype it was laid out with; a later
 value of another dtype goes in only if the leaf holds it:
@@ -28,9 +32,27 @@ _KINDS = {"b": BOOL, "i": INTEGER, "u": INTEGER, "f": FLOAT, "c": COMPLEX}
 _NAMES = ("bool", "integer", "float", "complex")
 
 
+@functools.lru_cache(maxsize=64)  # asked per layout leaf and per value cast into a leaf
 def number_kind(dtype: np.dtype) -> int | None:
-    """``BOOL``, ``INTEGER``, ``FLOAT`` or ``COMPLEX``; ``None`` for a dtype that is no number."""
-    return _KINDS.get(dtype.kind)
+    """``BOOL``, ``INTEGER``, ``FLOAT`` or ``COMPLEX``; ``None`` for a dtype that is no number.
+
+    ``ml_dtypes``' types (bfloat16, the float8 family, int4) are numbers: numpy gives them
+    kind ``"V"`` like a structured or raw ``np.void`` dtype, which is none.
+
+    Example:
+        >>> import numpy as np
+        >>> number_kind(np.dtype(np.uint8)) == INTEGER, number_kind(np.dtype([("a", "i4")]))
+        (True, None)
+    """
+    if dtype.kind != "V":
+        return _KINDS.get(dtype.kind)
+    if issubclass(dtype.type, np.void):
+        return None  # structured, raw bytes or a subarray: no one number
+    try:
+        np.finfo(dtype)  # ml_dtypes registers its floats with finfo
+    except ValueError:
+        return INTEGER
+    return FLOAT
 
 
 @functools.lru_cache(maxsize=64)  # asked per value cast into a float leaf

@@ -89,3 +89,54 @@ def test_a_refused_scalar_in_a_process_worker_names_the_record():
 def test_arrays_still_need_the_layouts_dtype_exactly():
     message = refusal([{"x": np.zeros(2, np.int16)}, {"x": np.zeros(2, np.int8)}])
     assert "record 1" in message and "int8[2]" in message and "int16[2]" in message
+
+
+def test_bfloat16_and_float8_arrays_and_scalars_batch_into_one_array_each():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16, f8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
+    records = [{"x": np.full(3, i, bf16), "w": bf16.type(i / 2), "q": np.full((2, 2), i, f8)}
+               for i in range(4)]
+    (batch,) = load(records)
+    assert isinstance(batch["x"], np.ndarray) and batch["x"].dtype == bf16
+    assert batch["x"].shape == (4, 3) and batch["x"][:, 0].astype(np.float32).tolist() == [0, 1, 2, 3]
+    assert batch["w"].dtype == bf16 and batch["w"].astype(np.float32).tolist() == [0, 0.5, 1, 1.5]
+    assert batch["q"].dtype == f8 and batch["q"].shape == (4, 2, 2)
+
+
+def test_bfloat16_leaves_batch_in_process_workers_which_import_ml_dtypes_to_unpickle_them():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    records = [{"x": np.full(2, i, bf16), "w": bf16.type(i)} for i in range(5)]
+    batches = load(records, batch_size=2, workers=1, remainder="pad")
+    assert [b["x"].dtype for b in batches] == [bf16] * 3
+    assert np.concatenate([b["x"][:, 1] for b in batches]).astype(np.float32).tolist() == [0, 1, 2, 3, 4, 0]
+    assert np.concatenate([b["w"] for b in batches]).astype(np.float32).tolist() == [0, 1, 2, 3, 4, 0]
+
+
+def test_a_bfloat16_spec_lays_out_an_array_leaf_like_a_record_would():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    records = [{"x": np.full(2, i, bf16)} for i in range(3)]
+    (batch,) = load(records, spec={"x": np.zeros(2, bf16)})
+    assert batch["x"].dtype == bf16 and batch["x"].shape == (3, 2)
+
+
+def test_a_float8_leaf_refuses_a_value_beyond_its_range_and_an_inf_it_has_no_code_for():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    f8 = np.dtype(ml_dtypes.float8_e4m3fn)
+    message = refusal([{"w": f8.type(1)}, {"w": 448.0}, {"w": 1000.0}])
+    assert "record 2" in message and "float8_e4m3fn holds finite values up to ±448" in message
+    message = refusal([{"w": f8.type(1)}, {"w": float("inf")}])
+    assert "record 1" in message and "float8_e4m3fn has no inf" in message
+
+
+def test_structured_dtype_leaves_arrive_as_lists_of_their_values():
+    pair = np.dtype([("a", np.int32), ("b", np.float32)])
+    records = [{"p": np.array((i, i / 2), pair)} for i in range(3)]
+    (batch,) = load(records)
+    assert isinstance(batch["p"], list) and [p["a"] for p in batch["p"]] == [0, 1, 2]
+
+
+def test_a_python_int_beyond_64_bits_arrives_as_a_list():
+    (batch,) = load([{"big": 2**70 + i} for i in range(2)])
+    assert batch["big"] == [2**70, 2**70 + 1]

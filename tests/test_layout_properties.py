@@ -17,6 +17,12 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 
 NUMPY = [np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
                                np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)]
+try:
+    import ml_dtypes
+
+    ML = [np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)]
+except ImportError:
+    ML = []
 PYTHON = [bool, int, float]  # laid out as bool, int64, float64
 
 
@@ -24,7 +30,11 @@ def kind(t) -> str:
     """'b', 'i' (signed or unsigned) or 'f' for a Python type or a numpy dtype."""
     if isinstance(t, type):  # not `t in PYTHON`: np.dtype(bool) == bool
         return {bool: "b", int: "i", float: "f"}[t]
-    return {"b": "b", "i": "i", "u": "i", "f": "f"}[t.kind]
+    return {"b": "b", "i": "i", "u": "i", "f": "f", "V": "f"}[t.kind]  # V: ml_dtypes' floats
+
+
+def has_inf(leaf: np.dtype) -> bool:
+    return not leaf.name.endswith("fn")  # ml_dtypes' "fn": finite and nan, no inf
 
 
 @st.composite
@@ -44,8 +54,8 @@ def scalars(draw, t):
         n = draw(st.one_of(st.integers(max(info.min, -3), min(info.max, 300)),
                            st.integers(int(info.min), int(info.max))))
         return t.type(n), n
-    width = min(64, 8 * t.itemsize)
-    with np.errstate(over="ignore"):  # a float32 draw into float16 may become inf: that is the value
+    width = min(64, max(32, 8 * t.itemsize) if t.kind == "V" else 8 * t.itemsize)
+    with np.errstate(over="ignore"):  # a draw into float16 may become inf: that is the value
         value = t.type(draw(st.one_of(st.floats(-300, 300, width=width), st.floats(width=width))))
     return value, float(value)
 
@@ -67,7 +77,7 @@ def fits(number, number_kind: str, leaf: np.dtype) -> bool:
     if math.isnan(number):
         return True
     if math.isinf(number):
-        return True
+        return has_inf(leaf)
     return abs(Fraction(number)) <= Fraction(float(np.finfo(leaf).max))
 
 
@@ -116,7 +126,7 @@ def check_delivered_or_refused(leaf_type, first, rest, batch_size, workers=0):
 
 
 @SETTINGS
-@given(dtypes_and_values(NUMPY + PYTHON), st.integers(1, 4))
+@given(dtypes_and_values(NUMPY + PYTHON + ML), st.integers(1, 4))
 def test_every_scalar_arrives_as_the_records_number_or_its_record_is_refused(case, batch_size):
     check_delivered_or_refused(*case, batch_size)
 
@@ -129,3 +139,7 @@ def test_every_scalar_arrives_as_the_records_number_or_its_record_is_refused_in_
     check_delivered_or_refused(np.dtype(np.int16), (np.int16(7), 7), rest, 2, workers)
     check_delivered_or_refused(np.dtype(np.float16), (np.float16(1), 1.0),
                                [(1e6, 1e6, "f"), (2, 2, "i")], 1, workers)
+    if ML:
+        bf16 = ML[0]
+        check_delivered_or_refused(bf16, (bf16.type(1), 1.0), [(0.1, 0.1, "f"), (3, 3, "i")], 2, workers)
+        check_delivered_or_refused(bf16, (bf16.type(1), 1.0), [(1e39, 1e39, "f")], 2, workers)
