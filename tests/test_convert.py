@@ -304,3 +304,12 @@ def test_compute_mean_writes_its_file_with_the_umasks_permissions(tmp_path, caps
     finally:
         os.umask(old)
     assert code == 0 and (tmp_path / "mean.npy").stat().st_mode & 0o777 == 0o644
+
+
+def test_convert_refuses_a_negative_shuffle_seed_naming_it(image_set, capsys):
+    tmp, *_ = image_set
+    code = run_cli("convert", str(tmp / "imgs") + "/", str(tmp / "list.txt"), str(tmp / "db"),
+                   "--shuffle", "--seed", "-1", "--quiet")
+    out = capsys.readouterr().out
+    assert code == 1 and "seed must be a non-negative integer" in out and "got -1" in out
+    assert not (tmp / "db").exists()

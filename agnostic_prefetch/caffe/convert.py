@@ -27,6 +27,7 @@ from agnostic_prefetch.caffe._resize import resize_bilinear
 from agnostic_prefetch.caffe.image_list import read_image_list
 from agnostic_prefetch.caffe.lmdb import LMDBSource
 from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
+from agnostic_prefetch.sources.protocol import check_seed
 from agnostic_prefetch.sources.records import decode_record, is_array_record
 
 __all__ = ["add_commands", "convert_imageset", "inspect_db", "compute_mean"]
@@ -87,9 +88,9 @@ def convert_imageset(
         ``shape`` is the first image's H×W×C.
 
     Raises:
-        FileExistsError: ``db_path`` exists. ValueError: only one resize size, or with
-        ``check_size`` an image whose size differs from the first (the database is then
-        incomplete: delete it).
+        FileExistsError: ``db_path`` exists. ValueError: only one resize size, a ``seed``
+        that is not a non-negative integer, or with ``check_size`` an image whose size
+        differs from the first (the database is then incomplete: delete it).
 
     Example:
         >>> convert_imageset("images/", "train.txt", "train_lmdb", resize_height=256, resize_width=256)  # doctest: +SKIP
@@ -99,6 +100,7 @@ def convert_imageset(
         raise ValueError(
             f"set both resize_height and resize_width, or neither; got {resize_height} and {resize_width}"
         )
+    seed = check_seed(seed)
     root, list_file, db_path = os.fspath(root), os.fspath(list_file), os.fspath(db_path)
     lines = read_image_list(list_file)
     if shuffle:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch._tree import flatten, key_paths
+from agnostic_prefetch.sources.protocol import check_seed
 
 __all__ = ["Mixture"]
 
@@ -129,7 +130,12 @@ class Mixture:
         return dict(zip(self.names, np.bincount(c, minlength=len(self.names)).tolist(), strict=True))
 
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
-        """All global batches of ``epoch`` (see the module's rules)."""
+        """All global batches of ``epoch`` (see the module's rules).
+
+        Raises:
+            ValueError: ``seed`` is not a non-negative integer.
+        """
+        seed = check_seed(seed)
         counts = self._batch_counts(batch_size)  # (batches, components)
         per_epoch = counts.sum(axis=0)
         taken = np.cumsum(counts, axis=0) - counts  # each batch's first draw, per component
