@@ -4,6 +4,13 @@ A slot is a 256-byte header followed by one block per array leaf, each block 256
 aligned (so DLPack consumers and page-locked copies see aligned buffers) and big enough
 for ``batch_size`` items. Leaves that are not arrays (strings, paths) do not live in the
 slot; they travel as short lists next to the "done" message.
+
+An array leaf takes items of its exact dtype and shape only. A scalar leaf (shape ``()``)
+takes a value of another dtype when its dtype holds that number (``_numbers``: integers in
+range, floats rounded to its precision but never overflowing to inf); anything else is an
+error naming the record. Nothing is truncated silently. A Python ``int``, ``float`` or
+``bool`` in the example is laid out as numpy's wide dtype for it (int64, float64, bool): it
+promises no narrower width; a numpy scalar (``np.int16(3)``) promises its own dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch._numbers import holds, number_kind, why_not_held
 from agnostic_prefetch._tree import TreeDef, flatten, key_paths, unflatten
 from agnostic_prefetch.errors import LayoutError
 
@@ -39,7 +47,6 @@ class ArrayLeaf:
     shape: tuple[int, ...]
     dtype: np.dtype
     offset: int
-    from_scalar: bool  # the example gave a Python/numpy scalar: accept any same-kind scalar
     item_bytes: int  # bytes of one item (computed once: it is used per batch)
 
 
@@ -68,16 +75,18 @@ class Layout:
 def _spec_of(x: Any) -> tuple[tuple[int, ...], np.dtype] | None:
     """Shape and dtype of an array leaf, or ``None`` for a leaf that travels as a list.
 
-    Numeric numpy arrays and scalars and Python numbers are arrays; so is anything numpy
-    can convert (``__array__``: a torch tensor, say) and a spec with ``shape`` and ``dtype``
-    (``jax.ShapeDtypeStruct``). Strings, bytes, paths and numpy strings are not.
+    Numeric numpy arrays and scalars (``ml_dtypes``' bfloat16 and float8 among them) and
+    Python numbers are arrays; so is anything numpy can convert (``__array__``: a torch
+    tensor, say) and a spec with ``shape`` and ``dtype`` (``jax.ShapeDtypeStruct``).
+    Strings, bytes, paths, numpy strings, structured dtypes and Python ints beyond 64 bits
+    are not (``_numbers.number_kind``).
     """
     if isinstance(x, bool | int | float | complex):
-        a = np.asarray(x)
-        return (), a.dtype
+        dtype = np.asarray(x).dtype
+        return None if number_kind(dtype) is None else ((), dtype)
     if isinstance(x, str | bytes | np.ndarray | np.generic) or hasattr(x, "__array__"):
         dtype = np.asarray(x).dtype if not isinstance(x, np.ndarray | np.generic) else x.dtype
-        if isinstance(x, str | bytes) or dtype.kind not in "biufc":
+        if isinstance(x, str | bytes) or number_kind(dtype) is None:
             return None
         return tuple(np.shape(x)), np.dtype(dtype)
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
@@ -125,9 +134,8 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
             continue
         shape, dtype = spec
         kinds.append("array")
-        from_scalar = isinstance(leaf, np.generic | bool | int | float | complex)
         item_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        leaf_spec = ArrayLeaf(path, shape, dtype, offset, from_scalar, item_bytes)
+        leaf_spec = ArrayLeaf(path, shape, dtype, offset, item_bytes)
         arrays.append(leaf_spec)
         offset = _round_up(offset + leaf_spec.item_bytes * batch_size, ALIGN)
     return Layout(treedef, batch_size, tuple(kinds), tuple(arrays), _round_up(offset, PAGE))
@@ -218,14 +226,17 @@ class SlotWriter:
                 continue
             spec = next(arrays)
             a = np.asarray(value)
-            if a.shape != spec.shape or not _dtype_ok(a, spec):
-                raise LayoutError(
-                    f"record {index}: leaf {spec.path} is {a.dtype}{list(a.shape)} but "
-                    f"{self.reference} is {spec.dtype}{list(spec.shape)}. Batches need equal "
-                    "shapes and dtypes: crop, resize or pad in the transform (or the "
-                    "source) so every record matches, or cast to one dtype."
-                    + self.remedy
-                )
+            if a.dtype != spec.dtype or a.shape != spec.shape:
+                if a.shape == spec.shape == ():
+                    self._check_scalar(a, spec, index)
+                else:
+                    raise LayoutError(
+                        f"record {index}: leaf {spec.path} is {a.dtype}{list(a.shape)} but "
+                        f"{self.reference} is {spec.dtype}{list(spec.shape)}. Batches need equal "
+                        "shapes and dtypes: crop, resize or pad in the transform (or the "
+                        "source) so every record matches, or cast to one dtype."
+                        + self.remedy
+                    )
             values.append(a)
         for dest, a in zip(self.leaves, values, strict=True):
             if a.ndim:
@@ -235,13 +246,17 @@ class SlotWriter:
             dest[j] = a
         return objects
 
-
-def _dtype_ok(a: np.ndarray, spec: ArrayLeaf) -> bool:
-    if a.dtype == spec.dtype:
-        return True
-    # A scalar leaf (a label given as a Python int, then as np.int32) may vary in width but
-    # not in kind; arrays must match exactly, so nothing is ever silently truncated.
-    return spec.from_scalar and a.shape == () and np.can_cast(a.dtype, spec.dtype, "same_kind")
+    @staticmethod
+    def _check_scalar(a: np.ndarray, spec: ArrayLeaf, index: int) -> None:
+        """Refuse a scalar of another dtype that ``spec``'s dtype does not hold (``_numbers``)."""
+        if holds(a, spec.dtype):
+            return
+        raise LayoutError(
+            f"record {index}: leaf {spec.path} is {a.item()!r} ({a.dtype}), which the leaf's "
+            f"{spec.dtype} (laid out from the first example, or spec=) does not hold: "
+            f"{why_not_held(a, spec.dtype)}. Values are never truncated silently: cast this "
+            "leaf to one wider dtype for every record in the source or transform, or give "
+            "spec= a wider dtype for it.")
 
 
 def _describe_tree(leaves: list[Any], treedef: TreeDef) -> str:

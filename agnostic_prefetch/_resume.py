@@ -133,9 +133,10 @@ _POSITION = ("epoch", "batch", "delivered_ahead", "end_epoch")
 def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
     """The state this shard continues from, out of every process's states of one run.
 
-    They must agree on the order; in an ordered run (or one with a single shard) every
-    process delivered the same global batches, so they must agree on the position too and
-    any of them will do. Out of order, each shard's own state is taken.
+    They must agree on the settings that decide the order (always checked first); in an
+    ordered run (or one with a single shard) every process delivered the same global
+    batches, so they must agree on the position too and any of them will do. Out of order,
+    each shard's own state is taken, or any one if all stand at one frontier.
 
     Raises:
         ValueError: no states, or states that are not one run's checkpoint at one step.
@@ -144,6 +145,7 @@ def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, An
         raise ValueError("no states to resume from (an empty list)")
     first = states[0]
     shared = ("version", *ORDER_SETTINGS, "shard_count", "ordered")
+    _check_agree(states, shared, "the processes of one run share their settings")
     whole = first.get("ordered", True) or first.get("shard_count") == 1
     every_shard = {s.get("shard_index") for s in states} == set(range(first.get("shard_count", 1)))
     if not whole and every_shard and all(
@@ -151,18 +153,24 @@ def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, An
         # Out of order, but every process stands at the same frontier with nothing ahead:
         # each delivered exactly its slices of the same global batches.
         return {**first, "ordered": True}
-    for i, state in enumerate(states[1:], 1):
-        for key in shared + (_POSITION if whole else ()):
-            if state.get(key) != first.get(key):
-                raise ValueError(
-                    f"the processes' states disagree: process 0 saved {key}={first.get(key)!r}, "
-                    f"process {i} {key}={state.get(key)!r}. An ordered run's processes deliver the "
-                    "same global batches in step, so these are not one checkpoint: save every "
-                    "process's state at the same step, from loaders with the same settings.")
     if whole:
+        _check_agree(states, _POSITION, "an ordered run's processes deliver the same global "
+                     "batches in step")
         return first
     mine = [s for s in states if s.get("shard_index") == settings["shard_index"]]
     return mine[0] if mine else first  # decode refuses another shard count, naming it
+
+
+def _check_agree(states: list[dict[str, Any]], keys: tuple[str, ...], why: str) -> None:
+    first = states[0]
+    for i, state in enumerate(states[1:], 1):
+        for key in keys:
+            if state.get(key) != first.get(key):
+                raise ValueError(
+                    f"the processes' states disagree: process 0 saved {key}={first.get(key)!r}, "
+                    f"process {i} {key}={state.get(key)!r}. As {why}, these are not one "
+                    "checkpoint: save every process's state at the same step, from loaders "
+                    "with the same settings.")
 
 
 def check_shards(state: dict[str, Any], settings: dict[str, Any]) -> None:

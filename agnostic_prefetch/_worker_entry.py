@@ -3,7 +3,9 @@
 A fresh interpreter (never a fork of the training process) that ignores SIGINT (the parent
 owns shutdown), dies with its parent, receives the parent's ``sys.path``, working directory
 and the cloudpickled job over its order pipe, maps the ring from the inherited descriptor,
-and then serves orders like any other worker.
+and then serves orders like any other worker. A layout with ``ml_dtypes``' dtypes (bfloat16)
+needs no import here: a dtype pickles as a reference to its scalar type, so unpickling the
+job imports ``ml_dtypes``.
 """
 
 from __future__ import annotations

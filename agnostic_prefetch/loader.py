@@ -54,7 +54,8 @@ class Loader:
             holds at its peak (``Prefetcher.held_at_peak``), plus one. At least ``workers +
             1``. Hold more than the ring allows and batches are copied out (a prefetch stage
             that would warns, naming the ``slots=`` to pass).
-        shuffle, seed: permute items per epoch from ``(seed, epoch)``.
+        shuffle, seed: permute items per epoch from ``(seed, epoch)``; ``seed`` is a
+            non-negative integer (Python or numpy), checked here.
         epochs: epochs one iteration covers; ``None`` never ends (no drain between epochs).
         drop_remainder: leave out a last global batch that would be short
             (``remainder="drop"``).

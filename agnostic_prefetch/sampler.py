@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch.sources.protocol import BatchOrderSource
+from agnostic_prefetch.sources.protocol import BatchOrderSource, check_seed
 
 __all__ = ["REMAINDERS", "BatchOrderSource", "Batch", "Sampler", "item_rng"]
 
@@ -67,12 +67,13 @@ class Sampler:
         batch_size: items per batch on this shard; the global batch is
             ``batch_size * shard_count``.
         shuffle: permute items per epoch from ``(seed, epoch)``.
-        seed: the run's seed.
+        seed: the run's seed: a non-negative integer (Python or numpy).
         remainder: ``"short"``, ``"pad"`` or ``"drop"`` (see the module's rules).
         shard_index, shard_count: which slice of every global batch this process reads.
 
     Raises:
-        ValueError: on a bad batch size, shard or remainder, naming the numbers and the remedy.
+        ValueError: on a bad batch size, shard, seed or remainder, naming the numbers and the
+            remedy.
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class Sampler:
         self.shard_count = int(shard_count)
         self.global_batch_size = self.batch_size * self.shard_count
         self.shuffle = bool(shuffle)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.remainder = remainder
         self.source_len = len(source)
         self._batch_order = getattr(source, "batch_order", None)

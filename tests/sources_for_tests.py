@@ -183,3 +183,16 @@ class Doubled:
     @property
     def order_fingerprint(self) -> dict:
         return {"doubled": self.n, "per_epoch": self.per_epoch}
+
+
+class Records:
+    """Record i is ``records[i]``, as given (a list of example trees)."""
+
+    def __init__(self, records):
+        self.records = list(records)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]

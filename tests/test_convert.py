@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import lmdb
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from PIL import Image
 from test_datum import caffe_messages
 
+from agnostic_prefetch.caffe._datum import Datum, encode_datum
 from agnostic_prefetch.caffe.convert import add_commands, compute_mean, convert_imageset, inspect_db
-from agnostic_prefetch.caffe.lmdb import LMDBSource
+from agnostic_prefetch.caffe.lmdb import LMDBSource, write_array_records
 
 
 @pytest.fixture
@@ -200,3 +202,114 @@ def test_inspect_counts_labels_without_decoding(image_set):
     convert_imageset(str(tmp / "imgs") + "/", tmp / "list.txt", tmp / "db", encoded=True, progress=False)
     info = inspect_db(tmp / "db")
     assert info["count"] == 5 and info["kinds"] == {"encoded": 5} and info["labels"] == {i: 1 for i in range(10, 15)}
+
+
+# -- compute-mean on every kind of bad input: a message, exit code 1, no output file --------
+
+
+def compute_mean_cli(db, out, capsys, *flags: str) -> tuple[int, str]:
+    """Exit code and printed text of ``agnostic-prefetch compute-mean DB OUT``."""
+    from agnostic_prefetch.cli import main
+
+    code = main(["compute-mean", str(db), str(out), "--quiet", *flags])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_compute_mean_of_records_without_an_image_leaf_names_the_record_and_its_leaves(tmp_path, capsys):
+    write_array_records(tmp_path / "db", ({"x": np.full(3, i, np.float32), "label": i} for i in range(3)))
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 1 and "compute-mean: error:" in text
+    assert "record 0 (key b'00000000')" in text and str(tmp_path / "db") in text
+    assert "no 'image' leaf" in text and "'x', 'label'" in text and "write_array_records" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_compute_mean_of_gray_images_is_h_w_1_as_caffe_treats_one_channel(tmp_path, capsys):
+    images = [np.full((4, 5), 10 * i, np.uint8) for i in range(3)]
+    write_array_records(tmp_path / "db", ({"image": image} for image in images))
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 0 and "mean of 3 images (4×5×1)" in text and "gray 10.000" in text
+    mean = np.load(tmp_path / "mean.npy")
+    assert mean.dtype == np.float32 and mean.shape == (4, 5, 1) and (mean == 10).all()
+    code, _ = compute_mean_cli(tmp_path / "db", tmp_path / "mean.binaryproto", capsys)
+    blob = caffe_messages()["BlobProto"].FromString((tmp_path / "mean.binaryproto").read_bytes())
+    assert code == 0 and (blob.num, blob.channels, blob.height, blob.width) == (1, 1, 4, 5)
+    assert list(blob.data) == [10.0] * 20
+
+
+def test_compute_mean_of_images_of_differing_shapes_names_both_and_the_remedy(tmp_path, capsys):
+    write_array_records(tmp_path / "db", ({"image": np.zeros((4, 5 + (i == 2), 3), np.uint8)} for i in range(3)))
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.binaryproto", capsys)
+    assert code == 1 and "record 2 (key b'00000002')" in text and str(tmp_path / "db") in text
+    assert "4×6×3" in text and "4×5×3" in text and "--resize-height" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_compute_mean_of_images_that_are_not_h_w_or_h_w_c_is_refused(tmp_path, capsys):
+    write_array_records(tmp_path / "db", ({"image": np.zeros(7, np.uint8)} for _ in range(2)))
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 1 and "record 0 (key b'00000000')" in text and "shape (7,)" in text
+    assert "H×W" in text and sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_compute_mean_of_an_empty_database_says_so_with_the_remedy(tmp_path, capsys):
+    lmdb.open(str(tmp_path / "db"), map_size=1 << 20).close()
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 1 and "holds no records" in text and "convert" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "missing"])
+def test_compute_mean_of_a_path_that_is_not_an_lmdb_names_it(tmp_path, capsys, kind):
+    path = tmp_path / "db"
+    if kind == "file":
+        path.write_bytes(b"not a database " * 100)
+    elif kind == "folder":
+        path.mkdir()
+    code, text = compute_mean_cli(path, tmp_path / "mean.npy", capsys)
+    assert code == 1 and text.startswith("compute-mean: error:") and str(path) in text
+    assert "Traceback" not in text and not (tmp_path / "mean.npy").exists()
+
+
+def test_compute_mean_of_records_that_do_not_decode_names_the_record(tmp_path, capsys):
+    from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
+
+    with LMDBWriter(str(tmp_path / "db")) as writer:
+        writer.put(b"00000000", encode_datum(Datum(channels=1, height=2, width=2, data=bytes(4))))
+        writer.put(b"00000001", b"\xff\xff\xff")
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 1 and "record 1 (key b'00000001')" in text and "not a valid Caffe Datum" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_compute_mean_that_fails_while_writing_leaves_no_file(tmp_path, capsys, monkeypatch):
+    write_array_records(tmp_path / "db", ({"image": np.zeros((2, 2, 3), np.uint8)} for _ in range(2)))
+
+    def disk_full(file, arr, **kwargs):
+        file.write(b"\x93NUMPY half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    code, text = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    assert code == 1 and "No space left on device" in text and str(tmp_path / "mean.npy") in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+
+
+def test_compute_mean_writes_its_file_with_the_umasks_permissions(tmp_path, capsys):
+    write_array_records(tmp_path / "db", ({"image": np.zeros((2, 2, 3), np.uint8)} for _ in range(2)))
+    old = os.umask(0o022)
+    try:
+        code, _ = compute_mean_cli(tmp_path / "db", tmp_path / "mean.npy", capsys)
+    finally:
+        os.umask(old)
+    assert code == 0 and (tmp_path / "mean.npy").stat().st_mode & 0o777 == 0o644
+
+
+def test_convert_refuses_a_negative_shuffle_seed_naming_it(image_set, capsys):
+    tmp, *_ = image_set
+    code = run_cli("convert", str(tmp / "imgs") + "/", str(tmp / "list.txt"), str(tmp / "db"),
+                   "--shuffle", "--seed", "-1", "--quiet")
+    out = capsys.readouterr().out
+    assert code == 1 and "seed must be a non-negative integer" in out and "got -1" in out
+    assert not (tmp / "db").exists()

@@ -121,3 +121,12 @@ def test_out_of_order_states_all_at_one_frontier_with_nothing_ahead_load_on_anot
     ahead = [encode(Position(4, frozenset({6}), 10), on(0, 2, ordered=False), endless=False), states[1]]
     with pytest.raises(ValueError, match="cannot continue on shard_count=4"):
         decode(ahead, on(0, 4))
+
+
+@pytest.mark.parametrize(("key", "first", "second"), [("seed", 1, 999), ("source_len", 40, 48)])
+def test_out_of_order_states_at_one_frontier_that_disagree_on_a_setting_are_refused(key, first, second):
+    position = Position(4, frozenset(), 10)
+    states = [encode(position, on(s, 2, ordered=False, **{key: value}), endless=False)
+              for s, value in enumerate((first, second))]
+    with pytest.raises(ValueError, match=rf"process 0 saved {key}={first}, process 1 {key}={second}.*same settings"):
+        decode(states, on(0, 4, **{key: first}))

@@ -193,3 +193,38 @@ def test_only_the_order_of_the_two_latest_epochs_is_kept():
 def test_batch_number_out_of_range_is_an_index_error():
     with pytest.raises(IndexError):
         Sampler(Sized(10), 4).batch(0, 3)
+
+
+BAD_SEEDS = [-1, np.int64(-2), True, np.True_, 1.5, "3", None]
+
+
+@pytest.mark.parametrize("seed", BAD_SEEDS, ids=repr)
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused_naming_it_and_the_remedy(seed):
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer.*got .*seed % 2\*\*32"):
+        Sampler(Sized(10), 2, shuffle=True, seed=seed)
+
+
+@pytest.mark.parametrize("seed", [0, 7, np.int64(5), np.uint32(2**32 - 1), 2**70])
+def test_non_negative_python_and_numpy_integers_are_seeds(seed):
+    assert Sampler(Sized(10), 2, shuffle=True, seed=seed).seed == int(seed)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_loader_with_a_negative_seed_says_so_before_reading_anything(shuffle):
+    import agnostic_prefetch as ap
+
+    def transform(example, rng):
+        return {"i": example}
+
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer.*got -1"):
+        ap.Loader(Sized(10), 2, workers=0, seed=-1, shuffle=shuffle, transform=transform)
+
+
+def test_a_source_that_orders_its_batches_refuses_a_negative_seed_given_to_it():
+    from agnostic_prefetch.caffe._layers import CaffeStream
+    from agnostic_prefetch.sources.mixture import Mixture
+
+    sized = [Mixture({"a": Sized(4), "b": Sized(6)}, {"a": 0.5, "b": 0.5}), CaffeStream(Sized(5), shuffle=True)]
+    for source in sized:
+        with pytest.raises(ValueError, match=r"seed must be a non-negative integer.*got -1"):
+            source.batch_order(seed=-1, epoch=0, batch_size=2)

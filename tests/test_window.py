@@ -192,3 +192,9 @@ def test_loader_delivers_the_sources_own_batches(mixed):
     for batch, indices in zip(batches, expected, strict=True):
         np.testing.assert_array_equal(batch["image"], np.stack([source[int(i)]["image"] for i in indices]))
         np.testing.assert_array_equal(batch["label"], [source[int(i)]["label"] for i in indices])
+
+
+def test_batch_order_refuses_a_negative_seed_naming_it(mixed):
+    path, root = mixed
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer.*got -1.*seed % 2\*\*32"):
+        WindowSource(path, root_folder=root, crop_size=8).batch_order(seed=-1, epoch=0, batch_size=2)

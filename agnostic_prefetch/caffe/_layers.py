@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch.sources.protocol import check_seed
+
 __all__ = ["build"]
 
 log = logging.getLogger("agnostic_prefetch.caffe")
@@ -184,7 +186,8 @@ class CaffeStream:
 
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> list[np.ndarray]:
         """Batches ``epoch * ceil(n / B)`` on of the stream: item ``m`` is record ``m % n``
-        of pass ``m // n``."""
+        of pass ``m // n``. Raises ValueError for a seed that is not a non-negative integer."""
+        seed = check_seed(seed)
         per = -(-self.n // batch_size)
         # rand_skip: Caffe starts at line `rand() % rand_skip` of its first pass
         skip = int(np.random.default_rng([seed, 0x534B4950]).integers(0, self.rand_skip)) if self.rand_skip else 0

@@ -51,8 +51,9 @@ def acquire_env(path: str, *, subdir: bool, readahead: bool) -> Any:
                         "reads (the Loader's workers open their own), or read through the source."
                     ) from None
                 raise FileNotFoundError(
-                    errno.ENOENT, f"cannot open the LMDB database at {path!r}: {exc}", path
-                ) from None
+                    errno.ENOENT, f"cannot open the LMDB database at {path!r}: {exc}. Point to an "
+                    "LMDB (the directory agnostic-prefetch convert or write_array_records wrote)",
+                    path) from None
             entry = _envs[key] = [env, 0]
         entry[1] += 1
         return entry[0]

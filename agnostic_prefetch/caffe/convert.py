@@ -27,6 +27,7 @@ from agnostic_prefetch.caffe._resize import resize_bilinear
 from agnostic_prefetch.caffe.image_list import read_image_list
 from agnostic_prefetch.caffe.lmdb import LMDBSource
 from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
+from agnostic_prefetch.sources.protocol import check_seed
 from agnostic_prefetch.sources.records import decode_record, is_array_record
 
 __all__ = ["add_commands", "convert_imageset", "inspect_db", "compute_mean"]
@@ -87,9 +88,9 @@ def convert_imageset(
         ``shape`` is the first image's H×W×C.
 
     Raises:
-        FileExistsError: ``db_path`` exists. ValueError: only one resize size, or with
-        ``check_size`` an image whose size differs from the first (the database is then
-        incomplete: delete it).
+        FileExistsError: ``db_path`` exists. ValueError: only one resize size, a ``seed``
+        that is not a non-negative integer, or with ``check_size`` an image whose size
+        differs from the first (the database is then incomplete: delete it).
 
     Example:
         >>> convert_imageset("images/", "train.txt", "train_lmdb", resize_height=256, resize_width=256)  # doctest: +SKIP
@@ -99,6 +100,7 @@ def convert_imageset(
         raise ValueError(
             f"set both resize_height and resize_width, or neither; got {resize_height} and {resize_width}"
         )
+    seed = check_seed(seed)
     root, list_file, db_path = os.fspath(root), os.fspath(list_file), os.fspath(db_path)
     lines = read_image_list(list_file)
     if shuffle:
@@ -202,29 +204,25 @@ def compute_mean(
     """The per-pixel mean image of an LMDB of images, H×W×C float32 (RGB, or BGR with ``bgr``).
 
     Accumulated as Caffe's ``compute_image_mean`` does: in float32, one record at a time in
-    key order, then divided by the count in float32, so the values are Caffe's. Written to
-    ``out`` as ``.npy`` (H×W×C) or, for a name ending ``.binaryproto``, as the BlobProto
-    bytes Caffe's tool writes (BGR 1×C×H×W).
+    key order, then divided by the count in float32, so the values are Caffe's. A gray
+    image (H×W, or a one-channel Datum) counts as C=1. Written to ``out`` as ``.npy``
+    (H×W×C; ``.npy`` is appended to another name, as ``np.save`` does) or, for a name
+    ending ``.binaryproto``, as the BlobProto bytes Caffe's tool writes (BGR 1×C×H×W). The
+    file appears whole or not at all: it is written next to ``out`` and renamed.
 
     Raises:
-        ValueError: records of different sizes (a mean image needs one size).
+        FileNotFoundError: no LMDB database at ``db``.
+        ValueError: an empty database, a record without an ``image`` leaf, one that does
+            not decode, an image that is not H×W or H×W×C, or images of different sizes
+            (a mean image needs one size); each names the record and the remedy.
+        OSError: writing ``out`` failed.
+
+    Example:
+        >>> compute_mean("train_lmdb", "mean.binaryproto")["channel_means"]  # doctest: +SKIP
+        [104.0, 116.7, 122.7]
     """
     db = os.fspath(db)
-    total: np.ndarray | None = None
-    count = 0
-    for source, i in _iter_items(db, progress, "compute-mean"):
-        image = source[i]["image"]
-        if total is None:
-            total = np.zeros(image.shape, np.float32)
-        elif image.shape != total.shape:
-            raise ValueError(
-                f"record {i} (key {source.key(i)!r}) is {'×'.join(map(str, image.shape))}, the first "
-                f"is {'×'.join(map(str, total.shape))}; a mean image needs one size (convert with "
-                "--resize-height/--resize-width)"
-            )
-        total += image
-        count += 1
-    assert total is not None
+    total, count = _image_sum(db, progress)
     mean = total / np.float32(count)  # float32, RGB as LMDBSource yields it
     if bgr and mean.shape[2] == 3:
         mean = np.ascontiguousarray(mean[:, :, ::-1])
@@ -232,11 +230,65 @@ def compute_mean(
         out = os.fspath(out)
         if out.endswith(".binaryproto"):
             caffe_mean = mean if bgr or mean.shape[2] == 1 else mean[:, :, ::-1]
-            with open(out, "wb") as f:
-                f.write(encode_blobproto(caffe_mean.transpose(2, 0, 1)))
+            blob = encode_blobproto(caffe_mean.transpose(2, 0, 1))
+            _write_whole(out, lambda f: f.write(blob))
         else:
-            np.save(out, mean, allow_pickle=False)
-    return {"db": db, "count": count, "mean": mean, "channel_means": mean.mean(axis=(0, 1)).tolist(), "order": "bgr" if bgr else "rgb"}
+            out = out if out.endswith(".npy") else out + ".npy"
+            _write_whole(out, lambda f: np.save(f, mean, allow_pickle=False))
+    return {"db": db, "count": count, "mean": mean, "out": out,
+            "channel_means": mean.mean(axis=(0, 1)).tolist(), "order": "bgr" if bgr else "rgb"}
+
+
+def _image_sum(db: str, progress: bool) -> tuple[np.ndarray, int]:
+    """The float32 sum of every record's image (H×W×C; gray as C=1) and the record count."""
+    total: np.ndarray | None = None
+    count = 0
+    for source, i in _iter_items(db, progress, "compute-mean"):
+        record = source[i]
+        where = f"record {i} (key {source.key(i)!r}) of {db!r}"
+        if "image" not in record:
+            raise ValueError(
+                f"{where} has no 'image' leaf (it has {', '.join(map(repr, record))}); compute-mean "
+                "averages images. Point it at a database of images: one convert wrote, or "
+                "write_array_records with an 'image' array (H×W or H×W×C) in every record.")
+        image = np.asarray(record["image"])
+        if image.ndim == 2:
+            image = image[:, :, np.newaxis]  # gray: one channel, as Caffe's 1-channel Datum
+        if image.ndim != 3 or image.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{where} has an 'image' of shape {tuple(np.shape(record['image']))} and dtype "
+                f"{image.dtype}; a mean image needs H×W (gray) or H×W×C real-valued images. "
+                "Write the images in one of those layouts.")
+        if total is None:
+            total = np.zeros(image.shape, np.float32)
+        elif image.shape != total.shape:
+            raise ValueError(
+                f"{where} is {'×'.join(map(str, image.shape))}, the first is "
+                f"{'×'.join(map(str, total.shape))}; a mean image needs one size (convert with "
+                "--resize-height/--resize-width)")
+        total += image
+        count += 1
+    assert total is not None  # LMDBSource refuses an empty database
+    return total, count
+
+
+def _write_whole(path: str, write: Any) -> None:
+    """Run ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``:
+    a failure (a full disk, an interrupt) leaves no half-written file under either name."""
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        # os.open, not mkstemp: the file gets the umask's permissions, as open() would give it.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 # -- command line ------------------------------------------------------------------------
@@ -279,13 +331,23 @@ def _run_compute_mean(args: argparse.Namespace) -> int:
     try:
         result = compute_mean(args.db, args.out, bgr=args.bgr, progress=not args.quiet)
     except (OSError, ValueError) as exc:
-        print(f"compute-mean: error: {exc}")
+        print(f"compute-mean: error: {_error_text(exc)}")
         return 1
-    names = "BGR" if args.bgr else "RGB"
     means = result["channel_means"]
-    per_channel = ", ".join(f"{names[i] if len(means) == 3 else 'gray'} {m:.3f}" for i, m in enumerate(means))
-    print(f"mean of {result['count']} images ({'×'.join(map(str, result['mean'].shape))}) -> {args.out}; per channel: {per_channel}")
+    names = ("BGR" if args.bgr else "RGB") if len(means) == 3 else ["gray"] if len(means) == 1 else [
+        f"channel {i}" for i in range(len(means))]
+    per_channel = ", ".join(f"{name} {m:.3f}" for name, m in zip(names, means, strict=True))
+    print(f"mean of {result['count']} images ({'×'.join(map(str, result['mean'].shape))}) -> "
+          f"{result['out']}; per channel: {per_channel}")
     return 0
+
+
+def _error_text(exc: BaseException) -> str:
+    """An error for the terminal: an OSError without its ``[Errno N]`` prefix, with its path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        path = os.fsdecode(exc.filename) if exc.filename is not None else ""
+        return exc.strerror if path in exc.strerror else f"{exc.strerror}: {path}"
+    return str(exc)
 
 
 def add_commands(subparsers: Any) -> None:

@@ -33,6 +33,7 @@ __all__ = ["LMDBSource", "write_array_records"]
 
 _OPENING = threading.Lock()  # one source's first open in a process at a time
 _SIZE_SAMPLE = 64  # records whose sizes are checked at construction, spread over the database
+_CORRUPT = "The record is corrupt: write the database again (agnostic-prefetch convert)."
 
 
 def _check_channel_order(channel_order: str) -> str:
@@ -137,7 +138,10 @@ class LMDBSource:
         self._pid = -1
         self._keys_blob, self._key_ends = self._index_keys()
         if len(self._key_ends) == 0:
-            raise ValueError(f"the LMDB database at {self.path!r} holds no records")
+            raise ValueError(
+                f"the LMDB database at {self.path!r} holds no records; write some first "
+                "(agnostic-prefetch convert, or write_array_records), or point to the database "
+                "that holds them.")
         self.kind, self.item_shapes = self._check_sizes()
 
     # -- opening ---------------------------------------------------------------------------
@@ -275,7 +279,7 @@ class LMDBSource:
         try:
             return decode_datum(value)
         except WireError as exc:
-            raise ValueError(f"{self._describe(index)} is not a valid Caffe Datum: {exc}") from None
+            raise ValueError(f"{self._describe(index)} is not a valid Caffe Datum: {exc}. {_CORRUPT}") from None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -286,7 +290,7 @@ class LMDBSource:
             try:
                 item: dict[str, Any] = decode_record(value)
             except RecordError as exc:
-                raise ValueError(f"{self._describe(index)}: {exc}") from None
+                raise ValueError(f"{self._describe(index)}: {exc}. {_CORRUPT}") from None
         else:
             image, label = self._datum_item(value, index)
             item = {"image": image, "label": label}
@@ -315,7 +319,7 @@ class LMDBSource:
         if flat.size != c * h * w or min(c, h, w) < 1:
             raise ValueError(
                 f"{self._describe(index)} has {flat.size} {what} but says channels={c}, "
-                f"height={h}, width={w}"
+                f"height={h}, width={w}. {_CORRUPT}"
             )
         # Caffe stores C×H×W with channels in BGR order
         return _to_hwc(flat.reshape(c, h, w), reverse=self.channel_order == "rgb"), label

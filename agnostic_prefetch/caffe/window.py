@@ -19,6 +19,7 @@ import numpy as np
 from agnostic_prefetch.caffe._mean import describe_mean, mean_for, resolve_mean
 from agnostic_prefetch.caffe._resize import resize_bilinear
 from agnostic_prefetch.sources.images import load_image
+from agnostic_prefetch.sources.protocol import check_seed
 
 __all__ = ["WindowSource", "WindowFileError", "parse_window_file"]
 
@@ -252,8 +253,10 @@ class WindowSource:
         the foreground ones, then the flips, placed at the rows described above.
 
         Raises:
-            ValueError: the batch needs foreground (or background) windows and there are none.
+            ValueError: the batch needs foreground (or background) windows and there are none;
+                ``seed`` is not a non-negative integer.
         """
+        seed = check_seed(seed)
         num_fg, num_bg = self._split(batch_size)
         for need, have, what in ((num_fg, self.num_fg, "foreground"), (num_bg, self.num_bg, "background")):
             if need and not have:

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch._tree import flatten, key_paths
+from agnostic_prefetch.sources.protocol import check_seed
 
 __all__ = ["Mixture"]
 
@@ -178,8 +179,10 @@ class Mixture:
         """All global batches of ``epoch`` (see the module's rules).
 
         Raises:
-            ValueError: a component that orders itself breaks its protocol (see the class).
+            ValueError: ``seed`` is not a non-negative integer, or a component that orders
+                itself breaks its protocol (see the class).
         """
+        seed = check_seed(seed)
         counts = self._batch_counts(batch_size)  # (batches, components)
         per_epoch = counts.sum(axis=0)
         taken = np.cumsum(counts, axis=0) - counts  # each batch's first draw, per component

@@ -14,7 +14,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["BatchOrderSource", "MapSource"]
+import numpy as np
+
+__all__ = ["BatchOrderSource", "MapSource", "check_seed"]
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, if it is a non-negative integer (Python or numpy; not a bool).
+
+    Every seed of the data order and the per-item draws goes to ``numpy.random``, which
+    takes non-negative integers only; checking where the seed is given names it there.
+
+    Raises:
+        ValueError: any other value, naming it and the remedy.
+
+    Example:
+        >>> check_seed(np.uint32(7))
+        7
+    """
+    if isinstance(seed, int | np.integer) and not isinstance(seed, bool | np.bool_) and seed >= 0:
+        return int(seed)
+    kind = " (a bool)" if isinstance(seed, bool | np.bool_) else ""
+    raise ValueError(
+        f"seed must be a non-negative integer (Python or numpy), got {seed!r}{kind}; pass any "
+        "int >= 0, e.g. seed % 2**32 to keep a negative or hashed seed's variety.")
 
 
 @runtime_checkable
@@ -75,7 +98,7 @@ class BatchOrderSource(Protocol):
     def batch_order(self, *, seed: int, epoch: int, batch_size: int) -> Sequence[Sequence[int]]:
         """All global batches of ``epoch``; a pure function of the arguments.
 
-        Every batch holds exactly ``batch_size`` indices, except that the last may hold
+        ``seed`` is a non-negative integer (:func:`check_seed`). Every batch holds exactly ``batch_size`` indices, except that the last may hold
         fewer (not none); every epoch has as many batches.
         """
         ...
