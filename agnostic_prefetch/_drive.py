@@ -4,14 +4,13 @@ One thread drives a scheduler at a time: it dispatches, takes and waits while it
 :class:`Drive` (re-entrant, like an ``RLock``). ``close()`` from another thread must not
 release the ring and workers under it: it wakes the driver, waits a moment for it to leave,
 and if it does not (a ``workers=0`` fill cannot be interrupted), hands the release to the
-driver, which runs it as it leaves. Both decisions are taken under one lock, so a driver
-that leaves just as the wait runs out still finds the release handed to it: nothing leaks.
+driver, which runs it as it leaves. Handing over and leaving never lose the release
+between them (see :class:`Drive`): nothing leaks, and nothing is released twice.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -21,10 +20,13 @@ __all__ = ["Drive"]
 class Drive:
     """A re-entrant drive with a hand-over for ``close()``.
 
-    Every field is guarded by ``_cond``'s lock. ``owner`` and ``depth`` change only in the
-    thread that owns the drive (``__enter__``/``__exit__``) or, while nobody owns it, in the
-    thread that takes it; ``_release`` is set by :meth:`close_or_hand_over` and taken by the
-    owner's last ``__exit__``.
+    ``_lock`` (an ``RLock``) is held by the driving thread; ``owner`` and ``_depth`` change
+    only in the thread that holds it. A release handed over waits in ``_handed``, a list
+    (append and pop are atomic): a closer that waited in vain appends, then tries once
+    more to take the drive; every thread that lets go of the drive looks at ``_handed``
+    after it let go, and tries to take the drive back to run it. Whichever of them holds
+    the drive pops the release and runs it; the others find the list empty. So a driver
+    that leaves just as the closer gives up waiting cannot strand it.
 
     Example:
         >>> drive, done = Drive(), []
@@ -36,55 +38,57 @@ class Drive:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self.owner: int | None = None  # the ident of the driving thread
+        self._lock = threading.RLock()
+        self.owner: int | None = None  # the ident of the driving thread (for messages)
         self._depth = 0
-        self._release: Callable[[], None] | None = None  # run by the owner as it leaves
+        self._handed: list[Callable[[], None]] = []
 
     def __enter__(self) -> Drive:
-        me = threading.get_ident()
-        with self._cond:
-            while self.owner is not None and self.owner != me:
-                self._cond.wait()
-            self.owner = me
-            self._depth += 1
+        self._lock.acquire()
+        if not self._depth:
+            self.owner = threading.get_ident()
+        self._depth += 1
         return self
 
     def __exit__(self, kind: type[BaseException] | None = None, exc: BaseException | None = None,
                  tb: TracebackType | None = None) -> None:
-        with self._cond:
-            self._depth -= 1
-            if self._depth:
-                return
-            release, self._release = self._release, None
-            if release is None:
-                self.owner = None
-                self._cond.notify_all()
-                return
-        # Still the owner: the release runs holding the drive, like a close() that got it.
+        self._depth -= 1
+        if self._depth:
+            self._lock.release()
+            return
+        self.owner = None
+        self._lock.release()
+        if self._handed:
+            self._run_handed()
+
+    def _run_handed(self) -> None:
+        """Run a release handed over, holding the drive (if nobody else drives now: then
+        that thread runs it as it leaves)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        self._depth += 1
         try:
+            try:
+                release = self._handed.pop()
+            except IndexError:
+                return  # another thread ran it
             release()
         finally:
-            with self._cond:
-                self.owner = None
-                self._cond.notify_all()
+            self._depth -= 1
+            self._lock.release()
 
     def close_or_hand_over(self, release: Callable[[], None], wait_s: float) -> int | None:
         """Run ``release`` holding the drive, waiting up to ``wait_s`` for the driver to leave;
         if it does not, hand ``release`` to it and return its thread's ident (else ``None``)."""
-        me = threading.get_ident()
-        deadline = time.monotonic() + wait_s
-        with self._cond:
-            while self.owner is not None and self.owner != me:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._release = release
-                    return self.owner
-                self._cond.wait(left)
-            self.owner = me
+        if self._lock.acquire(timeout=wait_s):
             self._depth += 1
-        try:
-            release()
-        finally:
-            self.__exit__()
-        return None
+            try:
+                release()
+            finally:
+                self._depth -= 1
+                self._lock.release()
+            return None
+        owner = self.owner
+        self._handed.append(release)
+        self._run_handed()  # the driver may have left between the wait and the append
+        return (self.owner or owner) if self._handed else None

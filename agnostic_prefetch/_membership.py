@@ -32,6 +32,9 @@ class Membership:
 
     Attributes:
         serving: workers that take new orders (dispatch picks among these).
+        starting, retiring: workers started and not yet serving; workers that get no new
+            orders and are let go once theirs are answered (read them; only the methods
+            here change them).
         count, backend: the pool as it is meant to be now: the configured one, or the
             tuner's decision once applied (0 for the in-process worker).
         supervisor: the selector every wait for workers blocks in.
@@ -40,8 +43,8 @@ class Membership:
     def __init__(self, workers: list[_pool.Worker], backend: str, spawn: Spawn | None,
                  timeout: float | None) -> None:
         self.serving: list[_pool.Worker] = list(workers)
-        self._starting: list[_pool.Worker] = []  # watched; given orders once their row says they serve
-        self._retiring: list[_pool.Worker] = []  # no new orders; let go once their orders are answered
+        self.starting: list[_pool.Worker] = []  # watched; given orders once their row says they serve
+        self.retiring: list[_pool.Worker] = []  # no new orders; let go once their orders are answered
         self._retired: list[_pool.Worker] = []  # told to exit; reaped at close
         in_process = any(isinstance(w, _pool.InProcessWorker) for w in workers)
         self.count = 0 if in_process else len(workers)
@@ -53,23 +56,19 @@ class Membership:
     @property
     def pids(self) -> list[int]:
         """Process ids of the worker processes that serve or start now."""
-        return [w.process.pid for w in (*self.serving, *self._starting) if w.process is not None]
+        return [w.process.pid for w in (*self.serving, *self.starting) if w.process is not None]
 
     @property
     def watched(self) -> tuple[_pool.Worker, ...]:
         """Workers that may be filling an order: those serving and those retiring."""
-        return (*self.serving, *self._retiring)
-
-    @property
-    def starting(self) -> bool:
-        return bool(self._starting)
+        return (*self.serving, *self.retiring)
 
     def admit(self, serves: Callable[[int], bool]) -> None:
         """Give orders from now on to the starting workers whose row says they serve (or to
         all of them when no worker serves: someone must fill the next batch)."""
-        ready = [w for w in self._starting if not self.serving or serves(w.worker_id)]
+        ready = [w for w in self.starting if not self.serving or serves(w.worker_id)]
         if ready:
-            self._starting = [w for w in self._starting if w not in ready]
+            self.starting = [w for w in self.starting if w not in ready]
             self.serving += ready
 
     def resize(self, count: int, backend: str) -> None:
@@ -90,21 +89,22 @@ class Membership:
             self._next_id += len(started)
             for worker in started:
                 self.supervisor.add(worker)
-            self._starting += started
+            self.starting += started
         for worker in current:
             if worker not in keep:
                 self._retire(worker)
 
     def answered(self, worker: _pool.Worker) -> None:
-        """``worker`` answered an order: a retiring one with nothing left is let go."""
-        if self._retiring and not worker.outstanding and worker in self._retiring:
-            self._retiring.remove(worker)
+        """``worker`` answered an order: a retiring one with nothing left is let go (the
+        scheduler calls this only while some worker retires)."""
+        if not worker.outstanding and worker in self.retiring:
+            self.retiring.remove(worker)
             self._let_go(worker)
 
     def _retire(self, worker: _pool.Worker) -> None:
         self.serving.remove(worker)
         if worker.outstanding:
-            self._retiring.append(worker)
+            self.retiring.append(worker)
         else:
             self._let_go(worker)
 
@@ -119,8 +119,8 @@ class Membership:
     def stop(self, grace: float) -> bool:
         """Stop every worker and the supervisor; whether all of those that ran in this
         process (threads, the in-process worker) have ended."""
-        workers = [*self.serving, *self._starting, *self._retiring, *self._retired]
-        self.serving, self._starting, self._retiring, self._retired = [], [], [], []
+        workers = [*self.serving, *self.starting, *self.retiring, *self._retired]
+        self.serving, self.starting, self.retiring, self._retired = [], [], [], []
         _pool.stop(workers, grace)
         self.supervisor.close()
         return not any(w.thread is not None and w.thread.is_alive() for w in workers)

@@ -33,7 +33,6 @@ from agnostic_prefetch._layout import (
     H_MAGIC,
     H_NUMBER,
     H_PROGRESS,
-    HEADER_BYTES,
     MAGIC,
 )
 from agnostic_prefetch._membership import Membership
@@ -129,8 +128,10 @@ class Scheduler:
         self._timeout = timeout
         self._lookahead = lookahead
         self._ordered = ordered
-        self._headers: np.ndarray | None = np.frombuffer(ring.map, np.int64, ring.extra_offset // 8).reshape(
-            ring.slots, -1)[:, : HEADER_BYTES // 8]
+        # Every slot's header words, read per batch: element reads of a memoryview cost a
+        # fraction of numpy's scalar reads. Slot s's word w is at s * _words_per_slot + w.
+        self._headers: memoryview | None = memoryview(ring.map)[: ring.extra_offset].cast("q")
+        self._words_per_slot = ring.slot_bytes // 8
         self._orders: dict[int, _Order] = {}
         self._order_ids = itertools.count()
         self._ready: dict[int, Ready] = {}
@@ -302,43 +303,48 @@ class Scheduler:
         return Order(order_id, slot, epoch, number, batch.indices, batch.first_position)
 
     def _on_message(self, worker: _pool.Worker, message: Message) -> None:
-        if isinstance(message, Note):
+        kind = type(message)
+        if kind is Note:
             if not self._noted:
                 self._noted = True
                 log.warning(message.text)
             return
-        if isinstance(message, StartFailed):
+        if kind is StartFailed:
             raise _supervisor.failed_to_start(worker, message)
-        order_id = message.order_id
+        order_id = message[0]  # Done and Failed both start with it
         order = self._orders.pop(order_id)
-        if worker.outstanding[0] == order_id:
-            worker.outstanding.popleft()
+        outstanding = worker.outstanding
+        if outstanding[0] == order_id:
+            outstanding.popleft()
         else:
-            worker.outstanding.remove(order_id)
-        self.members.answered(worker)
-        if isinstance(message, Done):
-            if message.trace is not None and self._trace.tracers:
-                self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), message.trace)
-            self._check_header(order, message.count)
+            outstanding.remove(order_id)
+        if self.members.retiring:
+            self.members.answered(worker)
+        if kind is Done:
+            _, count, objects, skipped, trace, shapes = message
+            if trace is not None and self._trace.tracers:
+                self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), trace)
+            self._check_header(order, count)
             if order.stale:
                 self.table.discard(order.slot)
                 return
             self.table.filled(order.slot)
-            self._ready[order.seq] = Ready(order.slot, message.count, message.objects, message.skipped,
-                                           order.indices, message.shapes)
+            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices, shapes)
             return
         self.table.discard(order.slot)
         if not order.stale:
             self._failed[order.seq] = _supervisor.record_failed(worker, message, *divmod(order.seq, self._bpe))
 
     def _check_header(self, order: _Order, count: int) -> None:
-        assert self._headers is not None
-        header = self._headers[order.slot]
+        words = self._headers
+        assert words is not None
+        at = order.slot * self._words_per_slot
         epoch, number = divmod(order.seq, self._bpe)
-        if (header[H_MAGIC], header[H_EPOCH], header[H_NUMBER], header[H_COUNT]) != (MAGIC, epoch, number, count):
+        if (words[at + H_MAGIC], words[at + H_EPOCH], words[at + H_NUMBER], words[at + H_COUNT]) != (
+                MAGIC, epoch, number, count):
             raise LoaderError(  # pragma: no cover - guards the slot protocol itself
-                f"slot {order.slot} header {header[:5].tolist()} does not match batch {number} of "
-                f"epoch {epoch} with {count} items: the ring was written out of turn"
+                f"slot {order.slot} header {words[at : at + 5].tolist()} does not match batch {number} "
+                f"of epoch {epoch} with {count} items: the ring was written out of turn"
             )
 
     def _check_progress(self) -> None:
@@ -350,7 +356,7 @@ class Scheduler:
             order = self._orders.get(worker.outstanding[0])  # the one it is filling
             if order is None:
                 continue
-            progress = int(self._headers[order.slot, H_PROGRESS])
+            progress = self._headers[order.slot * self._words_per_slot + H_PROGRESS]
             if progress != order.progress:
                 order.progress, order.progress_at = progress, now
             elif now - order.progress_at >= self._timeout:
@@ -387,7 +393,9 @@ class Scheduler:
         self._orders.clear()
         self.table.reclaim()
         self.table.discard_unleased()  # only the consumer's leases outlive the loader
-        self._headers = None  # our own views of the ring: drop them so the mapping can close
+        if self._headers is not None:
+            self._headers.release()  # our own view of the ring: let go so the mapping can close
+        self._headers = None
         self.board.close()
         self.ring.close()
         if self._on_released is not None:
