@@ -13,31 +13,39 @@ from agnostic_prefetch.caffe._mean import describe_mean, mean_for, resolve_mean
 __all__ = ["CaffeTransform"]
 
 
-def _fill(dest: np.ndarray, src: np.ndarray, mean: np.ndarray | None) -> None:
+def _fill(dest: np.ndarray, src: np.ndarray, mean: np.ndarray | None, row: np.ndarray | None) -> None:
     """``dest[...] = src - mean`` (or ``= src``) in ``dest``'s dtype, for H×W×C views of any strides.
 
-    numpy would run its innermost loop over the 3 channels, several times slower: when
-    a row of ``src`` is contiguous (no mirror) a row is one run of W·C values and the mean is
-    tiled along it; otherwise each channel is one strided pass with a long inner loop.
+    Two passes and no allocation: the pixels are cast into ``dest`` (numpy casts there
+    without buffers), then the mean is subtracted in place, in float32 as Caffe does (the
+    same bits as one pass). A single pass that casts and subtracts makes numpy cast through
+    buffers of its own, allocated per call where the heap puts them; its speed then moved by
+    15 % with nothing but the memory layout of the worker (docs/benchmarks.md, issue 16).
+
+    When the rows of ``src`` and ``dest`` are runs of W·C values a row is one inner loop
+    (numpy would otherwise loop over the 3 channels), with ``row`` the per-channel mean tiled
+    along it; otherwise each channel is one strided pass with a long inner loop.
     """
     h, w, c = src.shape
-    if (
-        src.strides[1] == c * src.strides[2]
-        and dest.flags.c_contiguous
-        and (mean is None or mean.ndim == 1 or mean.strides[1] == c * mean.strides[2])
-    ):
-        src2, dest2 = src.reshape(h, w * c), dest.reshape(h, w * c)
+    if dest.flags.c_contiguous and src.strides[1] == c * src.strides[2] and src.strides[2] == src.itemsize:
+        dest2 = dest.reshape(h, w * c)
+        np.copyto(dest2, src.reshape(h, w * c), casting="unsafe")
         if mean is None:
-            np.copyto(dest2, src2, casting="unsafe")
-        else:
-            m2 = np.tile(mean, w) if mean.ndim == 1 else mean.reshape(h, w * c)
-            np.subtract(src2, m2, out=dest2, dtype=dest.dtype)
-        return
-    for k in range(c):
-        if mean is None:
+            return
+        if mean.ndim == 1:
+            np.subtract(dest2, row, out=dest2)
+            return
+        if mean.strides[1] == c * mean.strides[2] and mean.strides[2] == mean.itemsize:
+            np.subtract(dest2, mean.reshape(h, w * c), out=dest2)
+            return
+    else:
+        for k in range(c):
             np.copyto(dest[:, :, k], src[:, :, k], casting="unsafe")
-        else:
-            np.subtract(src[:, :, k], mean[..., k], out=dest[:, :, k], dtype=dest.dtype)
+        if mean is None:
+            return
+    for k in range(c):
+        plane = dest[:, :, k]
+        np.subtract(plane, mean[..., k], out=plane)
 
 
 class CaffeTransform:
@@ -110,6 +118,9 @@ class CaffeTransform:
         self.layout = layout
         self.dtype = np.dtype(dtype)
         self.channel_order = channel_order
+        # Per (output width, channels): the per-channel mean tiled along a row. Filled on
+        # first use; two threads filling it at once store equal arrays.
+        self._tiled: dict[tuple[int, int], np.ndarray] = {}
 
     # The loader may pass ``out=``: this item's place in the ring slot (see Loader's
     # ``transform``). Filling it directly saves one copy of every image.
@@ -141,7 +152,7 @@ class CaffeTransform:
         # Crop and mirror are views of the input; the only pass over the pixels writes the
         # laid-out output at once, casting (and subtracting the mean) on the way.
         crop = image[top : top + size_h, left : left + size_w]
-        mean = None
+        mean = row = None
         if self.mean is not None:
             mean = mean_for(self.mean, c, f"the {h}×{w}×{c} image")
             if mean.ndim == 3:
@@ -156,6 +167,9 @@ class CaffeTransform:
                     mean = mean[:, ::-1]  # subtracted at the source pixel, before the flip
             else:
                 mean = np.broadcast_to(mean, (c,))
+                row = self._tiled.get((size_w, c))
+                if row is None:  # the mean along one output row; the same for every image
+                    row = self._tiled[(size_w, c)] = np.tile(mean, size_w)
         if do_mirror:
             crop = crop[:, ::-1]
         arithmetic = mean is not None or self.scale != 1.0
@@ -165,7 +179,7 @@ class CaffeTransform:
         given = out.get("image") if isinstance(out, dict) else None
         fits = isinstance(given, np.ndarray) and given.shape == shape and given.dtype == work
         out = given if fits else np.empty(shape, work)
-        _fill(out.transpose(1, 2, 0) if self.layout == "CHW" else out, crop, mean)
+        _fill(out.transpose(1, 2, 0) if self.layout == "CHW" else out, crop, mean, row)
         if self.scale != 1.0:
             np.multiply(out, np.float32(self.scale), out=out)
         if out.dtype != self.dtype:
