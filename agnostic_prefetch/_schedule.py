@@ -51,9 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agnostic_prefetch")
 
-# How long close() from another thread waits for the driving thread to leave. A thread woken
-# from its wait leaves within microseconds; one filling a batch itself (workers=0) cannot be
-# interrupted, and the ring is then released when it leaves.
+# How long close() waits for the driving thread: a woken one leaves within microseconds; one
+# filling a batch itself (workers=0) cannot be interrupted, and releases all as it leaves.
 _LEAVE_S = 0.2
 
 
