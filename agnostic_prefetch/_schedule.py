@@ -6,10 +6,8 @@ iterator asks it for the batches its own position needs, and when a new iterator
 (a second ``iter()``, ``load_state_dict``), :meth:`Scheduler.restart` keeps what the new
 position still needs (the look-ahead into the next epoch, say) and drops the rest.
 
-One thread drives the scheduler at a time: it holds :attr:`Scheduler.drive` while it
-dispatches, takes and waits. Another thread that must stop it (``close()``, ``cancel()``)
-wakes the wait and then takes ``drive`` itself, or hands the release to the driver
-(``_drive.py``), so nothing is released under the driver.
+One thread drives the scheduler at a time, holding :attr:`Scheduler.drive` (``_drive.py``):
+``close()`` from another thread wakes it and takes the drive, or hands it the release.
 """
 
 from __future__ import annotations
