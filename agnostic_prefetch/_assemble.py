@@ -20,6 +20,7 @@ from agnostic_prefetch._core import LoaderCore
 from agnostic_prefetch._example import let_go, read_example
 from agnostic_prefetch._layout import layout_from_example, with_mask
 from agnostic_prefetch._membership import Membership
+from agnostic_prefetch._progress import ProgressWatch
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._settings import LoaderOptions
@@ -64,13 +65,14 @@ def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
         cleanup.callback(_pool.stop, started, 0.0)  # the list fills as workers start
         started += _pool.start(workers, backend, job, ring, plan.orders_per_worker)
         spawn = (functools.partial(_start_more, job, ring, plan.orders_per_worker) if auto else None)
-        members = Membership(started, backend, spawn, pool.timeout)
+        members = Membership(started, backend, spawn, ProgressWatch.period_for(pool.timeout, pool.stall_warning))
         cleanup.callback(members.stop, 0.0)
         board = Board(ring.map, ring.extra_offset, rows)
         trace = TraceLink(board)
         tuner = _autotune.Tuner(auto) if auto else None
         scheduler = Scheduler(sampler, ring, SlotTable(plan.slots, plan.max_held), members, board,
-                              timeout=pool.timeout, lookahead=plan.slots, ordered=order.ordered, trace=trace,
+                              timeout=pool.timeout, stall_warning=pool.stall_warning,
+                              locate=getattr(source, "locate", None), lookahead=plan.slots, ordered=order.ordered, trace=trace,
                               tuner=tuner, on_released=functools.partial(_released, source))
         core = LoaderCore(scheduler, sampler, layout, epochs=order.epochs, ordered=order.ordered,
                           mask_key=order.mask, source=source, tuner=tuner, trace=trace,

@@ -91,6 +91,7 @@ class LoaderCore:
         if self.by_source is not None:
             self.stats["items_per_source"] = self.by_source(np.zeros(0, np.int64))
         self.warned_copy = False
+        self._stage_holds: Any = None  # a weak reference to a prefetcher's count of held batches
         self.snapshots = Snapshots(weakref.WeakMethod(self.snapshot_stats), log_every)
         self.latest: Cursor | None = None
         self.start: Position = START  # where the next iteration starts when there is no latest
@@ -151,14 +152,26 @@ class LoaderCore:
         if latest is not None and latest is not keep:
             self.cancel(latest)
 
+    def count_held_by(self, counter: Any) -> None:
+        """A prefetch stage over this loader says how many batches it holds (see the iterator)."""
+        self._stage_holds = weakref.WeakMethod(counter) if hasattr(counter, "__self__") else lambda: counter
+
+    def stage_holds(self) -> int | None:
+        """The batches the prefetch stage over this loader holds now, if one said so."""
+        ref = self._stage_holds
+        counter = ref() if ref is not None else None
+        return counter() if counter is not None else None
+
     # ---- stats ---------------------------------------------------------------------------
 
     def stats_dict(self) -> dict[str, Any]:
         """``Loader.stats()``."""
         scheduler = self.scheduler
         members = scheduler.members
-        stats = {**self.stats, "ring_bytes": scheduler.ring.nbytes, "slots": len(scheduler.table),
-                 "workers": members.count, "backend": members.backend}
+        table = scheduler.table
+        stats = {**self.stats, "ring_bytes": scheduler.ring.nbytes, "slots": len(table),
+                 "workers": members.count, "backend": members.backend, "held_peak": table.peak,
+                 "slots_needed": table.slots_needed}
         if "items_per_source" in stats:
             stats["items_per_source"] = dict(stats["items_per_source"])
         stats.update(stage_times(scheduler, stats["wait_s"]))

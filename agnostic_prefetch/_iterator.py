@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from agnostic_prefetch._core import CLOSED, Cursor, LoaderCore
 from agnostic_prefetch._resume import ENDLESS, decode, encode
 from agnostic_prefetch._schedule import Ready, Scheduler
+from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch.errors import LoaderError
 
@@ -110,6 +112,12 @@ class LoaderIterator:
         core = self._core
         core.begin(self._cursor, decode(state, core.settings))
 
+    def count_held_by(self, counter: Callable[[], int]) -> None:
+        """Let a stage that reads this iterator (a prefetcher) say how many of its batches it
+        holds, so that a copy-out warning can tell them from the ones its caller holds.
+        ``counter`` is kept as a weak reference if it is a bound method."""
+        self._core.count_held_by(counter)
+
     def cancel(self) -> None:
         """End this iterator from any thread; a ``next()`` waiting for a worker wakes at once."""
         self._core.cancel(self._cursor)
@@ -190,12 +198,10 @@ class LoaderIterator:
         arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows, ready.shapes)
         if copied:
             self._stats["copied_out"] += 1
-            if not self._core.warned_copy:
-                self._core.warned_copy = True
-                log.warning(
-                    "the caller holds %d of %d ring slots, so the workers would starve; further "
-                    "batches are copied out of the ring until batches are released (raise slots= "
-                    "or hold fewer batches).", table.leased, len(table))
+            core = self._core
+            if not core.warned_copy:
+                core.warned_copy = True
+                log.warning("%s", copy_out_message(table, core.stage_holds()))
         layout = self._layout
         if self._only_arrays:
             return unflatten(layout.treedef, arrays)
@@ -203,3 +209,21 @@ class LoaderIterator:
         objects = iter(ready.objects)
         leaves = [next(array_leaves) if kind == "array" else next(objects) for kind in layout.kinds]
         return unflatten(layout.treedef, leaves)
+
+
+def copy_out_message(table: SlotTable, stage: int | None) -> str:
+    """The warning for the first batch copied out: who holds the slots, and the ``slots=`` to pass."""
+    held = table.leased
+    if stage is None:
+        who = "your code holds them"
+    else:
+        stage = min(stage, held)
+        who = (f"the prefetch stage over this loader holds {stage} (its queue and copies in flight), "
+               f"and your code {held - stage}")
+    return (
+        f"the consumer holds {held} of the ring's {len(table)} slots ({who}, directly or through "
+        "work it queued: a torch tensor or array that views a batch keeps its slot, and JAX keeps "
+        "a step's inputs alive until the step has run); the rest stay for the workers, so further "
+        "batches are copied out of the ring until some are let go. To keep every batch in the "
+        f"ring, pass slots={table.slots_needed} to the Loader (the consumer held {table.peak} at "
+        "once so far; stats()['slots_needed'] follows it), or hold fewer batches.")

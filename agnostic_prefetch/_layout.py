@@ -121,7 +121,12 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
 
     Leaves may also be spec objects with ``shape`` and ``dtype`` (e.g.
     ``jax.ShapeDtypeStruct``) for an explicit layout.
+
+    Raises:
+        LayoutError: a leaf that is a nested Python list of many numbers (each number would
+            be a leaf of its own), naming it, its shape and the remedy.
     """
+    _refuse_lists_of_numbers(example, "")
     leaves, treedef = flatten(example)
     paths = key_paths(treedef)
     kinds: list[str] = []
@@ -139,6 +144,43 @@ def layout_from_example(example: Any, batch_size: int) -> Layout:
         arrays.append(leaf_spec)
         offset = _round_up(offset + leaf_spec.item_bytes * batch_size, ALIGN)
     return Layout(treedef, batch_size, tuple(kinds), tuple(arrays), _round_up(offset, PAGE))
+
+
+# A list holding at least this many numbers is data, not structure: a leaf per number would
+# be a slow, huge batch (a Hugging Face dataset's default format gives a 32x32x3 image as
+# 3,072 Python numbers).
+_MANY_NUMBERS = 64
+
+
+def _refuse_lists_of_numbers(node: Any, path: str) -> None:
+    if isinstance(node, dict):
+        for key, child in node.items():
+            _refuse_lists_of_numbers(child, f"{path}[{key!r}]")
+    elif isinstance(node, list | tuple) and not hasattr(node, "_fields"):
+        shape = _number_list_shape(node)
+        if shape is not None and int(np.prod(shape)) >= _MANY_NUMBERS:
+            raise LayoutError(
+                f"leaf {path or '<root>'} is a nested Python list of {int(np.prod(shape)):,} numbers "
+                f"(shape {list(shape)}): every number would be a leaf of its own. Return arrays "
+                "instead: for a Hugging Face dataset, dataset.with_format('numpy') (or 'torch'); "
+                "otherwise np.asarray(...) in the source or the transform.")
+        for k, child in enumerate(node):
+            _refuse_lists_of_numbers(child, f"{path}[{k}]")
+
+
+def _number_list_shape(node: Any) -> tuple[int, ...] | None:
+    """The shape of a rectangular nest of lists of Python numbers, else ``None``."""
+    if isinstance(node, bool | int | float):
+        return ()
+    if not isinstance(node, list | tuple) or not node or hasattr(node, "_fields"):
+        return None
+    first = _number_list_shape(node[0])
+    if first is None:
+        return None
+    for child in node[1:]:
+        if _number_list_shape(child) != first:
+            return None
+    return (len(node), *first)
 
 
 def batch_layout(layout: Layout, example: Any, index: int) -> Layout:

@@ -28,7 +28,7 @@ class Membership:
         workers: the started workers (``_pool.start``).
         backend: their backend (``"process"`` or ``"thread"``; ignored for the in-process one).
         spawn: starts more workers (``workers="auto"``), or ``None`` for a fixed pool.
-        timeout: the loader's ``timeout=``, for the supervisor's wake-ups.
+        period: seconds between the supervisor's wake-ups to look at progress, or ``None``.
 
     Attributes:
         serving: workers that take new orders (dispatch picks among these).
@@ -41,7 +41,7 @@ class Membership:
     """
 
     def __init__(self, workers: list[_pool.Worker], backend: str, spawn: Spawn | None,
-                 timeout: float | None) -> None:
+                 period: float | None) -> None:
         self.serving: list[_pool.Worker] = list(workers)
         self.starting: list[_pool.Worker] = []  # watched; given orders once their row says they serve
         self.retiring: list[_pool.Worker] = []  # no new orders; let go once their orders are answered
@@ -51,7 +51,7 @@ class Membership:
         self.backend = backend
         self._spawn = spawn
         self._next_id = len(workers)  # ids are rows of the accounting block: never reused
-        self.supervisor = Supervisor(workers, timeout)
+        self.supervisor = Supervisor(workers, period)
 
     @property
     def pids(self) -> list[int]:

@@ -36,6 +36,8 @@ class Failed(NamedTuple):
     exception: BaseException | None  # None when it does not pickle
     description: str  # "KeyError: 'record 3 is corrupt'"
     traceback: str  # the worker's traceback text
+    where: str | None = None  # where the record comes from, if the source says (locate)
+    remedy: str | None = None  # the source's remedy for this failure, if it has one
 
 
 class StartFailed(NamedTuple):

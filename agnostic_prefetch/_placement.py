@@ -17,6 +17,11 @@ class Placement(Protocol):
     Optional, for ``stats()["transfer_s"]``: ``wait(token)`` blocks until the copy is
     complete (the stage's thread calls it right after ``put``), or ``transfer_time(token)``
     gives the seconds a copy took once ``done`` (CUDA timing events: nothing waits).
+
+    Optional attribute ``aliases_host`` (default ``True``): whether the arrays handed out
+    view the host batch (torch tensors on the CPU do; JAX arrays and CUDA copies do not).
+    A placement that does not alias lets each host batch (its ring slot) go once its copy
+    is done, so the stage and its caller hold few ring slots (``Prefetcher.held_at_peak``).
     """
 
     def put(self, host: Any) -> tuple[Any, Any]:

@@ -23,9 +23,8 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-import cloudpickle
-
 from agnostic_prefetch._messages import Done, Failed
+from agnostic_prefetch._pickling import dumps
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, Order, pack_orders, serve
 
@@ -127,7 +126,7 @@ def start(count: int, backend: str, job: Job, ring: Ring, capacity: int, first_i
 
 
 def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: int) -> list[Worker]:
-    payload = cloudpickle.dumps(job)
+    payload = dumps(job)
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
         env.setdefault(var, "1")

@@ -30,11 +30,11 @@ from agnostic_prefetch._layout import (
     H_EPOCH,
     H_MAGIC,
     H_NUMBER,
-    H_PROGRESS,
     MAGIC,
 )
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._messages import Done, Message, Note, StartFailed
+from agnostic_prefetch._progress import ProgressWatch
 from agnostic_prefetch._resume import ENDLESS, Position
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._slots import SlotTable
@@ -65,8 +65,9 @@ class _Order:
     worker: _pool.Worker
     indices: np.ndarray
     stale: bool = False  # no position needs it any more: its result is thrown away
-    progress: int = -1
-    progress_at: float = field(default_factory=time.monotonic)
+    progress: int = -1  # items filled when ``_progress`` last looked
+    progress_at: float = field(default_factory=time.monotonic)  # when the progress last moved
+    warned: bool = False  # this stall was logged
 
 
 @dataclass(slots=True)
@@ -95,7 +96,9 @@ class Scheduler:
         ring, table: the ring and its slot table.
         members: the workers (``_membership.py``), with the supervisor every wait blocks in.
         board: the workers' accounting rows after the ring's slots.
-        timeout: seconds a worker may go without progress, or ``None``.
+        timeout, stall_warning: seconds a worker may go without progress before it is an
+            error, or a warning (``_progress.py``); ``None``: never.
+        locate: where a record comes from (the source's ``locate``), for those messages.
         lookahead: batches it may order past the end of an iteration (no drain between epochs).
         ordered: ``False``: any ready batch may be taken, not only the next in order.
         trace: the traces recording this loader (``tracing.TraceLink``).
@@ -106,7 +109,8 @@ class Scheduler:
     """
 
     def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, members: Membership, board: Board, *,
-                 timeout: float | None, lookahead: int, ordered: bool, trace: TraceLink,
+                 timeout: float | None, stall_warning: float | None, locate: Callable[[int], str] | None,
+                 lookahead: int, ordered: bool, trace: TraceLink,
                  tuner: Tuner | None = None, on_released: Callable[[bool], None] | None = None) -> None:
         self.drive = Drive()
         self.closed = False
@@ -122,13 +126,14 @@ class Scheduler:
         self._on_released = on_released
         self._sampler = sampler
         self._bpe = sampler.batches_per_epoch
-        self._timeout = timeout
         self._lookahead = lookahead
         self._ordered = ordered
         # Every slot's header words, read per batch: element reads of a memoryview cost a
         # fraction of numpy's scalar reads. Slot s's word w is at s * _words_per_slot + w.
         self._headers: memoryview | None = memoryview(ring.map)[: ring.extra_offset].cast("q")
         self._words_per_slot = ring.slot_bytes // 8
+        self._progress = ProgressWatch(timeout, stall_warning, self._headers, self._words_per_slot, locate,
+                                       self._bpe)
         self._orders: dict[int, _Order] = {}
         self._order_ids = itertools.count()
         self._ready: dict[int, Ready] = {}
@@ -242,8 +247,7 @@ class Scheduler:
             self._trace.span("wait for workers", started, ended)
         for worker, message in reports:
             self._on_message(worker, message)
-        if self._timeout is not None:
-            self._check_progress()
+        self._progress.check(self.members.watched, self._orders)
 
     def wake(self) -> None:
         """Make the driving thread's wait return at once (any thread)."""
@@ -304,7 +308,7 @@ class Scheduler:
         if kind is Note:
             if not self._noted:
                 self._noted = True
-                log.warning(message.text)
+                log.debug("%s", message.text)
             return
         if kind is StartFailed:
             raise _supervisor.failed_to_start(worker, message)
@@ -343,24 +347,6 @@ class Scheduler:
                 f"slot {order.slot} header {words[at : at + 5].tolist()} does not match batch {number} "
                 f"of epoch {epoch} with {count} items: the ring was written out of turn"
             )
-
-    def _check_progress(self) -> None:
-        assert self._timeout is not None and self._headers is not None
-        now = time.monotonic()
-        for worker in self.members.watched:
-            if not worker.outstanding or (worker.process is None and worker.thread is None):
-                continue
-            order = self._orders.get(worker.outstanding[0])  # the one it is filling
-            if order is None:
-                continue
-            progress = self._headers[order.slot * self._words_per_slot + H_PROGRESS]
-            if progress != order.progress:
-                order.progress, order.progress_at = progress, now
-            elif now - order.progress_at >= self._timeout:
-                indices = order.indices
-                index = int(indices[min(progress, len(indices) - 1)]) if len(indices) else None
-                raise _supervisor.hung(worker, now - order.progress_at, self._timeout, index,
-                                       *divmod(order.seq, self._bpe))
 
     # ---- shutdown -----------------------------------------------------------------------
 

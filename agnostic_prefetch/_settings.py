@@ -49,6 +49,7 @@ class PoolOptions:
     slots: int | None = None
     timeout: float | None = None
     worker_init: Callable[[int], None] | None = None
+    stall_warning: float | None = 60.0  # seconds without progress before a warning with the stack
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class LoaderOptions:
                        mask_key: str = "mask", ordered: bool = True, shard_index: int = 0,
                        shard_count: int = 1, workers: int | str = 2, backend: str = "process",
                        slots: int | None = None, timeout: float | None = None,
-                       worker_init: Callable[[int], None] | None = None,
+                       worker_init: Callable[[int], None] | None = None, stall_warning: float | None = 60.0,
                        transform: Callable[..., Any] | None = None, on_error: str = "raise",
                        spec: Any = None, shapes: str = "fixed", log_every: float | None = None,
                        trace: str | os.PathLike[str] | None = None) -> LoaderOptions:
@@ -116,7 +117,7 @@ class LoaderOptions:
         order = OrderOptions(_local_batch_size(batch_size, global_batch_size, shard_count), shuffle, seed,
                              epochs, "drop" if drop_remainder else (remainder or "short"), mask_key,
                              shard_index, shard_count, ordered)
-        return cls(order, PoolOptions(workers, backend, slots, timeout, worker_init),
+        return cls(order, PoolOptions(workers, backend, slots, timeout, worker_init, stall_warning),
                    ItemOptions(transform, on_error, spec, shapes), WatchOptions(log_every, trace))
 
     def validate(self) -> None:
@@ -161,6 +162,8 @@ def _check_pool(pool: PoolOptions) -> None:
                          f"or backend='process' or 'thread' with workers={pool.workers}")
     if pool.timeout is not None and not pool.timeout > 0:
         raise ValueError(f"timeout must be positive seconds or None, got {pool.timeout}")
+    if pool.stall_warning is not None and not pool.stall_warning > 0:
+        raise ValueError(f"stall_warning must be positive seconds or None (no warning), got {pool.stall_warning}")
 
 
 def _check_shapes(items: ItemOptions, order: OrderOptions) -> None:

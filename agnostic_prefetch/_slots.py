@@ -15,7 +15,9 @@ that frees a batch in a reference cycle), so it takes no lock: it appends to a d
 which the loader's driving thread drains in :meth:`SlotTable.reclaim`.
 
 If the consumer already holds ``max_held`` slots, a batch is copied out instead and its slot
-is free again at once: the workers always keep a slot to fill.
+is free again at once: the workers always keep a slot to fill. The table counts how many
+batches the consumer held at once (leased, and copied out and still alive: ``peak``), so
+that a copy-out can name the ``slots=`` that would have kept every batch in the ring.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class SlotTable:
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot goes out first
         self._leased = 0
         self._released: collections.deque[int] = collections.deque()
+        self._copies = 0  # batches copied out and still alive
+        self._copies_released: collections.deque[int] = collections.deque()
+        self.peak = 0  # the most batches the consumer held at once, the one handed out included
 
     def __len__(self) -> int:
         return len(self._state)
@@ -68,6 +73,12 @@ class SlotTable:
     @property
     def leased(self) -> int:
         return self._leased
+
+    @property
+    def slots_needed(self) -> int:
+        """The ``slots=`` with which no batch handed out so far would have been copied out:
+        the consumer's peak, plus the slots kept for the workers."""
+        return self.peak + len(self._state) - self.max_held
 
     def state(self, slot: int) -> str:
         return self._state[slot]
@@ -117,10 +128,16 @@ class SlotTable:
                 .view(a.dtype).reshape((count, *shape))
                 for a, shape in zip(layout.arrays, shapes, strict=True)
             ]
+        held = self._leased + self._copies + 1
+        if held > self.peak:
+            self.peak = held
         if self._leased >= self.max_held:
             copies = [v.copy() for v in views]
             self._move(slot, READY, FREE)
             self._free.append(slot)
+            if copies:  # the batch is held while its first leaf lives (they go together)
+                self._copies += 1
+                weakref.finalize(copies[0], self._copies_released.append, 1)
             return copies, True
         self._move(slot, READY, LEASED)
         self._leased += 1
@@ -129,6 +146,8 @@ class SlotTable:
 
     def reclaim(self) -> None:
         """Free the slots whose last view died (the driving thread only)."""
+        while self._copies_released:
+            self._copies -= self._copies_released.popleft()
         released = self._released
         while released:
             slot = released.popleft()

@@ -80,6 +80,11 @@ class _Channel:
             self._cond.notify_all()
             return item
 
+    def entries(self) -> list[Entry]:
+        """The entries queued now."""
+        with self._cond:
+            return [e for e in self._items if isinstance(e, Entry)]
+
     def close(self) -> list[Any]:
         """Close, wake both ends, and return what was queued."""
         with self._cond:
@@ -142,6 +147,8 @@ class _Reader:
                     stats["transfer_s"] += done - placed
             finally:
                 self.placing = None
+        if self.placement.done(token):
+            host = None  # copied already (or the arrays view it themselves): its slot may go
         close, self.close_after_put = self.close_after_put, None
         if close is not None:
             close()
@@ -195,6 +202,17 @@ class _Stage:
     def stop_reading(self) -> None:
         """Stop reading and drop the read-ahead (kept in ``retired`` until its copies are done)."""
         raise NotImplementedError
+
+    def holds(self) -> int:
+        """Host batches (ring slots) the stage holds now, queued, kept after the hand-out or
+        retired until their copies are done: those whose host batch it still keeps, or whose
+        arrays view it (an estimate, read from any thread)."""
+        aliases = getattr(self.placement, "aliases_host", True)
+        return sum(1 for e in [*self.retired, *self._entries()]
+                   if e.host is not None or (aliases and e.device is not None))
+
+    def _entries(self) -> list[Entry]:
+        return []
 
     def close(self) -> None:
         """Stop reading, wait for pending copies, then let every host batch go (from any thread)."""
@@ -275,6 +293,10 @@ class ThreadedStage(_Stage):
         """The next entry, ``END``, or the exception the source raised."""
         return self.channel.get() if self.channel is not None else END
 
+    def _entries(self) -> list[Entry]:
+        channel, last = self.channel, self.last
+        return [*(channel.entries() if channel is not None else ()), *((last,) if last is not None else ())]
+
     def handed_out(self, entry: Entry) -> None:
         """``entry`` went to the caller: keep the whole batch, device arrays too, until the
         caller moves past it; then the caller's ``batch = next(it)`` frees nothing, and the
@@ -326,6 +348,9 @@ class InlineStage(_Stage):
         self._reader_for(source, stats)
         self.error = None
         self._fill(self.size)
+
+    def _entries(self) -> list[Entry]:
+        return list(self.queue)
 
     def _fill(self, n: int) -> None:
         while n > 0 and self.error is None and self.reader is not None:

@@ -4,9 +4,10 @@ The loader waits in :meth:`Supervisor.wait`, blocked in one ``select`` over ever
 result pipe, every process's pidfd and a wake-up pipe. So it uses no CPU while it waits, it
 notices a dead worker at once, and whoever must interrupt the wait (``close()`` or
 ``cancel()`` from another thread) writes one byte to the wake-up pipe instead of the waiter
-polling for it. Two documented exceptions wake it on a timer: ``timeout=`` (the progress
-counters live in shared memory, which no descriptor signals), and an OS without pidfds,
-where dead processes are looked for every 0.1 s.
+polling for it. Two documented exceptions wake it on a timer: to look at the workers'
+progress counters (``_progress.py``: a quarter of ``stall_warning``, 15 s by default, or of
+``timeout``; the counters live in shared memory, which no descriptor signals), and an OS
+without pidfds, where dead processes are looked for every 0.1 s.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class Supervisor:
 
     Args:
         workers: the loader's workers (an in-process worker is run instead of waited for).
-        timeout: the loader's ``timeout=`` (seconds without progress), or ``None``.
+        period: seconds between wake-ups to look at the workers' progress (``_progress.py``), or ``None``.
     """
 
-    def __init__(self, workers: list[Worker], timeout: float | None) -> None:
+    def __init__(self, workers: list[Worker], period: float | None) -> None:
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -43,7 +44,7 @@ class Supervisor:
         self.selector.register(self._wake_r, selectors.EVENT_READ, (None, _WAKE))
         self._local = [w for w in workers if isinstance(w, InProcessWorker)]
         self._poll_for_deaths = False
-        self._timeout = timeout
+        self._progress_period = period
         self._workers: list[Worker] = []
         for w in workers:
             self.add(w)
@@ -57,8 +58,8 @@ class Supervisor:
         elif w.process is not None:
             self._poll_for_deaths = True
         self._workers.append(w)
-        # With timeout=, wake often enough to see a stalled counter within about timeout.
-        periods = [p for p in (self._timeout / 4 if self._timeout else None,
+        # Wake often enough to see a stalled progress counter in time (timeout=, stall_warning=).
+        periods = [p for p in (self._progress_period,
                                _NO_PIDFD_POLL_S if self._poll_for_deaths else None) if p]
         self._period = min(periods) if periods else None
 
@@ -176,28 +177,52 @@ def failed_to_start(worker: Worker, message: StartFailed) -> WorkerError:
 
 
 def record_failed(worker: Worker, message: Failed, epoch: int, number: int) -> WorkerError:
-    """The error for a ``Failed`` report: the record, batch, epoch, worker and cause."""
+    """The error for a ``Failed`` report: the record (and where it comes from), batch, epoch,
+    worker, cause, and a remedy that fits: the source's own, or skipping bad records — but
+    not for a record whose shape or structure differs, which every such record would repeat."""
     index, exc, description, tb = message.index, message.exception, message.description, message.traceback
     where = f"record {index}" if index is not None else "a batch"
+    if message.where:
+        where += f" ({message.where})"
+    if message.remedy:
+        remedy = f"Remedy: {message.remedy}."
+    elif description.startswith("LayoutError"):
+        remedy = ""  # its message names the remedy
+    else:
+        remedy = "Use on_error='skip' to leave bad records out (they are counted in stats()['skipped'])."
     error = WorkerError(
         f"{where} (epoch {epoch}, batch {number}) failed in {worker.describe()}: {description}\n\n"
-        f"Worker traceback:\n{tb}\nUse on_error='skip' to leave bad records out (they are "
-        "counted in stats()['skipped']).", index=index, epoch=epoch, batch=number, worker_traceback=tb)
+        f"Worker traceback:\n{tb}\n{remedy}".rstrip(), index=index, epoch=epoch, batch=number,
+        worker_traceback=tb)
     if exc is not None:
         error.__cause__ = exc
     return error
 
 
-def hung(worker: Worker, stalled_s: float, timeout: float, index: int | None, epoch: int,
-         number: int) -> LoaderTimeoutError:
+def hung(worker: Worker, stalled_s: float, timeout: float, index: int | None, where: str | None,
+         epoch: int, number: int) -> LoaderTimeoutError:
     """The error for a worker without progress for ``timeout``: the record (``None``: a batch
-    of padding only) and its stack."""
-    what = f"record {index}" if index is not None else "a batch of padding only"
+    of padding only), where it comes from, and the worker's stack."""
     return LoaderTimeoutError(
         f"{worker.describe()} made no progress for {stalled_s:.1f} s (timeout={timeout}) on "
-        f"{what} of batch {number}, epoch {epoch}. Its stack:\n{stack_of(worker)}\n"
+        f"{_on(index, where)} of batch {number}, epoch {epoch}. Its stack:\n{stack_of(worker)}\n"
         "Raise timeout= if records are this slow, or fix the source where it blocks."
     )
+
+
+def stalled(worker: Worker, stalled_s: float, after: float, index: int | None, where: str | None,
+            epoch: int, number: int) -> str:
+    """The warning for a worker without progress for ``stall_warning`` seconds (once per stall)."""
+    return (
+        f"{worker.describe()} has made no progress for {stalled_s:.0f} s on {_on(index, where)} of "
+        f"batch {number}, epoch {epoch}; the loader keeps waiting (stall_warning={after:g}; "
+        f"timeout= makes a stall an error). Its stack:\n{stack_of(worker)}")
+
+
+def _on(index: int | None, where: str | None) -> str:
+    if index is None:
+        return "a batch of padding only"
+    return f"record {index}" + (f" ({where})" if where else "")
 
 
 def stack_of(worker: Worker) -> str:

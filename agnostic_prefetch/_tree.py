@@ -1,12 +1,18 @@
 """Pytrees of examples: flatten dicts/lists/tuples to leaves with readable key paths, and back.
 
-Only what the loader needs: dicts (key order kept), lists and tuples (namedtuples too);
-anything else is a leaf. Key paths (``['image']``, ``[0]['box']``) name leaves in errors.
+Only what the loader needs: dicts, lists and tuples (namedtuples too); anything else is a
+leaf. Key paths (``['image']``, ``[0]['box']``) name leaves in errors.
+
+A dict's keys are its structure, not their order (as in JAX's pytrees and torch's collate):
+two dicts with the same keys in another order (a protobuf map, JSON, a dict built in
+another order) flatten to the same structure, their leaves in sorted key order. Rebuilding
+gives the key order of the example the structure came from: a loader's batches keep the
+key order of the first example it read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -15,9 +21,11 @@ class TreeDef:
     """The structure of a tree without its leaves; equal structures compare equal."""
 
     kind: str  # "leaf", "dict", "list", "tuple" or "namedtuple"
-    keys: tuple[Any, ...] = ()
+    keys: tuple[Any, ...] = ()  # a dict's in sorted order: the order of its leaves
     children: tuple[TreeDef, ...] = ()
     namedtuple_type: type | None = None
+    # A dict's keys in the order unflatten gives them (None: sorted), not part of the structure.
+    order: tuple[Any, ...] | None = field(default=None, compare=False)
 
     @property
     def num_leaves(self) -> int:
@@ -33,10 +41,19 @@ def flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     return leaves, _flatten(tree, leaves)
 
 
+def _sorted(keys: tuple[Any, ...]) -> tuple[Any, ...]:
+    try:
+        return tuple(sorted(keys))
+    except TypeError:  # keys of several types: order by type, then value
+        return tuple(sorted(keys, key=lambda k: (type(k).__name__, repr(k))))
+
+
 def _flatten(node: Any, leaves: list[Any]) -> TreeDef:
     if isinstance(node, dict):
-        keys = tuple(node)
-        return TreeDef("dict", keys, tuple(_flatten(node[k], leaves) for k in keys))
+        given = tuple(node)
+        keys = _sorted(given)
+        return TreeDef("dict", keys, tuple(_flatten(node[k], leaves) for k in keys),
+                       order=None if keys == given else given)
     if isinstance(node, tuple) and hasattr(node, "_fields"):
         return TreeDef("namedtuple", tuple(node._fields), tuple(_flatten(c, leaves) for c in node), type(node))
     if isinstance(node, list | tuple):
@@ -57,7 +74,8 @@ def _unflatten(td: TreeDef, it: Any) -> Any:
         return next(it)
     children = [_unflatten(c, it) for c in td.children]
     if td.kind == "dict":
-        return dict(zip(td.keys, children, strict=True))
+        out = dict(zip(td.keys, children, strict=True))
+        return out if td.order is None else {k: out[k] for k in td.order}
     if td.kind == "namedtuple":
         assert td.namedtuple_type is not None
         return td.namedtuple_type(*children)

@@ -188,13 +188,14 @@ class Filler:
                     writer = self._batch_writer(slot, slot_writer, example, index)
                 item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it
+                where, remedy = explain(job.source, index, exc)
                 if rules.skip_errors:
-                    skipped.append((index, f"{type(exc).__name__}: {exc}"))
+                    skipped.append((index, f"{f'{where}: ' if where else ''}{type(exc).__name__}: {exc}"))
                     t0 = now()
                     continue
                 account.countdown = countdown
                 return Failed(order_id, index, picklable(exc), f"{type(exc).__name__}: {exc}",
-                              traceback.format_exc())
+                              traceback.format_exc(), where, remedy)
             t3 = now()
             s0 += t0
             s1 += t1
@@ -253,6 +254,21 @@ class Filler:
         return writer
 
 
+def explain(source: Any, index: int, exc: BaseException) -> tuple[str | None, str | None]:
+    """Where record ``index`` comes from and the source's remedy for ``exc`` (``locate`` and
+    ``remedy`` of the source protocol), each ``None`` where the source does not say; an
+    explanation that fails itself is left out rather than hide the record's own error."""
+    out: list[str | None] = []
+    for name, args in (("locate", (index,)), ("remedy", (index, exc))):
+        method = getattr(source, name, None)
+        try:
+            value = method(*args) if method is not None else None
+        except Exception:
+            value = None
+        out.append(None if value is None else str(value))
+    return out[0], out[1]
+
+
 def picklable(exc: BaseException) -> BaseException | None:
     try:
         pickle.loads(pickle.dumps(exc))
@@ -290,16 +306,15 @@ def serve(filler: Filler, orders: Connection, results: Connection, worker_id: in
             try:
                 if check_imports:  # once, and before the first result, so it is never lost
                     check_imports = False
-                    _warn_about_frameworks(results)
+                    _note_frameworks(results)
                 results.send(encode(message))
             except (BrokenPipeError, OSError):
                 return
 
 
-def _warn_about_frameworks(results: Connection) -> None:
+def _note_frameworks(results: Connection) -> None:
+    # Welcome (a torch Dataset, a torchvision transform), and worth one DEBUG line.
     loaded = [name for name in FRAMEWORKS if name in sys.modules]
     if loaded:
         results.send(encode(Note(f"worker pid {os.getpid()}: the source or transform imported "
-                      f"{', '.join(loaded)}; loader workers are meant to stay free of "
-                      "frameworks (memory, start-up time, threads). Import them lazily "
-                      "outside the code the workers run.")))
+                                 f"{', '.join(loaded)}; torch runs one thread per worker here")))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import importlib.abc
+import importlib.util
 import mmap
 import os
 import pickle
@@ -20,7 +22,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
+from types import ModuleType
+from typing import Any
 
 from agnostic_prefetch._messages import StartFailed, encode
 from agnostic_prefetch._worker import Filler, Job, picklable, serve
@@ -46,12 +51,48 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``then(module)`` right after ``name`` is first imported (by the user's code)."""
+
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            loader, then = spec.loader, self.then
+            run = loader.exec_module
+
+            def exec_module(module: ModuleType) -> None:
+                run(module)
+                then(module)
+
+            loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _one_torch_thread(torch: ModuleType) -> None:
+    # As torch's own DataLoader workers: N workers of N threads each would oversubscribe the
+    # CPUs. OMP_NUM_THREADS=1 (set unless the user set it) covers intra-op threads; the
+    # inter-op pool must be sized before any parallel work, so right after the import.
+    try:
+        if "OMP_NUM_THREADS" not in os.environ or os.environ["OMP_NUM_THREADS"] == "1":
+            torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    except (AttributeError, RuntimeError):
+        pass  # another torch, or parallel work already started: leave it as it is
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one worker process; the arguments are inherited descriptors and the parent pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
     _die_with_parent(parent_pid, bool(use_pdeathsig))
+    sys.meta_path.insert(0, _AfterImport("torch", _one_torch_thread))
     faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)
     orders = Connection(order_fd, writable=False)
     results = Connection(result_fd, readable=False)

@@ -40,12 +40,13 @@ def prefetch_to_device(
     if the ``Loader``'s ring is too small for that.
 
     When it helps: on GPUs and TPUs, where a host-to-device copy takes real time and can
-    overlap the step (``size=2`` is usually enough). On the CPU backend a transfer is nearly
-    free — JAX usually aliases the numpy buffer instead of copying — so the stage mostly
-    just converts; the loader's worker processes are what keep a CPU loop fed. Because JAX
-    may alias the host buffer for the array's whole life, a batch from a :class:`Loader`
-    keeps its ring slot leased while you hold the ``jax.Array``: it never changes under you,
-    but hold many and the loader copies batches out instead (it logs that once).
+    overlap the step (``size=2`` is usually enough). On the CPU backend JAX would alias the
+    ring's memory instead of copying, and keep it for as long as any step it has queued
+    reads the array: a loop that never waits for a result (JAX's asynchronous dispatch)
+    would hold many ring slots. So on CPU devices the stage copies each batch into memory of
+    its own, in its thread (one ``memcpy`` of the batch, off your step), and the ring slot
+    goes back to the loader as soon as that copy is done; on GPUs the transfer is that copy.
+    Either way the arrays you get never share the ring, and your loop holds no ring slot.
 
     Placement:
 
@@ -122,6 +123,7 @@ class _JaxPlacement:
         import jax
 
         self.jax = jax
+        self.aliases_host = False  # the arrays handed out never view the host batch
         self.devices = list(devices) if devices is not None else None
         self.multi_process = False
         self.first_shapes: list[tuple[str, tuple[int, ...]]] | None = None
@@ -138,6 +140,9 @@ class _JaxPlacement:
             self.multi_process = jax.process_count() > 1
         else:
             self.sharding = jax.local_devices()[0]
+        targets = self.sharding.device_set if hasattr(self.sharding, "device_set") else {self.sharding}
+        # A CPU "transfer" would alias the host buffer (a ring slot) for the array's life.
+        self.copy_host = all(d.platform == "cpu" for d in targets)
 
     def put(self, batch: Any) -> tuple[Any, list[Any]]:
         jax = self.jax
@@ -150,14 +155,14 @@ class _JaxPlacement:
             self.checked = checked
         out = list(leaves)
         placed: list[Any] = []
+        host = [np.array(leaves[i]) if self.copy_host else leaves[i] for i in moving]  # np.array copies
         if self.multi_process:
             g = self.global_batch
             placed = [jax.make_array_from_process_local_data(
-                self.sharding, leaves[i], None if g is None else (g, *np.shape(leaves[i])[1:]))
-                for i in moving]
+                self.sharding, leaf, None if g is None else (g, *np.shape(leaf)[1:])) for leaf in host]
         elif moving:
             # One call for all leaves: JAX dispatches the transfers together.
-            placed = jax.device_put([leaves[i] for i in moving], self.sharding)
+            placed = jax.device_put(host, self.sharding)
         for i, array in zip(moving, placed, strict=True):
             out[i] = array
         return jax.tree_util.tree_unflatten(treedef, out), placed

@@ -76,6 +76,10 @@ class Diagnosis:
             f"  loader hand-off         {1e3 * n['handoff_per_batch_s']:.3f} ms per batch; "
             f"workers held back by a full ring {100 * n['held']:.0f} %",
         ]
+        if n.get("copied_out"):
+            lines.append(
+                f"  copied out of the ring   {n['copied_out']} batches: the consumer held up to "
+                f"{n['held_peak']} at once; slots={n['slots_needed']} (now {n['slots']}) keeps them all in the ring")
         if "stage_pull" in n:
             lines.append(
                 f"  device stage            pull {100 * n['stage_pull']:.0f} %, place "
@@ -149,6 +153,9 @@ def diagnose_between(start: tuple[float, dict[str, Any]], end: tuple[float, dict
         n["stage_full"] = stage["full_s"] / thread_time
         n["stage_device"] = (stage["place_s"] + stage["transfer_s"]) / window
     bound, remedy = _verdict(n, loader is not None)
+    if n.get("copied_out"):
+        remedy += (f" Batches were copied out of the ring ({n['copied_out']} in the window): pass "
+                   f"slots={n['slots_needed']} to the Loader, or hold fewer batches.")
     return Diagnosis(bound, remedy, window, n)
 
 
@@ -174,6 +181,9 @@ def _loader_numbers(n: dict[str, Any], d: dict[str, float], latest: dict[str, An
     n["handoff_per_batch_s"] = d["handoff_s"] / batches
     n["handoff"] = d["handoff_s"] / window
     n["held"] = min(1.0, d["held_s"] / capacity)
+    n["copied_out"] = int(d.get("copied_out", 0))
+    n["slots"], n["slots_needed"] = latest.get("slots"), latest.get("slots_needed")
+    n["held_peak"] = latest.get("held_peak")
     n["read_s_per_item"] = d["read_s"] / d["items_read"] if d["items_read"] else 0.0
 
 
@@ -212,8 +222,9 @@ def _verdict(n: dict[str, Any], have_loader: bool) -> tuple[str, str]:
         return "handoff", (f"writing items into the ring bounds it: {more} items already of the final "
                            "dtype and layout, or a transform that writes into the slot.")
     if n["held"] > 0.2:
-        return "handoff", ("the workers are idle because every ring slot is taken: the consumer holds "
-                           "batches. Raise slots= or hold fewer batches.")
+        return "handoff", (f"the workers are idle because every ring slot is taken: the consumer held "
+                           f"up to {n.get('held_peak')} batches at once. Pass slots="
+                           f"{n.get('slots_needed')} to the Loader, or hold fewer batches.")
     return "handoff", (f"the workers are idle {100 * (1 - n['worker_busy']):.0f} % of the time while the step "
                        f"waits: the loader's own work per batch ({1e3 * n['handoff_per_batch_s']:.3f} ms) "
                        "bounds it. Larger batches, or fewer leaves per batch.")

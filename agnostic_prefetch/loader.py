@@ -78,7 +78,11 @@ class Loader:
             ``state_dict`` resumes on any shard count that divides the global batch
             (docs/elastic.md).
         on_error: ``"raise"`` or ``"skip"`` (bad records are left out, counted, logged).
-        timeout: seconds a worker may go without progress before it is reported as hung.
+        timeout: seconds a worker may go without progress before it is an error
+            (``LoaderTimeoutError`` with the record and the worker's stack); ``None``: never.
+        stall_warning: seconds a worker may go without progress before a WARNING is logged
+            with the record it is on and its Python stack (once per stall; the loader keeps
+            waiting); ``None``: no warning.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
         spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
             for the slot layout instead of reading one example in the parent; with
@@ -131,6 +135,7 @@ class Loader:
         shard_count: int = 1,
         on_error: str = "raise",
         timeout: float | None = None,
+        stall_warning: float | None = 60.0,
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
         shapes: str = "fixed",
@@ -141,7 +146,7 @@ class Loader:
             batch_size=batch_size, global_batch_size=global_batch_size, shuffle=shuffle, seed=seed,
             epochs=epochs, drop_remainder=drop_remainder, remainder=remainder, mask_key=mask_key,
             ordered=ordered, shard_index=shard_index, shard_count=shard_count, workers=workers,
-            backend=backend, slots=slots, timeout=timeout, worker_init=worker_init,
+            backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
             transform=transform, on_error=on_error, spec=spec, shapes=shapes, log_every=log_every,
             trace=trace)
         self._core = assemble(source, self.options)
@@ -254,8 +259,10 @@ class Loader:
         """Counters and per-stage times since the loader was built (docs/diagnose.md).
 
         Delivery: ``batches``, ``items``, ``padded`` (rows of padding), ``skipped``,
-        ``copied_out``; ``items_per_source`` for a source that counts them (a
-        :class:`~agnostic_prefetch.Mixture`).
+        ``copied_out`` (batches copied out of the ring because the consumer held too many);
+        ``held_peak``, the most batches the consumer held at once (the prefetch stage's and
+        your code's), and ``slots_needed``, the ``slots=`` that would have copied none;
+        ``items_per_source`` for a source that counts them (a :class:`~agnostic_prefetch.Mixture`).
 
         The caller: ``wait_s`` (time in ``next()``), of which ``blocked_s`` waiting for a
         worker and ``handoff_s`` the loader's own work (ordering, taking, handing out views);

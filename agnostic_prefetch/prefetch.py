@@ -97,15 +97,19 @@ class Prefetcher:
             raise
 
     @staticmethod
-    def held_at_peak(size: int, thread: bool = True) -> int:
-        """Source batches a prefetcher holds at its peak, the caller's own included.
+    def held_at_peak(size: int, thread: bool = True, aliases: bool = True) -> int:
+        """Source batches (ring slots) a prefetcher and its caller hold at their peak.
 
-        With the thread: ``size`` queued, one being placed, the one the caller holds, and
-        the one before it, which the caller's ``batch = next(it)`` still references while
-        the call runs (and which, on the CPU, a ``jax.Array`` or tensor may alias): ``size
-        + 3``. Without it, nothing is being placed in between: ``size + 2``. On CUDA add any
-        batch whose copy is still running when the caller moves on (normally none).
+        For a placement whose arrays view the host batch (``aliases``: torch tensors on the
+        CPU), with the thread: ``size`` queued, one being placed, the one the caller holds,
+        and the one before it, which the caller's ``batch = next(it)`` still references while
+        the call runs: ``size + 3``; without it, nothing is being placed in between: ``size +
+        2``. For one that copies (JAX, on the CPU too, and CUDA copies) a host batch goes as
+        soon as its copy is done, whatever the caller keeps: at most the ``size`` queued
+        batches whose copies may still run, and the one being placed: ``size + 1``.
         """
+        if not aliases:
+            return size + 1
         return size + 3 if thread else size + 2
 
     def __iter__(self) -> Prefetcher:
@@ -211,11 +215,17 @@ class Prefetcher:
         self._length = _length_of(source, self._iterable)
         self._handed = 0
         self._check_ring(source)
+        count_held_by = getattr(source, "count_held_by", None)
+        if count_held_by is not None:  # a Loader iterator: its copy-out warning names our share
+            count_held_by(self._holds)
         self._stage.start(source, self._stats)
+
+    def _holds(self) -> int:
+        return self._stage.holds()
 
     def _check_ring(self, source: Any) -> None:
         max_held = getattr(source, "max_held", None)
-        peak = self.held_at_peak(self.size, self.thread)
+        peak = self.held_at_peak(self.size, self.thread, getattr(self._placement, "aliases_host", True))
         if max_held is None or peak <= max_held or self._warned_ring:
             return
         self._warned_ring = True

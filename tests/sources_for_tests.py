@@ -196,3 +196,24 @@ class Records:
 
     def __getitem__(self, i):
         return self.records[i]
+
+
+class TorchDataset:
+    """A torch ``Dataset`` as users write them: tensors in items, torch imported by the source.
+
+    Each item also reports what its worker sees: torch's thread counts and whether CUDA was
+    initialised there.
+    """
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        return {"x": torch.full((3,), float(i)), "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+                "cuda_initialized": bool(torch.cuda.is_initialized())}

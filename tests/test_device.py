@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -215,3 +217,51 @@ def test_on_a_gpu_batches_land_intact_resume_exactly_and_never_change_under_ring
     for batch, expected in zip(received, want, strict=True):
         assert next(iter(batch["x"].devices())).platform == "gpu"
         np.testing.assert_array_equal(np.asarray(batch["x"]), expected)  # unchanged, though slots were reused
+
+
+def test_a_flax_loop_with_default_arguments_copies_nothing_out_and_warns_about_nothing(caplog):
+    # A plain flax/optax loop that never forces a value: JAX's asynchronous dispatch queues
+    # steps ahead of their execution, and each queued step keeps its input batch alive.
+    flax_linen = pytest.importorskip("flax.linen")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    class Model(flax_linen.Module):
+        @flax_linen.compact
+        def __call__(self, x):
+            for _ in range(3):
+                x = flax_linen.tanh(flax_linen.Dense(512)(x))
+            return flax_linen.Dense(10)(x)
+
+    model, tx = Model(), optax.sgd(0.01)
+    rng = np.random.default_rng(0)
+    source = ap.ArraySource({"x": rng.random((1024, 512), dtype=np.float32), "y": np.arange(1024) % 10})
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 512)))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        def loss_fn(p):
+            logits = model.apply(p, batch["x"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ap.Loader(source, 32, workers=2, epochs=3, shuffle=True) as loader:
+            for batch in prefetch_to_device(loader):
+                params, opt_state, loss = step(params, opt_state, batch)
+            assert np.isfinite(float(loss))
+            stats = loader.stats()
+    assert stats["batches"] == 96 and stats["copied_out"] == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_on_the_cpu_the_arrays_handed_out_own_their_memory_and_the_ring_slot_goes_back():
+    with ap.Loader(ap.ArraySource({"x": np.arange(64.0)}), 8, workers=1, slots=3) as loader:
+        kept = list(prefetch_to_device(loader, size=1))  # every batch held: more than the ring has
+        assert loader.stats()["copied_out"] == 0 and loader.stats()["held_peak"] <= 2
+    assert [np.asarray(b["x"]).tolist() for b in kept] == [list(range(k, k + 8)) for k in range(0, 64, 8)]

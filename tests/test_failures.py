@@ -11,9 +11,10 @@ import statistics
 import threading
 import time
 
+import numpy as np
 import pytest
 from conftest import worker_pids
-from sources_for_tests import Counting, Dying, Failing, Hanging
+from sources_for_tests import Counting, Dying, Failing, Hanging, in_a_worker
 from waiting import wait_until_waiting_in_loader
 
 import agnostic_prefetch as ap
@@ -209,3 +210,63 @@ def test_a_kernel_that_refuses_pidfds_falls_back_to_the_poll(monkeypatch, error)
         next(iter(loader))
     killer.join()
     assert time.monotonic() - box["t"] < 1.0
+
+
+def test_a_transform_in_the_users_script_shows_its_file_line_and_source_line_in_the_error(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""\
+        import numpy as np
+        import agnostic_prefetch as ap
+
+
+        def augment(example, rng):
+            if example["x"] == 5:
+                raise ValueError("no fives here")  # the line the error must show
+            return example
+
+
+        with ap.Loader(ap.ArraySource({"x": np.arange(8)}), 2, workers=1, transform=augment) as loader:
+            list(loader)
+        """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode != 0
+    assert f'File "{script}", line 7, in augment' in proc.stderr
+    assert 'raise ValueError("no fives here")  # the line the error must show' in proc.stderr
+    assert "<dynamic-code>" not in proc.stderr and "record 5" in proc.stderr
+
+
+def test_a_record_whose_shape_differs_is_not_told_to_skip_bad_records():
+    class Ragged(Counting):
+        def __getitem__(self, i):
+            return {"x": np.zeros(3 if i < 5 else 4, np.float32)}
+
+    with ap.Loader(Ragged(8), 2, workers=1) as loader, pytest.raises(ap.WorkerError) as info:
+        list(loader)
+    message = str(info.value)
+    assert "record 5" in message and "crop, resize or pad" in message and "on_error='skip'" not in message
+
+
+def test_a_worker_without_progress_is_warned_about_once_with_its_record_and_stack_and_the_loader_waits(caplog):
+    class SlowFive(Counting):
+        def __getitem__(self, i):
+            if i == 5 and in_a_worker(self.owner):
+                time.sleep(1.2)  # one slow record: a stall, not a hang
+            return super().__getitem__(i)
+
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(SlowFive(8), 2, workers=1, stall_warning=0.4) as loader:
+            got = [b["i"].tolist() for b in loader]
+    assert got == [[0, 1], [2, 3], [4, 5], [6, 7]]  # it waited: a stall is no error
+    [warning] = [r.getMessage() for r in caplog.records if "no progress" in r.getMessage()]
+    assert "record 5 of batch 2, epoch 0" in warning and "stall_warning=0.4" in warning
+    assert "sources_for_tests" in warning or "test_failures.py" in warning  # the worker's stack
+
+
+def test_stall_warning_is_checked():
+    with pytest.raises(ValueError, match="stall_warning must be positive"):
+        ap.Loader(Counting(4), 2, workers=0, stall_warning=0)

@@ -151,3 +151,20 @@ def test_loader_skips_a_missing_image_with_on_error_skip(folder, caplog):
         assert loader.stats()["skipped"] == 1
     assert batches[0]["label"].tolist() == [3, 5]
     assert "missing.png" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_crop_larger_than_an_image_names_the_list_line_and_new_height_new_width(folder, workers):
+    import agnostic_prefetch as ap
+    from agnostic_prefetch.caffe import CaffeTransform
+
+    tmp_path, _, _ = folder
+    (tmp_path / "two.txt").write_text("colour one.png 3\ngray.png 5\n")
+    source = ImageListSource(tmp_path / "two.txt", root_folder=str(tmp_path / "imgs") + "/")
+    with pytest.raises(ap.LoaderError) as info:
+        with ap.Loader(source, 2, workers=workers, transform=CaffeTransform(crop_size=7)) as loader:
+            list(loader)
+    message = str(info.value)
+    assert "6×8 is smaller than crop_size=7" in message
+    assert f"line 1 of {tmp_path / 'two.txt'}: {tmp_path}/imgs/colour one.png" in message
+    assert "ImageListSource(..., new_height=H, new_width=W)" in message and "--resize" not in message

@@ -188,14 +188,28 @@ def test_closed_loader_refuses_to_iterate():
         iter(loader)
 
 
-def test_framework_import_in_a_worker_is_warned_once(caplog):
+def test_a_framework_the_source_imports_in_a_worker_is_noted_once_at_debug_level(caplog):
     from sources_for_tests import ImportsFramework
 
-    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+    with caplog.at_level(logging.DEBUG, logger="agnostic_prefetch"):
         with ap.Loader(ImportsFramework(8), 2, workers=2) as loader:
             list(loader)
-    warnings = [r for r in caplog.records if "cupy" in r.getMessage()]
-    assert len(warnings) == 1
+    notes = [r for r in caplog.records if "cupy" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.DEBUG
+
+
+def test_workers_import_no_framework_of_their_own():
+    class Modules:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            import sys
+
+            return {"frameworks": ",".join(sorted({"jax", "torch", "cupy", "tensorflow"} & set(sys.modules))), "i": i}
+
+    with ap.Loader(Modules(), 2, workers=1) as loader:
+        assert next(iter(loader))["frameworks"] == ["", ""]
 
 
 def test_resume_after_the_last_batch_starts_the_next_epoch_like_the_original():
@@ -286,3 +300,71 @@ def test_a_bad_trace_argument_is_refused_before_any_worker_starts():
         assert not worker_pids()
     finally:
         gc.enable()
+
+
+def test_dicts_with_the_same_keys_in_another_order_batch_together_in_the_first_examples_order():
+    class Shuffled(Counting):
+        def __getitem__(self, i):
+            items = [("b", np.float32(i)), ("a", np.int64(i)), ("nested", {"z": i, "y": -i})]
+            if i % 2:  # protobuf maps, JSON or a dict built another way: another key order
+                items = [(k, dict(reversed(v.items())) if isinstance(v, dict) else v) for k, v in reversed(items)]
+            return dict(items)
+
+    with ap.Loader(Shuffled(4), 4, workers=1) as loader:
+        batch = next(iter(loader))
+    assert list(batch) == ["b", "a", "nested"] and list(batch["nested"]) == ["z", "y"]
+    assert batch["a"].tolist() == [0, 1, 2, 3] and batch["nested"]["y"].tolist() == [0, -1, -2, -3]
+
+
+def test_a_leaf_of_nested_python_lists_of_numbers_is_refused_naming_with_format_numpy():
+    class HuggingFaceDefaultFormat(Counting):
+        def __getitem__(self, i):
+            return {"img": np.zeros((32, 32, 3), np.uint8).tolist(), "label": i}
+
+    with pytest.raises(ap.LayoutError, match=r"\['img'\] is a nested Python list of 3,072 numbers.*with_format\('numpy'\)"):
+        ap.Loader(HuggingFaceDefaultFormat(4), 2, workers=0)
+    with ap.Loader(ap.ArraySource({"pair": np.zeros((4, 2))}), 2, workers=0) as loader:  # arrays are fine
+        assert next(iter(loader))["pair"].shape == (2, 2)
+
+
+class BadFirst(Counting):
+    """Record 0 is corrupt; it says where each record comes from and how to fix it."""
+
+    def __getitem__(self, i):
+        if i == 0:
+            raise OSError("truncated record")
+        return super().__getitem__(i)
+
+    def locate(self, i):
+        return f"key b'{i:08d}' of train_lmdb"
+
+    def remedy(self, i, exc):
+        return "rewrite it with agnostic-prefetch convert"
+
+
+def test_a_corrupt_record_read_for_the_layout_is_skipped_with_on_error_skip(caplog):
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(BadFirst(6), 2, workers=1, on_error="skip") as loader:
+            assert [b["i"].tolist() for b in loader] == [[1], [2, 3], [4, 5]]
+    assert any("record 0 (key b'00000000' of train_lmdb)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_corrupt_record_read_for_the_layout_names_its_key_and_the_remedy_with_on_error_raise():
+    with pytest.raises(ap.LoaderError, match=r"record 0 \(key b'00000000' of train_lmdb\).*OSError: "
+                       r"truncated record.*rewrite it with agnostic-prefetch convert.*on_error='skip'"):
+        ap.Loader(BadFirst(6), 2, workers=1)
+
+
+def test_a_transform_failure_names_where_the_record_comes_from():
+    def fails_on_three(example, rng):
+        if example["i"] == 3:
+            raise ValueError("cannot augment")
+        return example
+
+    class Located(Counting):
+        def locate(self, i):
+            return f"key b'{i:08d}' of train_lmdb"
+
+    with ap.Loader(Located(6), 2, workers=1, transform=fails_on_three) as loader:
+        with pytest.raises(ap.WorkerError, match=r"record 3 \(key b'00000003' of train_lmdb\).*cannot augment"):
+            list(loader)

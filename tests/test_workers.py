@@ -6,6 +6,7 @@ import os
 import pickle
 
 import numpy as np
+import pytest
 from sources_for_tests import Env
 
 import agnostic_prefetch as ap
@@ -111,3 +112,18 @@ def test_a_transposed_view_of_the_slot_is_still_copied_not_trusted():
         first = next(iter(loader))["m"]
     np.testing.assert_array_equal(first[0], np.arange(9, dtype=np.float32).reshape(3, 3).T)
 
+
+
+def test_a_torch_dataset_is_welcome_quietly_with_one_torch_thread_and_no_cuda(caplog):
+    pytest.importorskip("torch")
+    import logging
+
+    from sources_for_tests import TorchDataset
+
+    with caplog.at_level(logging.INFO, logger="agnostic_prefetch"):
+        with ap.Loader(TorchDataset(8), 4, workers=2) as loader:
+            batches = list(loader)
+    assert [b["x"][:, 0].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert all((b["threads"] == 1).all() and (b["interop_threads"] == 1).all() for b in batches)
+    assert not any(b["cuda_initialized"].any() for b in batches)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # not a word above DEBUG

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -131,3 +132,34 @@ def test_default_ring_covers_a_training_loop_behind_prefetch_to_device():
         total.block_until_ready()
         assert loader.stats()["copied_out"] == 0
     assert float(total) == 4 * sum((i % 256) * 16 * 16 * 3 for i in range(40))
+
+
+def test_a_hoarding_caller_is_told_the_exact_slots_that_copy_nothing(caplog):
+    def run(slots):
+        kept = []
+        with ap.Loader(Images(), 2, workers=2, slots=slots) as loader:
+            for batch in loader:
+                kept = [*kept, batch][-7:]  # the caller keeps its last seven batches
+            return loader.stats(), ap.diagnose(loader, seconds=60)
+
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        stats, verdict = run(slots=8)
+    [warning] = [r.getMessage() for r in caplog.records if "copied out" in r.getMessage()]
+    assert "your code holds them" in warning and "pass slots=9" in warning  # the peak so far: 7
+    assert stats["copied_out"] > 0 and (stats["held_peak"], stats["slots_needed"]) == (8, 10)
+    assert "slots=10" in verdict.remedy
+    again, _ = run(slots=10)  # exactly what it named: nothing copied any more
+    assert again["copied_out"] == 0 and again["held_peak"] == 8
+
+
+def test_a_copy_out_warning_behind_a_prefetcher_tells_its_share_from_the_callers(caplog):
+    torch_prefetch = pytest.importorskip("agnostic_prefetch.adapters").torch_prefetch
+    pytest.importorskip("torch")
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(Images(), 2, workers=2, slots=8) as loader:
+            kept = []
+            for batch in torch_prefetch(loader, size=2, device="cpu"):  # tensors view the ring
+                kept = [*kept, batch][-7:]
+    [warning] = [r.getMessage() for r in caplog.records if "copied out" in r.getMessage()]
+    stage, caller = map(int, re.search(r"this loader holds (\d+) .* and your code (\d+)", warning).groups())
+    assert stage >= 1 and caller >= 1 and f"holds {stage + caller} of the ring's 8 slots" in warning

@@ -53,6 +53,8 @@ def cupy_prefetch(iterable: Iterable[Any], size: int = 2, *, device: int = 0, st
 
 
 class _CupyPlacement:
+    aliases_host = False  # device copies: the ring slot goes back once the copy is done
+
     def __init__(self, cupy: Any, device: int, stream: Any = None) -> None:
         self.cupy = cupy
         self.device = cupy.cuda.Device(device)

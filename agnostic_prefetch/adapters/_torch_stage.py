@@ -72,6 +72,8 @@ def torch_prefetch(iterable: Iterable[Any], size: int = 2, *, device: Any = "cpu
 
 
 class _CpuPlacement:
+    aliases_host = True  # the tensors view the ring slot (DLPack)
+
     def put(self, host: Any) -> tuple[Any, None]:
         return to_torch(host), None
 
@@ -87,6 +89,8 @@ class _CpuPlacement:
 
 class _CudaPlacement:
     """Copies on a side stream from page-locked ring memory; the consumer stream waits on an event."""
+
+    aliases_host = False  # device copies: the ring slot goes back once the copy is done
 
     def __init__(self, device: Any, stream: Any = None) -> None:
         import torch

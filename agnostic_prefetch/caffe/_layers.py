@@ -179,6 +179,14 @@ class CaffeStream:
         if callable(release):
             release()
 
+    def locate(self, index: int) -> str | None:
+        locate = getattr(self.source, "locate", None)
+        return locate(index) if locate is not None else None
+
+    def remedy(self, index: int, exc: BaseException) -> str | None:
+        remedy = getattr(self.source, "remedy", None)
+        return remedy(index, exc) if remedy is not None else None
+
     @property
     def order_fingerprint(self) -> dict[str, Any]:
         return {"caffe_stream": self.shuffle, "rand_skip": self.rand_skip,

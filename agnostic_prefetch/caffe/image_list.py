@@ -147,6 +147,19 @@ class ImageListSource:
             image = np.ascontiguousarray(image[:, :, ::-1])
         return {"image": image, "label": self.labels[index]}
 
+    def locate(self, index: int) -> str:
+        """Where record ``index`` comes from: the list's line and the image's path."""
+        return f"line {int(index) + 1} of {self.list_file}: {self.path(int(index))}"
+
+    def remedy(self, index: int, exc: BaseException) -> str | None:
+        """What fixes ``exc`` on this source: resizing as the list is read, for a crop
+        larger than the image."""
+        if type(exc).__name__ == "ImageTooSmallError":
+            return ("resize the images as the list is read: ImageListSource(..., new_height=H, "
+                    "new_width=W) (image_data_param.new_height/new_width in a prototxt), as "
+                    "Caffe's ImageData does")
+        return None
+
     def __repr__(self) -> str:
         size = f", resize to {self.new_height}×{self.new_width}" if self.new_height else ""
         return (

@@ -210,6 +210,19 @@ class LMDBSource:
         start = int(self._key_ends[index - 1]) if index > 0 else 0
         return self._keys_blob[start : int(self._key_ends[index])]
 
+    def locate(self, index: int) -> str:
+        """Where record ``index`` comes from: its key in the database."""
+        return f"key {self.key(int(index))!r} of {self.path}"
+
+    def remedy(self, index: int, exc: BaseException) -> str | None:
+        """What fixes ``exc`` on this source: a database converted with a resize, for a crop
+        larger than the image."""
+        if type(exc).__name__ == "ImageTooSmallError":
+            return ("convert the images resized to at least the crop: agnostic-prefetch convert "
+                    "--resize-height H --resize-width W (Caffe's convert_imageset --resize_height "
+                    "--resize_width)")
+        return None
+
     def __len__(self) -> int:
         return len(self._key_ends)
 

@@ -48,6 +48,11 @@ def _fill(dest: np.ndarray, src: np.ndarray, mean: np.ndarray | None, row: np.nd
         np.subtract(plane, mean[..., k], out=plane)
 
 
+class ImageTooSmallError(ValueError):
+    """An image smaller than the crop. Sources say how to resize their images as they read
+    them (``remedy``): ImageListSource's ``new_height``/``new_width``, the converter's flags."""
+
+
 class CaffeTransform:
     """Caffe's ``TransformationParameter`` applied to ``example["image"]`` (H×W×C); other keys pass through.
 
@@ -140,10 +145,10 @@ class CaffeTransform:
         if self.crop_size:
             size_h = size_w = self.crop_size
             if h < size_h or w < size_w:
-                raise ValueError(
-                    f"image of {h}×{w} is smaller than crop_size={self.crop_size}; resize when "
-                    "converting (--resize-height/--resize-width) or use a smaller crop_size"
-                )
+                raise ImageTooSmallError(
+                    f"image of {h}×{w} is smaller than crop_size={self.crop_size}: resize the images "
+                    f"to at least {self.crop_size}×{self.crop_size} as they are read, or use a "
+                    "smaller crop_size")
             if self.train:
                 top = int(rng.integers(0, h - size_h + 1))
                 left = int(rng.integers(0, w - size_w + 1))

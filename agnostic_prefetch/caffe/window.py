@@ -356,6 +356,13 @@ class WindowSource:
         out[pad_h : pad_h + out_h, pad_w : pad_w + out_w] = region
         return out
 
+    def locate(self, index: int) -> str:
+        """Where record ``index`` comes from: the window, its image and whether it is flipped."""
+        window, flip = divmod(int(index), 2)
+        box = tuple(int(v) for v in self._box[window])
+        return (f"window {box} of {self.root_folder + self._images[self._image_index[window]]}"
+                f"{' (mirrored)' if flip else ''}, in {self.window_file}")
+
     def __repr__(self) -> str:
         return (
             f"WindowSource({self.window_file!r}, images={len(self._images)}, foreground={self.num_fg}, "

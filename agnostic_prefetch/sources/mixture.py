@@ -146,6 +146,23 @@ class Mixture:
             raise IndexError(f"index {index} out of range for a Mixture over an index space of {self.index_space}")
         return self.sources[c][index - int(self._offsets[c])]
 
+    def locate(self, index: int) -> str:
+        """Where record ``index`` comes from: the component, and where in it if it says."""
+        c, record = self._component(int(index))
+        locate = getattr(self.sources[c], "locate", None)
+        where = locate(record) if locate is not None else None
+        return f"component {self.names[c]!r}, record {record}" + (f" ({where})" if where else "")
+
+    def remedy(self, index: int, exc: BaseException) -> str | None:
+        """The component's remedy for ``exc`` on that record, if it has one."""
+        c, record = self._component(int(index))
+        remedy = getattr(self.sources[c], "remedy", None)
+        return remedy(record, exc) if remedy is not None else None
+
+    def _component(self, index: int) -> tuple[int, int]:
+        c = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        return c, index - int(self._offsets[c])
+
     def release(self) -> None:
         """Let every component that can release what it opened in this process do so."""
         for source in self.sources:

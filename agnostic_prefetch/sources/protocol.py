@@ -49,6 +49,12 @@ class MapSource(Protocol):
     of the index. A ``__repr__`` that says what it reads makes errors easier to place.
     An optional ``release()`` lets go of what it opened in this process (reads reopen
     lazily); the loader calls it after reading its layout example in the parent.
+
+    Two more optional methods make failures point at the data: ``locate(index) -> str``
+    says where record ``index`` comes from (``"line 7 of train.txt: cat/01.jpg"``, ``"key
+    b'00000007' of train_lmdb"``), and ``remedy(index, exc) -> str | None`` a remedy that
+    fits this source for an exception raised on that record (by the source or by the
+    transform), or ``None``. The loader puts both in the error it raises.
     """
 
     def __len__(self) -> int: ...
