@@ -5,11 +5,11 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: demo test bench clean
 
-# One stamp per extra, redone when pyproject.toml changes.
-$(VENV)/.installed-%: pyproject.toml
+# One stamp per extra, redone when pyproject.toml or the pins in constraints.txt change.
+$(VENV)/.installed-%: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[$*]"
+	$(PIP) install --quiet -c constraints.txt -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.installed-demo
