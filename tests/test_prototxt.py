@@ -12,6 +12,7 @@ pytest.importorskip("google.protobuf")
 
 from agnostic_prefetch.caffe import CaffeTransform, LMDBSource, convert_imageset, from_prototxt  # noqa: E402
 from agnostic_prefetch.caffe.convert import compute_mean  # noqa: E402
+from agnostic_prefetch.errors import LoaderError  # noqa: E402
 
 CONV = """
 layer {
@@ -374,3 +375,58 @@ def test_uint8_output_of_window_data_depends_on_its_own_scale(work):
     fractional = whole.replace("batch_size: 2", "batch_size: 2 scale: 0.5")
     with pytest.raises(ValueError, match="dtype=uint8 needs no mean and scale 1"):
         from_prototxt(write(work, fractional), "TEST", workers=0, dtype=np.uint8)
+
+
+def data_layer(name="data", tops=("data", "label"), transform="crop_size: 8", batch="batch_size: 3", source="train_lmdb"):
+    top_lines = " ".join(f'top: "{t}"' for t in tops)
+    return (f'layer {{ name: "{name}" type: "Data" {top_lines} include {{ phase: TEST }}\n'
+            f'  transform_param {{ {transform} }}\n  data_param {{ source: "{source}" {batch} backend: LMDB }} }}\n')
+
+
+SECOND = data_layer("data_b", ("data_b", "label_b"), transform="crop_size: 50")
+FAILURES = {  # how a construction fails: (net text, loader options, what it raises)
+    "a missing mean file": (data_layer(transform='mean_file: "missing.binaryproto"'), {}, FileNotFoundError),
+    "a malformed mean file": (data_layer(transform='mean_file: "garbage.binaryproto"'), {}, ValueError),
+    "a crop larger than the images": (data_layer(transform="crop_size: 50"), {}, LoaderError),
+    "mean values for two channels": (data_layer(transform="mean_value: 1 mean_value: 2"), {}, LoaderError),
+    "batch_size 0": (data_layer(batch="batch_size: 0"), {}, ValueError),
+    "a bad loader option": (data_layer(), {"workers": -3}, ValueError),
+    "uint8 with a mean": (data_layer(transform="mean_value: 1"), {"dtype": np.uint8}, ValueError),
+    "a second layer after the first was built": (data_layer() + SECOND, {}, LoaderError),
+    "a second layer after the first one's threads read": (data_layer() + SECOND, {"workers": 2, "backend": "thread"},
+                                                          LoaderError),
+    "a second layer after the first one's processes started": (data_layer() + SECOND, {"workers": 1}, LoaderError),
+    "two layers producing one top": (data_layer() + data_layer("data_b", ("data", "label_b")), {}, ValueError),
+    "two layers of one name": (data_layer() + data_layer(tops=("data_b", "label_b")), {}, ValueError),
+    "images of different sizes without a crop": (data_layer(transform="", source="mixed_lmdb"), {}, ValueError),
+}
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_a_failed_construction_lets_go_of_the_database_so_the_caller_may_open_it(work, how):
+    import lmdb
+
+    from agnostic_prefetch.caffe import write_array_records
+
+    text, options, error = FAILURES[how]
+    (work / "garbage.binaryproto").write_bytes(b"\x01\x02 not a BlobProto")
+    write_array_records(work / "mixed_lmdb", [{"image": np.zeros((4, 4, 3), np.uint8)},
+                                              {"image": np.zeros((5, 4, 3), np.uint8)}])
+    with pytest.raises(error) as failure:  # kept, as a notebook keeps its last traceback
+        from_prototxt(write(work, text), "TEST", **{"workers": 0, **options})
+    for database in ("train_lmdb", "mixed_lmdb"):
+        lmdb.open(str(work / database), readonly=True, lock=False).close()  # py-lmdb: "already open" if held
+    assert failure.traceback  # alive until here: the release did not wait for the collector
+
+
+def test_two_data_layers_of_one_name_in_a_phase_are_refused_naming_both(work):
+    text = data_layer() + data_layer(tops=("data_b", "label_b"))
+    with pytest.raises(ValueError, match=r"\(line 4\): the phase already includes a data layer named 'data' \(layer 'data' at line 1\)"):
+        from_prototxt(write(work, text), "TEST", workers=0)
+
+
+def test_two_data_layers_producing_one_top_are_refused_as_caffe_refuses_them(work):
+    text = data_layer() + data_layer("data_b", ("data", "label_b"))
+    with pytest.raises(ValueError, match=r"layer 'data_b' \(line 4\): top 'data' is also produced by layer 'data' "
+                                         r"at line 1, which Caffe refuses"):
+        from_prototxt(write(work, text), "TEST", workers=0)
