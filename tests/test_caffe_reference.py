@@ -25,7 +25,12 @@ DATABASES = {  # as generate.py makes them: our convert options, and the list
     "encoded_resized": ({"encoded": True, "resize_height": 40, "resize_width": 50}, "list.txt"),
     "gray16": ({"gray": True}, "list16.txt"),
     "colour16": ({}, "list16.txt"),
+    "raw_sizes": ({}, "list.txt"),
+    "large_encoded": ({"encoded": True}, "list227.txt"),
 }
+# Nets whose per-batch shapes go beyond the first record's: each batch of 1 is its own
+# datum's size (raw), or its own channel count under a 227 crop (encoded gray and colour).
+BEYOND_THE_FIRST_RECORD = {"data_raw_mixed_sizes", "data_encoded_gray_colour_crop227"}
 
 _spec = importlib.util.spec_from_file_location("caffe_reference_generate", os.path.join(HERE, "generate.py"))
 _generate = importlib.util.module_from_spec(_spec)
@@ -97,7 +102,18 @@ def caffe_db(tmp_path, name):
     return path
 
 
-@pytest.mark.parametrize("case", sorted(n.removesuffix(".prototxt") for n in os.listdir(NETS)))
+def net_cases():
+    cases = []
+    for case in sorted(n.removesuffix(".prototxt") for n in os.listdir(NETS)):
+        marks = ()
+        if case in BEYOND_THE_FIRST_RECORD:
+            marks = pytest.mark.xfail(reason="issue 17 item 8: per-batch shapes beyond the first record's (in progress)",
+                                      strict=True)
+        cases.append(pytest.param(case, marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize("case", net_cases())
 def test_test_phase_tops_equal_caffes_in_every_value(tmp_path, case):
     text = open(os.path.join(NETS, case + ".prototxt")).read()
     for name in DATABASES:
@@ -108,6 +124,7 @@ def test_test_phase_tops_equal_caffes_in_every_value(tmp_path, case):
     with np.load(os.path.join(EXPECTED, case + ".npz")) as f:
         want_label = f["label"]
         want_data = [f["data"]] if "data" in f else [f[f"data_{i}"][None] for i in range(len(want_label))]
+    want_data = [w.astype(np.float32) for w in want_data]  # "# stored: uint8" nets: whole values
     options = {}
     if case.endswith("per_batch"):  # sizes and channel counts vary: slots for the largest item
         options = {"spec": {"data": np.zeros((4, 64, 96), np.float32), "label": np.float32(0)},

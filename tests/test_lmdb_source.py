@@ -496,3 +496,57 @@ def test_a_loader_whose_workers_read_here_lets_the_database_go_at_close(tmp_path
         assert len(list(loader)) == 5
     lmdb.open(path, readonly=True, lock=False).close()  # py-lmdb: "already open" if it were not let go
     assert source[3]["label"] == 3  # and the source reopens it when read again
+
+
+CONSTRUCTION_FAILURES = {  # the records of a database a source refuses at construction
+    "images of different sizes": [raw_datum(rgb_image(6, 5), 0), raw_datum(rgb_image(7, 5), 1)],
+    "a first record that is not a Datum": [b"\x22\x50short", raw_datum(rgb_image(2, 2), 0)],
+    "a raw Datum of the wrong length": [
+        caffe_messages()["Datum"](channels=3, height=2, width=2, data=b"123", label=0).SerializeToString()],
+    "no records": [],
+}
+
+
+@pytest.mark.parametrize("how", CONSTRUCTION_FAILURES)
+def test_a_source_that_fails_to_construct_lets_go_of_the_database(tmp_path, how):
+    path = write_db(tmp_path / "db", CONSTRUCTION_FAILURES[how])
+    with pytest.raises(ValueError) as failure:  # kept, as a notebook keeps its last traceback
+        LMDBSource(path)
+    lmdb.open(path, readonly=True, lock=False).close()  # py-lmdb: "already open" if it were held
+    assert failure.traceback  # alive until here: the release did not wait for the collector
+
+
+def test_an_environment_whose_first_transaction_fails_is_let_go_at_once(tmp_path, images, monkeypatch):
+    import agnostic_prefetch.caffe.lmdb as module
+
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    attach = module.acquire_env
+
+    class Resized:  # the environment opens, then its read transaction fails (a writer grew the map)
+        def __init__(self, env):
+            self.env = env
+
+        def begin(self, **options):
+            raise lmdb.MapResizedError("simulated MDB_MAP_RESIZED")
+
+    monkeypatch.setattr(module, "acquire_env", lambda *args, **kwargs: Resized(attach(*args, **kwargs)))
+    with pytest.raises(lmdb.MapResizedError) as failure:  # kept, as a notebook keeps its last traceback
+        LMDBSource(path)
+    monkeypatch.undo()
+    lmdb.open(path, readonly=True, lock=False).close()
+    assert failure.traceback
+
+
+@pytest.mark.parametrize("workers,backend", [(0, "process"), (1, "process"), (2, "thread")])
+def test_a_loader_that_fails_to_construct_lets_go_of_the_database(tmp_path, images, workers, backend):
+    import agnostic_prefetch as ap
+    from agnostic_prefetch.errors import LoaderError
+
+    def refuse(example, rng):
+        raise ValueError("a transform that refuses every record")
+
+    path = write_db(tmp_path / "db", [raw_datum(im, i) for i, im in enumerate(images)])
+    with pytest.raises(LoaderError, match="a transform that refuses every record") as failure:
+        ap.Loader(LMDBSource(path), 2, workers=workers, backend=backend, transform=refuse)
+    lmdb.open(path, readonly=True, lock=False).close()
+    assert failure.traceback  # kept until here, as a notebook keeps its last traceback

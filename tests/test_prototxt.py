@@ -12,6 +12,7 @@ pytest.importorskip("google.protobuf")
 
 from agnostic_prefetch.caffe import CaffeTransform, LMDBSource, convert_imageset, from_prototxt  # noqa: E402
 from agnostic_prefetch.caffe.convert import compute_mean  # noqa: E402
+from agnostic_prefetch.errors import LoaderError  # noqa: E402
 
 CONV = """
 layer {
@@ -312,3 +313,120 @@ def test_image_data_rand_skip_starts_the_stream_at_a_line_drawn_from_the_seed(wo
     assert len(starts) > 1
     with pytest.raises(ValueError, match="rand_skip=5 starts Caffe's endless stream.*no meaning with epochs="):
         from_prototxt(write(work, text), "TEST", workers=0, epochs=1)
+
+
+@pytest.mark.parametrize("window_scale, transform_scale, want", [
+    (None, None, 1.0), ("0.5", None, 0.5), (None, "0.25", 1.0), ("0.5", "0.25", 0.5),
+])
+def test_window_data_multiplies_by_window_data_param_scale_and_never_transform_param_scale(
+        work, window_scale, transform_scale, want):
+    from agnostic_prefetch.caffe import WindowSource
+
+    text = PASCAL.replace("crop_size: 8", f"crop_size: 8{f' scale: {transform_scale}' if transform_scale else ''}")
+    text = text.replace("batch_size: 2", f"batch_size: 2{f' scale: {window_scale}' if window_scale else ''}")
+    with from_prototxt(write(work, text), "TEST", workers=0)["data"] as loader:
+        data = next(iter(loader))["data"]
+    source = WindowSource(work / "windows.txt", root_folder="", crop_size=8, context_pad=2, fg_fraction=0.5,
+                          mean=(104.0, 117.0, 123.0), scale=want, channel_order="bgr")
+    background, foreground = source[2], source[0]  # Caffe: background first, then foreground
+    np.testing.assert_array_equal(data, np.stack([background["image"], foreground["image"]]).transpose(0, 3, 1, 2))
+
+
+def test_window_data_says_that_transform_param_scale_has_no_effect_there(work, caplog):
+    text = PASCAL.replace("crop_size: 8", "crop_size: 8 scale: 0.25").replace("batch_size: 2", "batch_size: 2 scale: 0.5")
+    with caplog.at_level(logging.INFO, "agnostic_prefetch.caffe"):
+        from_prototxt(write(work, text), "TEST", workers=0)["data"].close()
+    assert "transform_param.scale has no effect on Caffe's WindowData layer" in caplog.text
+    assert "window_data_param.scale has no effect" not in caplog.text
+
+
+def test_a_v1_window_data_param_scale_moves_to_the_transform_and_so_has_no_effect(work):
+    v1 = PASCAL.replace("layer {", "layers {").replace('type: "WindowData"', "type: WINDOW_DATA")
+    with from_prototxt(write(work, v1), "TEST", workers=0)["data"] as loader:
+        plain = next(iter(loader))["data"]
+    scaled = v1.replace("batch_size: 2", "batch_size: 2 scale: 0.5")
+    with from_prototxt(write(work, scaled), "TEST", workers=0)["data"] as loader:
+        np.testing.assert_array_equal(next(iter(loader))["data"], plain)
+
+
+@pytest.mark.parametrize("params, field", [
+    ("data_param", "scale"), ("data_param", "mean_file"), ("data_param", "crop_size"), ("data_param", "mirror"),
+    ("window_data_param", "mirror"), ("window_data_param", "crop_size"),
+])
+def test_legacy_fields_of_a_layer_net_are_ignored_as_caffe_does_and_said(work, caplog, params, field):
+    value = {"scale": "0.5", "mean_file": '"mean.binaryproto"', "crop_size": "4", "mirror": "true"}[field]
+    if params == "data_param":
+        text = CAFFENET.replace("batch_size: 3 backend: LMDB", f"batch_size: 3 backend: LMDB {field}: {value}")
+        plain = CAFFENET
+    else:
+        text, plain = PASCAL.replace("batch_size: 2", f"batch_size: 2 {field}: {value}"), PASCAL
+    with caplog.at_level(logging.INFO, "agnostic_prefetch.caffe"):
+        with from_prototxt(write(work, text), "TEST", workers=0)["data"] as loader:
+            got = next(iter(loader))["data"]
+    assert f"{params}.{field} has no effect in Caffe's layers" in caplog.text
+    with from_prototxt(write(work, plain, "plain.prototxt"), "TEST", workers=0)["data"] as loader:
+        np.testing.assert_array_equal(got, next(iter(loader))["data"])
+
+
+def test_uint8_output_of_window_data_depends_on_its_own_scale(work):
+    whole = PASCAL.replace(" mean_value: 104 mean_value: 117 mean_value: 123", " scale: 0.5")
+    with from_prototxt(write(work, whole), "TEST", workers=0, dtype=np.uint8)["data"] as loader:
+        assert next(iter(loader))["data"].dtype == np.uint8
+    fractional = whole.replace("batch_size: 2", "batch_size: 2 scale: 0.5")
+    with pytest.raises(ValueError, match="dtype=uint8 needs no mean and scale 1"):
+        from_prototxt(write(work, fractional), "TEST", workers=0, dtype=np.uint8)
+
+
+def data_layer(name="data", tops=("data", "label"), transform="crop_size: 8", batch="batch_size: 3", source="train_lmdb"):
+    top_lines = " ".join(f'top: "{t}"' for t in tops)
+    return (f'layer {{ name: "{name}" type: "Data" {top_lines} include {{ phase: TEST }}\n'
+            f'  transform_param {{ {transform} }}\n  data_param {{ source: "{source}" {batch} backend: LMDB }} }}\n')
+
+
+SECOND = data_layer("data_b", ("data_b", "label_b"), transform="crop_size: 50")
+FAILURES = {  # how a construction fails: (net text, loader options, what it raises)
+    "a missing mean file": (data_layer(transform='mean_file: "missing.binaryproto"'), {}, FileNotFoundError),
+    "a malformed mean file": (data_layer(transform='mean_file: "garbage.binaryproto"'), {}, ValueError),
+    "a crop larger than the images": (data_layer(transform="crop_size: 50"), {}, LoaderError),
+    "mean values for two channels": (data_layer(transform="mean_value: 1 mean_value: 2"), {}, LoaderError),
+    "batch_size 0": (data_layer(batch="batch_size: 0"), {}, ValueError),
+    "a bad loader option": (data_layer(), {"workers": -3}, ValueError),
+    "uint8 with a mean": (data_layer(transform="mean_value: 1"), {"dtype": np.uint8}, ValueError),
+    "a second layer after the first was built": (data_layer() + SECOND, {}, LoaderError),
+    "a second layer after the first one's threads read": (data_layer() + SECOND, {"workers": 2, "backend": "thread"},
+                                                          LoaderError),
+    "a second layer after the first one's processes started": (data_layer() + SECOND, {"workers": 1}, LoaderError),
+    "two layers producing one top": (data_layer() + data_layer("data_b", ("data", "label_b")), {}, ValueError),
+    "two layers of one name": (data_layer() + data_layer(tops=("data_b", "label_b")), {}, ValueError),
+    "images of different sizes without a crop": (data_layer(transform="", source="mixed_lmdb"), {}, ValueError),
+}
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_a_failed_construction_lets_go_of_the_database_so_the_caller_may_open_it(work, how):
+    import lmdb
+
+    from agnostic_prefetch.caffe import write_array_records
+
+    text, options, error = FAILURES[how]
+    (work / "garbage.binaryproto").write_bytes(b"\x01\x02 not a BlobProto")
+    write_array_records(work / "mixed_lmdb", [{"image": np.zeros((4, 4, 3), np.uint8)},
+                                              {"image": np.zeros((5, 4, 3), np.uint8)}])
+    with pytest.raises(error) as failure:  # kept, as a notebook keeps its last traceback
+        from_prototxt(write(work, text), "TEST", **{"workers": 0, **options})
+    for database in ("train_lmdb", "mixed_lmdb"):
+        lmdb.open(str(work / database), readonly=True, lock=False).close()  # py-lmdb: "already open" if held
+    assert failure.traceback  # alive until here: the release did not wait for the collector
+
+
+def test_two_data_layers_of_one_name_in_a_phase_are_refused_naming_both(work):
+    text = data_layer() + data_layer(tops=("data_b", "label_b"))
+    with pytest.raises(ValueError, match=r"\(line 4\): the phase already includes a data layer named 'data' \(layer 'data' at line 1\)"):
+        from_prototxt(write(work, text), "TEST", workers=0)
+
+
+def test_two_data_layers_producing_one_top_are_refused_as_caffe_refuses_them(work):
+    text = data_layer() + data_layer("data_b", ("data", "label_b"))
+    with pytest.raises(ValueError, match=r"layer 'data_b' \(line 4\): top 'data' is also produced by layer 'data' "
+                                         r"at line 1, which Caffe refuses"):
+        from_prototxt(write(work, text), "TEST", workers=0)

@@ -31,11 +31,12 @@ def build(type_name: str, layer: Any, options: Any, where: str) -> Any:
     t = layer.transform_param
     if t.force_color and t.force_gray:
         raise ValueError(f"{where}: force_color and force_gray cannot both be set (Caffe refuses them too)")
-    mean = _mean(t, options, where)
-    fractional = mean is not None or t.scale != 1
-    if options.dtype == np.uint8 and fractional:
-        raise ValueError(f"{where}: dtype=uint8 needs no mean and scale 1 (this layer's values are fractional)")
     kind = {"DATA": "Data", "IMAGE_DATA": "ImageData", "WINDOW_DATA": "WindowData"}.get(type_name, type_name)
+    mean = _mean(t, options, where)
+    # WindowData multiplies by its own window_data_param.scale and never reads transform_param.scale
+    scale = layer.window_data_param.scale if kind == "WindowData" else t.scale
+    if options.dtype == np.uint8 and (mean is not None or scale != 1):
+        raise ValueError(f"{where}: dtype=uint8 needs no mean and scale 1 (this layer's values are fractional)")
     endless = options.loader_options.get("epochs", None) is None
     read = {"Data": _data, "ImageData": _image_data}.get(kind, _window_data)
     source, batch_size, shuffle, transform, rand_skip = read(layer, options, mean, where)
@@ -71,11 +72,13 @@ def _transform(t: Any, options: Any, mean: Any) -> Any:
                           channel_order=options.channel_order)
 
 
-def _ignored_legacy(params: Any, name: str, where: str) -> None:
+def _ignored_legacy(params: Any, name: str, where: str, honoured: tuple[str, ...] = ()) -> None:
+    """Warn about the deprecated fields that Caffe's layers never read in a ``layer {}`` net
+    (only the V1 upgrade, ``_upgrade_v1``, moves them into ``transform_param``)."""
     for field in ("scale", "mean_file", "crop_size", "mirror"):
-        if params.HasField(field):
-            log.warning("%s: %s.%s has no effect in Caffe's layers (they read transform_param); "
-                        "it is ignored here too", where, name, field)
+        if field not in honoured and params.HasField(field):
+            log.warning("%s: %s.%s has no effect in Caffe's layers (they read transform_param.%s); "
+                        "it is ignored here too. Set transform_param.%s instead.", where, name, field, field, field)
 
 
 def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bool, Any, int]:
@@ -130,11 +133,18 @@ def _window_data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, 
         raise ValueError(f"{where}: WindowData needs transform_param.crop_size > 0 (Caffe requires it)")
     if p.cache_images:
         _once("window_data_param.cache_images has no effect here: images are read when needed")
-    _ignored_legacy(p, "window_data_param", where)
+    # Caffe's WindowDataLayer<Dtype>::load_batch writes (pixel - mean) * window_data_param.scale;
+    # it reads crop_size, mirror and the mean from transform_param, and never its scale.
+    _ignored_legacy(p, "window_data_param", where, honoured=("scale",))
+    if t.HasField("scale"):
+        log.warning("%s: transform_param.scale has no effect on Caffe's WindowData layer (it multiplies by "
+                    "window_data_param.scale, %g here; a V1 net's window_data_param.scale is moved into "
+                    "transform_param by Caffe's upgrade and has no effect either); ignored here too",
+                    where, p.scale)
     source = WindowSource(options.resolve(p.source), root_folder=options.folder(p.root_folder), fg_threshold=p.fg_threshold,
                           bg_threshold=p.bg_threshold, fg_fraction=p.fg_fraction, context_pad=p.context_pad,
                           crop_mode=p.crop_mode, crop_size=t.crop_size, mirror=t.mirror, mean=mean,
-                          scale=t.scale, channel_order=options.channel_order)
+                          scale=p.scale, channel_order=options.channel_order)
     return source, p.batch_size, False, None, 0
 
 

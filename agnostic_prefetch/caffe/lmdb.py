@@ -196,8 +196,9 @@ class LMDBSource:
     # -- index -----------------------------------------------------------------------------
 
     def _index_keys(self) -> tuple[bytes, np.ndarray]:
-        local = self._ensure_open()
         try:
+            # inside the try: the environment may be attached before the transaction fails
+            local = self._ensure_open()
             keys = list(local.cursor.iternext(keys=True, values=False))
             blob = b"".join(bytes(k) for k in keys)
             ends = np.cumsum([len(k) for k in keys], dtype=np.int64)

@@ -60,7 +60,11 @@ def from_prototxt(
     Raises:
         ValueError: a malformed prototxt or an unknown field in a data layer (naming the
             file and line), an unsupported layer or parameter (naming it), ``batch_size``
-            in ``loader_options``, both include and exclude rules on a layer.
+            in ``loader_options``, both include and exclude rules on a layer, two included
+            data layers of one name or producing one top.
+        LoaderError, OSError: what a layer's source, transform or Loader raised (a missing
+            database or mean file, a record that does not fit). Every failure first closes
+            the loaders built for earlier layers: no worker, ring or open LMDB is left behind.
 
     Example:
         >>> loaders = from_prototxt("train_val.prototxt", "TEST", workers=2)  # doctest: +SKIP
@@ -83,18 +87,41 @@ def from_prototxt(
     base = os.fspath(root) if root is not None else os.getcwd()
     options = _Options(phase == "TRAIN", channel_order, layout, np.dtype(dtype), base, loader_options)
     loaders: dict[str, Any] = {}
+    produced: dict[str, str] = {}  # layer names and tops of the layers built so far: which layer
     try:
         for number, block in enumerate(layers_of(text, path)):
             found = _data_layer(block, number, path, state)
             if found is not None:
                 type_name, layer = found
                 name = layer.name or f"layer {number}"
-                loaders[name] = build(type_name, layer, options, f"{path}, layer {name!r} (line {block.line})")
+                where = f"{path}, layer {name!r} (line {block.line})"
+                _check_unique(name, list(layer.top), where, f"layer {name!r} at line {block.line}", produced)
+                loaders[name] = build(type_name, layer, options, where)
     except BaseException:
+        # every loader built so far: its workers, its ring and the LMDB environment its
+        # source may hold, so the caller can open the database again
         for loader in loaders.values():
             loader.close()
         raise
     return loaders
+
+
+def _check_unique(name: str, tops: list[str], where: str, which: str, produced: dict[str, str]) -> None:
+    """Refuse a second data layer of one name, or a top two layers produce (Caffe refuses that:
+    "Top blob produced by multiple sources"); the loaders are returned by layer name."""
+    if f"layer {name}" in produced:
+        raise ValueError(
+            f"{where}: the phase already includes a data layer named {name!r} ({produced[f'layer {name}']}); "
+            "from_prototxt returns one loader per layer name. Rename one of them, or give them include "
+            "rules that select one per phase, stage or level.")
+    for top in tops:
+        if f"top {top}" in produced:
+            raise ValueError(
+                f"{where}: top {top!r} is also produced by {produced[f'top {top}']}, which Caffe refuses "
+                "('produced by multiple sources'). Give the layers include rules that select one per "
+                "phase, stage or level, or distinct tops.")
+    produced[f"layer {name}"] = which
+    produced.update({f"top {top}": which for top in tops})
 
 
 class _Options:

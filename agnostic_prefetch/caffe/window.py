@@ -143,7 +143,8 @@ class WindowSource:
         mirror: flip half of the drawn windows horizontally.
         mean: number, per-channel values (``channel_order``), an H×W×C mean image (its
             centre crop_size square is used), or a ``.binaryproto``/``.npy`` path.
-        scale: multiplier after mean subtraction.
+        scale: multiplier after mean subtraction (Caffe's ``window_data_param.scale``;
+            its WindowData layer never reads ``transform_param.scale``).
         channel_order: ``"rgb"`` (default) or ``"bgr"``.
 
     Raises:

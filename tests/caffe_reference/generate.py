@@ -7,11 +7,14 @@ photographs, so that the references always match the committed inputs.
     python tests/caffe_reference/generate.py [--caffe /tmp/caffe]
 
 What it runs, each on the committed inputs:
-  convert_imageset   raw (resized 40x50), gray (resized), encoded (files as they are),
-                     encoded and resized (Caffe re-encodes each file in its own format)
+  convert_imageset   raw (resized 40x50, and as they are), gray (resized), encoded (files as
+                     they are), encoded and resized (Caffe re-encodes each file in its own
+                     format), and the large JPEGs (list227.txt) encoded
   compute_image_mean on the resized database
   extract_features   a one-layer TEST net per case in nets/, dumping its data and label tops
-Outputs (a few hundred KB): expected/*.npz, expected/*.binaryproto.
+                     (a net whose header says "# stored: uint8" has whole values in 0..255:
+                     they are stored as uint8, compressed, after checking that nothing is lost)
+Outputs (about 1.5 MB): expected/*.npz, expected/*.binaryproto.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ DATABASES = {  # name: convert_imageset flags, and the list (list16.txt: 16-bit 
     "encoded_resized": (["--encoded", "--resize_height=40", "--resize_width=50"], "list.txt"),  # re-encoded
     "gray16": (["--gray"], "list16.txt"),
     "colour16": ([], "list16.txt"),
+    "raw_sizes": ([], "list.txt"),  # raw Datums of every size, colour
+    "large_encoded": (["--encoded"], "list227.txt"),  # colour and gray JPEGs for a 227 crop
 }
 
 
@@ -62,7 +67,12 @@ def make_inputs() -> None:
     ]
     sixteen = [p for p in photos if p[2].get("sixteen_bits")]
     photos = [p for p in photos if not p[2].get("sixteen_bits")]
-    for list_name, entries in (("list.txt", photos), ("list16.txt", sixteen)):
+    large = [  # at least 227 on each side, for a 227 crop: colour, gray, colour, each a new size
+        ("coffee_240x232.jpg", data.coffee()[0:240, 340:572], {"quality": 90}),
+        ("moon_gray_250x260.jpg", data.moon()[0:250, 0:260], {"quality": 90}),
+        ("rocket_240x300.jpg", data.rocket()[0:240, 0:300], {"quality": 90}),
+    ]
+    for list_name, entries in (("list.txt", photos), ("list16.txt", sixteen), ("list227.txt", large)):
         _write_inputs(list_name, entries)
     with open(os.path.join(INPUTS, "windows.txt"), "w") as f:
         # one image, one foreground and one background window: WindowData's draws are then fixed
@@ -178,14 +188,20 @@ def main() -> None:
             open(netfile, "w").write(text)
             out_data, out_label = os.path.join(work, case + "_data"), os.path.join(work, case + "_label")
             batches = int(text.split("# batches:")[1].split()[0])
+            as_uint8 = "# stored: uint8" in text
             subprocess.run([os.path.join(tools, "extract_features"), empty, netfile, "data,label",
                             f"{out_data},{out_label}", str(batches), "lmdb", "CPU"], check=True, env=env)
             blobs, labels = tops(out_data), np.concatenate([b.reshape(-1) for b in tops(out_label)])
+            if as_uint8:
+                whole = [b.astype(np.uint8) for b in blobs]
+                assert all(np.array_equal(w, b) for w, b in zip(whole, blobs, strict=True)), case
+                blobs = whole
             if len({b.shape for b in blobs}) == 1:
                 arrays = {"data": np.stack(blobs)}
             else:  # per-batch shapes (batch size 1): one array per item
                 arrays = {f"data_{i}": b for i, b in enumerate(blobs)}
-            np.savez(os.path.join(EXPECTED, f"{case}.npz"), label=labels, **arrays)
+            save = np.savez_compressed if as_uint8 else np.savez
+            save(os.path.join(EXPECTED, f"{case}.npz"), label=labels, **arrays)
             print(case, sorted({b.shape for b in blobs}))
     finally:
         shutil.rmtree(work)
