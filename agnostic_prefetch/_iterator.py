@@ -173,7 +173,7 @@ class LoaderIterator:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)
             if ready.count == 0 and not self._padded:  # every record of this batch was skipped
-                scheduler.table.discard(ready.slot)
+                scheduler.discard(ready)
                 continue
             self._stats["batches"] += 1
             self._stats["items"] += ready.count
@@ -185,6 +185,21 @@ class LoaderIterator:
                 self._stats["padded"] += rows - ready.count
             return self._deliver(scheduler, ready, rows)
 
+    def _note_outside(self, ready: Ready) -> None:
+        stats = self._stats
+        stats["outside_ring"] = stats.get("outside_ring", 0) + 1
+        if stats["outside_ring"] == 1:
+            assert ready.shapes is not None
+            leaves = ", ".join(f"{a.path} {list(shape)} (the ring holds {list(a.shape)})"
+                               for a, shape in zip(self._layout.arrays, ready.shapes, strict=True)
+                               if int(np.prod(shape)) * a.dtype.itemsize > a.item_bytes)
+            log.warning(
+                "a batch whose first record is larger than the ring's slots were laid out for "
+                "(record %d: %s) arrived through its worker's pipe: a copy of %s, where a batch "
+                "in the ring costs none. Each such batch does (counted in stats()['outside_ring']); "
+                "pass spec= with each leaf's largest shape to keep every batch in the ring.",
+                int(ready.indices[0]), leaves, _size(sum(a.nbytes for a in ready.outside or ())))
+
     def _count_by_source(self, ready: Ready) -> None:
         totals = self._stats["items_per_source"]
         for name, n in self._by_source(ready.indices).items():
@@ -195,7 +210,11 @@ class LoaderIterator:
 
     def _deliver(self, scheduler: Scheduler, ready: Ready, rows: int) -> Any:
         table = scheduler.table
-        arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows, ready.shapes)
+        if ready.outside is not None:
+            arrays, copied = ready.outside, False
+            self._note_outside(ready)
+        else:
+            arrays, copied = table.hand_out(scheduler.ring, self._layout, ready.slot, rows, ready.shapes)
         if copied:
             self._stats["copied_out"] += 1
             core = self._core
@@ -227,3 +246,7 @@ def copy_out_message(table: SlotTable, stage: int | None) -> str:
         "batches are copied out of the ring until some are let go. To keep every batch in the "
         f"ring, pass slots={table.slots_needed} to the Loader (the consumer held {table.peak} at "
         "once so far; stats()['slots_needed'] follows it), or hold fewer batches.")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes:,} bytes"

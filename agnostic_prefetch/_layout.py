@@ -183,30 +183,33 @@ def _number_list_shape(node: Any) -> tuple[int, ...] | None:
     return (len(node), *first)
 
 
-def batch_layout(layout: Layout, example: Any, index: int) -> Layout:
+def batch_layout(layout: Layout, example: Any, index: int) -> Layout | None:
     """``layout`` with each array leaf shaped like ``example``'s (``shapes="per_batch"``: a
-    batch takes its first item's shapes, as Caffe's reshape does), within the slot's maxima.
+    batch takes its first item's shapes, as Caffe's reshape does), or ``None`` when a leaf
+    needs more bytes than the slot holds for it (the batch then travels outside the ring).
 
     Raises:
-        LayoutError: a leaf with more bytes than the slot holds for it, naming the maximum.
+        LayoutError: a leaf with another number of dimensions than the layout's.
     """
     leaves, treedef = flatten(example)
     if treedef != layout.treedef:
         return layout  # SlotWriter.write names the structure that differs
     arrays, specs = [], iter(layout.arrays)
+    larger = False
     for kind, value in zip(layout.kinds, leaves, strict=True):
         if kind != "array":
             continue
         spec = next(specs)
         shape = tuple(np.shape(value))
         nbytes = int(np.prod(shape, dtype=np.int64)) * spec.dtype.itemsize
-        if nbytes > spec.item_bytes or len(shape) != len(spec.shape):
+        if len(shape) != len(spec.shape):
             raise LayoutError(
-                f"record {index}: leaf {spec.path} is {list(shape)}, but the ring's slots hold at "
-                f"most {spec.dtype}{list(spec.shape)} an item for it (spec=): give spec= this "
-                "leaf's largest shape.")
+                f"record {index}: leaf {spec.path} is {list(shape)}, but the layout's is "
+                f"{spec.dtype}{list(spec.shape)}: with shapes='per_batch' a leaf's size may vary, "
+                "not its number of dimensions.")
+        larger = larger or nbytes > spec.item_bytes
         arrays.append(replace(spec, shape=shape, item_bytes=nbytes))
-    return replace(layout, arrays=tuple(arrays))
+    return None if larger else replace(layout, arrays=tuple(arrays))
 
 
 class SlotWriter:
@@ -216,6 +219,7 @@ class SlotWriter:
     """
 
     remedy = ""
+    outside = False  # over memory of its own, not a ring slot (a batch larger than its slot)
 
     def __init__(self, layout: Layout, slot_bytes: memoryview | np.ndarray,
                  reference: str = "the first example's") -> None:
@@ -229,6 +233,10 @@ class SlotWriter:
             .reshape((layout.batch_size, *a.shape))
             for a in layout.arrays
         ]
+
+    def arrays(self, count: int) -> list[np.ndarray]:
+        """The first ``count`` items of every array leaf."""
+        return [leaf[:count] for leaf in self.leaves]
 
     def item_out(self, j: int) -> Any:
         """Item ``j``'s place in the slot, as a tree like the example (``None`` for list leaves).

@@ -26,6 +26,7 @@ class Done(NamedTuple):
     skipped: list[tuple[int, str]]  # records left out with on_error="skip": (index, reason)
     trace: tuple[float, float, list[Any] | None] | None  # (start, end, item spans) while a trace records
     shapes: list[tuple[int, ...]] | None  # per array leaf, with shapes="per_batch"
+    overflow: list[Any] | None = None  # a batch larger than its slot: its array leaves, here
 
 
 class Failed(NamedTuple):

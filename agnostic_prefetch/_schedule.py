@@ -80,6 +80,7 @@ class Ready:
     skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
     indices: np.ndarray  # the records ordered (skipped ones among them)
     shapes: list[tuple[int, ...]] | None = None  # per array leaf, with shapes="per_batch"
+    outside: list[np.ndarray] | None = None  # array leaves of a batch larger than its slot
 
 
 class Scheduler:
@@ -156,7 +157,7 @@ class Scheduler:
                 order.stale = True
                 self._pending.discard(order.seq)
         for seq in [s for s in self._ready if unwanted(s)]:
-            self.table.discard(self._ready.pop(seq).slot)
+            self._drop(self._ready.pop(seq))
             self._pending.discard(seq)
         for seq in [s for s in self._failed if unwanted(s)]:
             del self._failed[seq]
@@ -275,6 +276,15 @@ class Scheduler:
 
     # ---- bookkeeping --------------------------------------------------------------------
 
+    def _drop(self, ready: Ready) -> None:
+        """Let go of a ready batch nobody will take (its slot, if it is in one)."""
+        if ready.outside is None:
+            self.table.discard(ready.slot)
+
+    def discard(self, ready: Ready) -> None:
+        """A taken batch that will not be handed out (every record of it was skipped)."""
+        self._drop(ready)
+
     def _takeable(self, position: Position, end: int) -> bool:
         """Whether :meth:`take` would find a batch for ``position`` now."""
         if self._ordered:
@@ -288,9 +298,10 @@ class Scheduler:
         # will be filled again when its turn comes).
         if needed in self._pending or not self._ready:
             return
-        victim = max(self._ready)
+        in_ring = [seq for seq, ready in self._ready.items() if ready.outside is None]
+        victim = max(in_ring) if in_ring else needed
         if victim > needed:
-            self.table.discard(self._ready.pop(victim).slot)
+            self._drop(self._ready.pop(victim))
             self._pending.discard(victim)
 
     def _order(self, seq: int, worker: _pool.Worker) -> Order:
@@ -322,15 +333,17 @@ class Scheduler:
         if self.members.retiring:
             self.members.answered(worker)
         if kind is Done:
-            _, count, objects, skipped, trace, shapes = message
+            _, count, objects, skipped, trace, shapes, overflow = message
             if trace is not None and self._trace.tracers:
                 self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), trace)
             self._check_header(order, count)
-            if order.stale:
+            if order.stale or overflow is not None:  # (a batch larger than its slot came here)
                 self.table.discard(order.slot)
-                return
-            self.table.filled(order.slot)
-            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices, shapes)
+                if order.stale:
+                    return
+            else:
+                self.table.filled(order.slot)
+            self._ready[order.seq] = Ready(order.slot, count, objects, skipped, order.indices, shapes, overflow)
             return
         self.table.discard(order.slot)
         if not order.stale:

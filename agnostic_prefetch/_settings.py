@@ -171,10 +171,6 @@ def _check_shapes(items: ItemOptions, order: OrderOptions) -> None:
         raise ValueError(f"shapes must be 'fixed' or 'per_batch', got {items.shapes!r}")
     if items.shapes == "fixed":
         return
-    if items.spec is None:
-        raise ValueError(
-            "shapes='per_batch' sizes the ring's slots for the largest item: give spec= with "
-            "each leaf's largest shape (the source is never scanned for it)")
     if order.shard_count > 1:
         raise ValueError(
             f"shapes='per_batch' with shard_count={order.shard_count}: every process must feed the "

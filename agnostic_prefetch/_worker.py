@@ -44,6 +44,7 @@ from agnostic_prefetch._layout import (
     Layout,
     SlotWriter,
     batch_layout,
+    layout_from_example,
 )
 from agnostic_prefetch._messages import Done, Failed, Message, Note, StartFailed, encode
 from agnostic_prefetch.sampler import item_rng
@@ -225,6 +226,7 @@ class Filler:
         header[H_PROGRESS] = len(indices)
         header[H_COUNT] = count
         shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
+        overflow = writer.arrays(count) if writer.outside else None
         account.countdown = countdown
         ended = now()
         acc = account.acc  # inline: this runs per batch, and a batch may be one item
@@ -238,11 +240,19 @@ class Filler:
         if self.always_flush or ended - account.flushed_at >= FLUSH_S:
             account.flush(ended)
         trace = (started, ended, spans) if level >= TRACE_BATCHES else None
-        return Done(order_id, count, objects, skipped, trace, shapes)
+        return Done(order_id, count, objects, skipped, trace, shapes, overflow)
 
     def _batch_writer(self, slot: int, slot_writer: SlotWriter, example: Any, index: int) -> SlotWriter:
-        """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes)."""
+        """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes), or, for a
+        batch larger than the slot holds, one over memory of its own: that batch travels to
+        the parent through the result pipe (a copy), in ``Done.overflow``."""
         layout = batch_layout(self.job.layout, example, index)
+        if layout is None:
+            outside = layout_from_example(example, self.job.layout.batch_size)
+            writer = SlotWriter(outside, np.zeros(outside.slot_bytes, np.uint8))
+            writer.outside = True
+            writer.reference = f"record {index}'s, the first of its batch,"
+            return writer
         key = (slot, tuple(a.shape for a in layout.arrays))
         writer = self._shaped.get(key)
         if writer is None:

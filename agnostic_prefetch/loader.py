@@ -86,13 +86,14 @@ class Loader:
         worker_init: ``worker_init(worker_id)`` run once in each worker.
         spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
             for the slot layout instead of reading one example in the parent; with
-            ``shapes="per_batch"``, each leaf's largest shape.
+            ``shapes="per_batch"``, each leaf's largest shape (or a bound on it).
         shapes: ``"fixed"`` (every batch has the layout's shapes) or ``"per_batch"``: items
             may differ in shape, each batch takes the shapes of its first item (as Caffe's
             reshape does) and an item that differs from it is an error naming both
-            records. Slots are sized from ``spec=``, never from a scan of the source. One
-            shard only (every process must feed one shape); JAX compiles a step once per
-            new shape.
+            records. Slots are sized from ``spec=`` (each leaf's largest shape) or else from
+            the first example; a batch larger than that still arrives, through its worker's
+            pipe (a copy, counted in ``stats()["outside_ring"]`` and logged once). One shard
+            only (every process must feed one shape); JAX compiles a step once per new shape.
         log_every: every this many seconds, log a line (INFO, logger ``agnostic_prefetch``):
             throughput, the step's wait, the workers' load, the bound (:func:`~agnostic_prefetch.diagnose`).
         trace: a path: a Chrome trace of this loader until ``close()`` (:func:`~agnostic_prefetch.trace`).

@@ -30,7 +30,6 @@ DATABASES = {  # as generate.py makes them: our convert options, and the list
 }
 # Nets whose per-batch shapes go beyond the first record's: each batch of 1 is its own
 # datum's size (raw), or its own channel count under a 227 crop (encoded gray and colour).
-BEYOND_THE_FIRST_RECORD = {"data_raw_mixed_sizes", "data_encoded_gray_colour_crop227"}
 
 _spec = importlib.util.spec_from_file_location("caffe_reference_generate", os.path.join(HERE, "generate.py"))
 _generate = importlib.util.module_from_spec(_spec)
@@ -102,18 +101,7 @@ def caffe_db(tmp_path, name):
     return path
 
 
-def net_cases():
-    cases = []
-    for case in sorted(n.removesuffix(".prototxt") for n in os.listdir(NETS)):
-        marks = ()
-        if case in BEYOND_THE_FIRST_RECORD:
-            marks = pytest.mark.xfail(reason="issue 17 item 8: per-batch shapes beyond the first record's (in progress)",
-                                      strict=True)
-        cases.append(pytest.param(case, marks=marks))
-    return cases
-
-
-@pytest.mark.parametrize("case", net_cases())
+@pytest.mark.parametrize("case", sorted(n.removesuffix(".prototxt") for n in os.listdir(NETS)))
 def test_test_phase_tops_equal_caffes_in_every_value(tmp_path, case):
     text = open(os.path.join(NETS, case + ".prototxt")).read()
     for name in DATABASES:

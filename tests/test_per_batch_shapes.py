@@ -55,16 +55,41 @@ def test_an_item_that_does_not_fit_its_batch_names_both_records():
         list(loader)
 
 
-def test_an_item_larger_than_the_spec_is_refused_naming_the_maximum():
-    with ap.Loader(Sizes([(7, 7)]), 1, workers=0, spec=SPEC, shapes="per_batch") as loader, pytest.raises(
-            ap.WorkerError, match=r"record 0: leaf \['image'\] is \[7, 7, 3\], but the ring's slots hold at most "
-                                  r"uint8\[6, 6, 3\].*give spec= this leaf's largest shape"):
+@pytest.mark.parametrize("workers, backend", [(0, "process"), (1, "thread"), (2, "process")])
+def test_a_batch_larger_than_its_slot_still_arrives_through_the_pipe_and_says_so_once(workers, backend, caplog):
+    import logging
+
+    source = Sizes([(4, 5), (7, 7), (2, 2), (10, 3), (6, 6)], channels=[3, 3, 1, 4, 3])
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        with ap.Loader(source, 1, workers=workers, backend=backend, spec=SPEC, shapes="per_batch", epochs=2) as loader:
+            batches = [(b["image"].copy(), int(b["label"][0])) for b in loader]
+            stats = loader.stats()
+    assert [image.shape for image, _ in batches] == [(1, 4, 5, 3), (1, 7, 7, 3), (1, 2, 2, 1), (1, 10, 3, 4), (1, 6, 6, 3)] * 2
+    assert all((image == label).all() for image, label in batches)
+    assert stats["outside_ring"] == 4  # 7x7x3 and 10x3x4 exceed the 6x6x3 slot, in both epochs
+    [note] = [r.getMessage() for r in caplog.records if "larger than the ring's slots" in r.getMessage()]
+    assert "record 1: ['image'] [7, 7, 3] (the ring holds [6, 6, 3])" in note and "spec=" in note
+
+
+def test_without_a_spec_per_batch_slots_are_laid_out_from_the_first_example():
+    source = Sizes([(4, 5), (3, 2), (8, 8)])
+    with ap.Loader(source, 1, workers=1, shapes="per_batch") as loader:
+        assert [b["image"].shape for b in loader] == [(1, 4, 5, 3), (1, 3, 2, 3), (1, 8, 8, 3)]
+        assert loader.stats()["outside_ring"] == 1
+
+
+def test_a_leaf_with_another_number_of_dimensions_is_refused():
+    class Flat(Sizes):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "image": item["image"].reshape(-1)} if i else item
+
+    with ap.Loader(Flat([(2, 2), (2, 2)]), 1, workers=0, spec=SPEC, shapes="per_batch") as loader, pytest.raises(
+            ap.WorkerError, match=r"not its number of dimensions"):
         list(loader)
 
 
-def test_per_batch_shapes_need_a_spec_one_shard_and_no_padding():
-    with pytest.raises(ValueError, match="give spec= with each leaf's largest shape"):
-        ap.Loader(Sizes([(2, 2)]), 1, workers=0, shapes="per_batch")
+def test_per_batch_shapes_need_one_shard_and_no_padding():
     with pytest.raises(ValueError, match="shard_count=2: every process must feed the same shape"):
         ap.Loader(Sizes([(2, 2)] * 4), 1, workers=0, spec=SPEC, shapes="per_batch", shard_count=2)
     with pytest.raises(ValueError, match="cannot pad"):

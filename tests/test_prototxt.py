@@ -398,7 +398,7 @@ FAILURES = {  # how a construction fails: (net text, loader options, what it rai
     "a second layer after the first one's processes started": (data_layer() + SECOND, {"workers": 1}, LoaderError),
     "two layers producing one top": (data_layer() + data_layer("data_b", ("data", "label_b")), {}, ValueError),
     "two layers of one name": (data_layer() + data_layer(tops=("data_b", "label_b")), {}, ValueError),
-    "images of different sizes without a crop": (data_layer(transform="", source="mixed_lmdb"), {}, ValueError),
+    "a bad loader option after the database was opened": (data_layer(), {"shapes": "ragged"}, ValueError),
 }
 
 

@@ -145,6 +145,21 @@ def test_mean_image_is_taken_from_its_centre(tmp_path):
     np.testing.assert_allclose(source[0]["image"], img[:10, :10] - mean[2:12, 2:12], atol=1e-4)
 
 
+def test_a_mean_that_is_not_square_is_offset_by_the_widths_margin_as_caffe_does(tmp_path):
+    img = gradient(20, 20)
+    path = write_windows(tmp_path, [img], [[(1, 1.0, 0, 0, 9, 9)]])
+    mean = np.random.default_rng(1).uniform(0, 255, (14, 18, 3)).astype(np.float32)  # margin (18 - 10) / 2 = 4
+    source = WindowSource(path, root_folder=str(tmp_path) + "/", crop_size=10, mean=mean, fg_fraction=1.0)
+    np.testing.assert_allclose(source[0]["image"], img[:10, :10] - mean[4:14, 4:14], atol=1e-4)
+
+
+def test_a_mean_that_caffe_would_read_past_the_end_of_is_refused_naming_the_rows(tmp_path):
+    path = write_windows(tmp_path, [gradient(20, 20)], [[(1, 1.0, 0, 0, 9, 9)]])
+    mean = np.zeros((12, 20, 3), np.float32)  # rows 5..14 of a mean 12 tall
+    with pytest.raises(ValueError, match=r"12×20: Caffe's WindowData reads its rows 5\.\.14.*at least 15 tall"):
+        WindowSource(path, root_folder=str(tmp_path) + "/", crop_size=10, mean=mean)
+
+
 def test_bgr_channel_order(mixed):
     path, root = mixed
     rgb = WindowSource(path, root_folder=root, crop_size=10)[0]["image"]

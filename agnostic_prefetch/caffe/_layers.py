@@ -42,13 +42,61 @@ def build(type_name: str, layer: Any, options: Any, where: str) -> Any:
     source, batch_size, shuffle, transform, rand_skip = read(layer, options, mean, where)
     if batch_size < 1:
         raise ValueError(f"{where}: batch_size must be set and positive")
+    settings = {"epochs": None, **options.loader_options}
+    bound = _largest(kind, layer, source, batch_size)
+    if bound is not None and _per_batch_allowed(settings):
+        # Caffe reshapes each batch to its first datum: the slots hold the largest (a bound
+        # where one is known: a crop, at most 4 channels; else the largest sampled).
+        settings.update(shapes="per_batch", spec=_spec(bound, t.crop_size, tops, options))
     if endless and not hasattr(source, "batch_order"):
         source, shuffle = CaffeStream(source, shuffle, rand_skip), False
-    settings = {"epochs": None, **options.loader_options}
     return Loader(source, batch_size, shuffle=shuffle,
                   transform=Tops(transform, tops[0], tops[1] if len(tops) > 1 else None,
                                  options.layout == "NCHW" and kind == "WindowData", options.dtype),
                   **settings)
+
+
+class _Spec:
+    """A leaf of a slot layout given by its shape and dtype (no array behind it)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+
+def _largest(kind: str, layer: Any, source: Any, batch_size: int) -> tuple[int, int, int] | None:
+    """(H, W, C) bounding the images of a layer whose images may differ in size or channel
+    count, before the crop; ``None`` when they all have one shape."""
+    t = layer.transform_param
+    if kind == "Data":
+        encoded_native = source.kind == "datum (encoded)" and not (t.force_color or t.force_gray)
+        if not (source.sizes_vary or encoded_native) or len(source.largest_image) != 3:
+            return None
+        h, w, c = source.largest_image
+        return h, w, 4 if encoded_native else c  # a decoded image has at most 4 channels
+    if kind == "ImageData":
+        p = layer.image_data_param
+        if p.new_height or p.new_width or t.crop_size:
+            return None  # resized or cropped to one size; the channels follow is_color
+        h, w = source.largest_size()
+        return h, w, 3 if p.is_color else 1
+    return None
+
+
+def _per_batch_allowed(settings: dict[str, Any]) -> bool:
+    """Per-batch shapes need one shard and no padding, and the user's own choice wins."""
+    return ("shapes" not in settings and "spec" not in settings and settings.get("shard_count", 1) == 1
+            and settings.get("remainder") != "pad")
+
+
+def _spec(bound: tuple[int, int, int], crop: int, tops: list[str], options: Any) -> dict[str, Any]:
+    h, w, c = bound
+    if crop:
+        h = w = crop
+    shape = (c, h, w) if options.layout == "NCHW" else (h, w, c)
+    spec = {tops[0]: _Spec(shape, options.dtype)}
+    if len(tops) > 1:
+        spec[tops[1]] = _Spec((), np.float32)
+    return spec
 
 
 def _mean(t: Any, options: Any, where: str) -> Any:
@@ -100,8 +148,7 @@ def _data(layer: Any, options: Any, mean: Any, where: str) -> tuple[Any, int, bo
         _once("data_param.force_encoded_color has no effect in Caffe's final master; use transform_param.force_color")
     _ignored_legacy(p, "data_param", where)
     source = LMDBSource(options.resolve(p.source), channel_order=options.channel_order,
-                        force_color=t.force_color, force_gray=t.force_gray,
-                        allow_varying_sizes=t.crop_size > 0 or options.loader_options.get("shapes") == "per_batch")
+                        force_color=t.force_color, force_gray=t.force_gray, allow_varying_sizes=True)
     return source, p.batch_size, False, _transform(t, options, mean), 0
 
 

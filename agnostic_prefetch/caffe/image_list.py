@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.caffe._resize import resize_bilinear
-from agnostic_prefetch.sources.images import load_image
+from agnostic_prefetch.sources.images import load_image, probe_file
 
 __all__ = ["ImageListSource", "parse_image_list", "read_image_list", "ImageListError"]
 
@@ -146,6 +146,15 @@ class ImageListSource:
         if self.channel_order == "bgr" and image.shape[2] == 3:
             image = np.ascontiguousarray(image[:, :, ::-1])
         return {"image": image, "label": self.labels[index]}
+
+    def largest_size(self, sample: int = 64) -> tuple[int, int]:
+        """(H, W) each the largest among up to ``sample`` images spread over the list, as
+        read (resized when ``new_height`` is set); from their headers, not decoded."""
+        if self.new_height:
+            return self.new_height, self.new_width
+        picks = sorted(set(np.linspace(0, len(self) - 1, min(len(self), sample)).astype(int).tolist()))
+        sizes = [probe_file(self.path(i))[:2] for i in picks]
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def locate(self, index: int) -> str:
         """Where record ``index`` comes from: the list's line and the image's path."""

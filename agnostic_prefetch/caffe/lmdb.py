@@ -264,10 +264,17 @@ class LMDBSource:
         sample = sorted(set(np.linspace(0, n - 1, min(n, _SIZE_SAMPLE)).astype(int).tolist()))
         try:
             kind, first = self._shape_of(sample[0])
+            self.sizes_vary = False  # among the sampled records
+            self.largest_image = first.get("image", ((),))[0]  # each dimension's largest, sampled
             for i in sample[1:]:
                 _, other = self._shape_of(i)
-                if other != first and not self.allow_varying_sizes:
-                    raise ValueError(self._size_message(sample[0], first, i, other))
+                if other != first:
+                    if not self.allow_varying_sizes:
+                        raise ValueError(self._size_message(sample[0], first, i, other))
+                    self.sizes_vary = True
+                    image = other.get("image", ((),))[0]
+                    if len(image) == len(self.largest_image):
+                        self.largest_image = tuple(map(max, self.largest_image, image))
         finally:
             self.close()
         return kind, first

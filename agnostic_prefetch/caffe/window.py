@@ -197,8 +197,16 @@ class WindowSource:
             self.mean = resolve_mean(mean, None, channel_order)
         if self.mean is not None:
             mean_for(self.mean, 3, "a colour window")
-            if self.mean.ndim == 3 and min(self.mean.shape[:2]) < self.crop_size:
-                raise ValueError(f"the mean image is {self.mean.shape[0]}×{self.mean.shape[1]}, smaller than crop_size={crop_size}")
+            if self.mean.ndim == 3:
+                mean_h, mean_w = self.mean.shape[:2]
+                margin = (mean_w - self.crop_size) // 2
+                if mean_w < self.crop_size or mean_h < margin + self.crop_size:
+                    raise ValueError(
+                        f"the mean image is {mean_h}×{mean_w}: Caffe's WindowData reads its rows "
+                        f"{margin}..{margin + self.crop_size - 1} (it offsets rows by the width's "
+                        f"margin, (width - crop_size) / 2) and columns as many, past its end for "
+                        f"crop_size={crop_size}. Give a mean at least {margin + self.crop_size} tall and "
+                        f"{self.crop_size} wide (a square one, as Caffe's examples use), or mean values.")
 
         with open(self.window_file, encoding="utf-8", errors="surrogateescape") as f:
             text = f.read()
@@ -346,9 +354,10 @@ class WindowSource:
         if self.mean is not None:
             mean = self.mean
             if mean.ndim == 3:
-                # Caffe takes the mean image's centre crop_size square, offset like the window
-                off_h = (mean.shape[0] - crop) // 2 + pad_h
-                off_w = (mean.shape[1] - crop) // 2 + pad_w
+                # Caffe offsets the mean like the window, by one margin for rows and columns
+                # alike: the width's, (mean_width - crop_size) / 2 (window_data_layer.cpp).
+                margin = (mean.shape[1] - crop) // 2
+                off_h, off_w = margin + pad_h, margin + pad_w
                 mean = mean[off_h : off_h + out_h, off_w : off_w + out_w]
             region -= mean
         if self.scale != 1.0:

@@ -39,7 +39,8 @@ def jpeg_decoder() -> str:
     where simplejpeg is missing or ``AGNOSTIC_PREFETCH_JPEG=pillow`` is set."""
     return "pillow" if _simplejpeg is None else "simplejpeg"
 
-__all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "jpeg_decoder", "load_image", "probe_image"]
+__all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "jpeg_decoder", "load_image", "probe_file",
+           "probe_image"]
 
 # Pillow modes whose natural decoding is one channel (OpenCV's IMREAD_ANYCOLOR keeps them gray).
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -188,6 +189,25 @@ def _decode_jpeg_fast(data: bytes | memoryview, color: bool | None) -> np.ndarra
         return _simplejpeg.decode_jpeg(data, colorspace=target, strict=True)
     except (ValueError, TypeError, OSError):
         return None  # corrupt or unusual: Pillow decides (and names the image in its error)
+
+
+def probe_file(path: str) -> tuple[int, int, int]:
+    """(height, width, channels) that :func:`load_image` with ``color=None`` would return,
+    from the file's header (its EXIF orientation applied), not decoded.
+
+    Raises:
+        FileNotFoundError: no file at ``path``; ImageDecodeError: not an image.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)  # headers (EXIF included) sit at the start
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path!r}") from None
+    img = _open(data, repr(os.fspath(path)))
+    h, w = img.height, img.width
+    if img.format == "JPEG" and img.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter
+        h, w = w, h
+    return h, w, {"L": 1, "RGB": 3, "RGBA": 4}[_native_mode(img)]
 
 
 def load_image(path: str, *, color: bool | None = None) -> np.ndarray:
