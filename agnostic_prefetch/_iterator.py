@@ -70,6 +70,11 @@ class LoaderIterator:
         return self._scheduler.table.max_held
 
     @property
+    def held(self) -> int:
+        """Slots held by the consumer now (batches handed out and still viewed)."""
+        return self._scheduler.table.leased
+
+    @property
     def slots(self) -> int:
         """Slots in the loader's ring."""
         return len(self._scheduler.table)

@@ -19,9 +19,12 @@ class Placement(Protocol):
     gives the seconds a copy took once ``done`` (CUDA timing events: nothing waits).
 
     Optional attribute ``aliases_host`` (default ``True``): whether the arrays handed out
-    view the host batch (torch tensors on the CPU do; JAX arrays and CUDA copies do not).
+    view the host batch (torch tensors and JAX arrays on the CPU do; CUDA copies do not).
     A placement that does not alias lets each host batch (its ring slot) go once its copy
     is done, so the stage and its caller hold few ring slots (``Prefetcher.held_at_peak``).
+    Optional attribute ``copies_when_pressed`` (default ``False``): the stage may hand the
+    placement a copy of a batch instead of the ring's views when its loader's ring runs
+    short (JAX on the CPU, whose queued steps keep aliased batches alive).
     """
 
     def put(self, host: Any) -> tuple[Any, Any]:

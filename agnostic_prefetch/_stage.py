@@ -14,85 +14,22 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
+from agnostic_prefetch._channel import END, Channel, Entry
 from agnostic_prefetch._placement import Placement
+from agnostic_prefetch._tree import flatten, unflatten
 from agnostic_prefetch._warn import warn
 from agnostic_prefetch.tracing import TraceLink
 
 __all__ = ["END", "Entry", "InlineStage", "ThreadedStage"]
 
 _THREAD_NAME = "agnostic_prefetch-device"
-END = object()
 # How long close() waits for its thread. A thread told to stop (the queue closed, a Loader
 # iterator cancelled) leaves within microseconds; one inside a source that cannot be
 # interrupted (a workers=0 Loader, a plain generator) is reported instead of waited for.
 _JOIN_CANCELLED_S = 2.0
 _JOIN_UNCANCELLABLE_S = 0.1
-
-
-class Entry:
-    """A batch in flight: its device tree, the host batch it came from, the source's position."""
-
-    __slots__ = ("device", "host", "state", "token")
-
-    def __init__(self, device: Any, host: Any, state: Any, token: Any) -> None:
-        self.device = device
-        self.host = host  # keeps the ring slot while a copy may still read it
-        self.state = state
-        self.token = token
-
-
-class _Channel:
-    """A bounded queue whose ``close()`` wakes both a blocked ``put`` and a blocked ``get``.
-
-    ``put`` runs in the stage's thread, ``get`` in the caller's, ``close`` in either (or a
-    finalizer's); ``_cond``'s lock guards every field.
-    """
-
-    def __init__(self, size: int, stats: dict[str, Any]) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._size = size
-        self._cond = threading.Condition(threading.Lock())
-        self._closed = False
-        self._stats = stats  # full_s: time a put waited for room
-
-    def put(self, item: Any) -> bool:
-        """Append, waiting for room; ``False`` if the channel was closed (nothing appended)."""
-        with self._cond:
-            if len(self._items) >= self._size and not self._closed:
-                started = time.perf_counter()
-                while len(self._items) >= self._size and not self._closed:
-                    self._cond.wait()
-                self._stats["full_s"] += time.perf_counter() - started
-            if self._closed:
-                return False
-            self._items.append(item)
-            self._cond.notify_all()
-            return True
-
-    def get(self) -> Any:
-        """The oldest item, waiting for one; ``END`` once closed."""
-        with self._cond:
-            while not self._items and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return END
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
-
-    def entries(self) -> list[Entry]:
-        """The entries queued now."""
-        with self._cond:
-            return [e for e in self._items if isinstance(e, Entry)]
-
-    def close(self) -> list[Any]:
-        """Close, wake both ends, and return what was queued."""
-        with self._cond:
-            self._closed = True
-            items = list(self._items)
-            self._items.clear()
-            self._cond.notify_all()
-            return items
 
 
 class _Reader:
@@ -118,6 +55,12 @@ class _Reader:
         self.wait_for_copy = getattr(placement, "wait", None) if wait_for_copies else None
         self.place_lock = threading.Lock()
         self.stopped = False
+        # A placement that would alias host batches and may copy them instead (JAX on the
+        # CPU): copy a batch when its source's ring runs short (a Loader iterator says).
+        max_held = getattr(source, "max_held", None)
+        self.pressed: Callable[[], bool] | None = None
+        if getattr(placement, "copies_when_pressed", False) and max_held is not None and hasattr(source, "held"):
+            self.pressed = lambda: source.held >= max_held  # the next batch would be copied out
         self.placing: int | None = None
         self.close_after_put: Callable[[], None] | None = None
 
@@ -133,6 +76,8 @@ class _Reader:
             pulled = time.perf_counter()
             stats["pull_s"] += pulled - started
         state = self.state_of() if self.state_of is not None else None
+        if self.pressed is not None and self.pressed():
+            host = _own_copy(host)  # the ring slot goes back as soon as ``host`` is dropped
         with self.place_lock:
             if self.stopped:
                 return None
@@ -160,6 +105,12 @@ class _Reader:
             if done > placed:
                 trace.span("transfer", placed, done)
         return Entry(device, host, state, token)
+
+
+def _own_copy(tree: Any) -> Any:
+    """``tree`` with every numpy array leaf copied (into memory of its own)."""
+    leaves, treedef = flatten(tree)
+    return unflatten(treedef, [np.array(leaf) if isinstance(leaf, np.ndarray) else leaf for leaf in leaves])
 
 
 class _Stage:
@@ -261,16 +212,16 @@ class ThreadedStage(_Stage):
         # the middle of the caller's loop if the caller's ``batch = next(it)`` freed it.
         self.last: Entry | None = None  # the batch the caller holds
         self.thread: threading.Thread | None = None
-        self.channel: _Channel | None = None
+        self.channel: Channel | None = None
 
     def start(self, source: Iterator[Any], stats: dict[str, Any]) -> None:
         reader = self._reader_for(source, stats)
-        self.channel = _Channel(self.size, stats)
+        self.channel = Channel(self.size, stats)
         self.thread = threading.Thread(target=self._run, args=(reader, self.channel),
                                        name=_THREAD_NAME, daemon=True)
         self.thread.start()
 
-    def _run(self, reader: _Reader, channel: _Channel) -> None:
+    def _run(self, reader: _Reader, channel: Channel) -> None:
         while not reader.stopped:
             self.free_retired()
             try:

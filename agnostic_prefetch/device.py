@@ -40,13 +40,14 @@ def prefetch_to_device(
     if the ``Loader``'s ring is too small for that.
 
     When it helps: on GPUs and TPUs, where a host-to-device copy takes real time and can
-    overlap the step (``size=2`` is usually enough). On the CPU backend JAX would alias the
-    ring's memory instead of copying, and keep it for as long as any step it has queued
-    reads the array: a loop that never waits for a result (JAX's asynchronous dispatch)
-    would hold many ring slots. So on CPU devices the stage copies each batch into memory of
-    its own, in its thread (one ``memcpy`` of the batch, off your step), and the ring slot
-    goes back to the loader as soon as that copy is done; on GPUs the transfer is that copy.
-    Either way the arrays you get never share the ring, and your loop holds no ring slot.
+    overlap the step (``size=2`` is usually enough). On the CPU backend JAX aliases the
+    ring's memory instead of copying (no copy: the array is the batch), and keeps it for as
+    long as any step it has queued reads the array. A loop that never waits for a result
+    (JAX's asynchronous dispatch) runs ahead and holds ring slots: when the loader's ring
+    runs short, the stage gives JAX a copy of each further batch instead (one ``memcpy``,
+    in its thread, off your step), so the ring never runs out and nothing is copied out of
+    it in your ``next()``. On GPUs the transfer is the copy, and a batch's ring slot goes
+    back as soon as it is done.
 
     Placement:
 
@@ -123,7 +124,6 @@ class _JaxPlacement:
         import jax
 
         self.jax = jax
-        self.aliases_host = False  # the arrays handed out never view the host batch
         self.devices = list(devices) if devices is not None else None
         self.multi_process = False
         self.first_shapes: list[tuple[str, tuple[int, ...]]] | None = None
@@ -141,8 +141,9 @@ class _JaxPlacement:
         else:
             self.sharding = jax.local_devices()[0]
         targets = self.sharding.device_set if hasattr(self.sharding, "device_set") else {self.sharding}
-        # A CPU "transfer" would alias the host buffer (a ring slot) for the array's life.
-        self.copy_host = all(d.platform == "cpu" for d in targets)
+        # A CPU "transfer" aliases the host buffer (a ring slot) for the array's life; JAX's
+        # queued steps keep it. The stage copies such a batch instead when the ring runs short.
+        self.aliases_host = self.copies_when_pressed = all(d.platform == "cpu" for d in targets)
 
     def put(self, batch: Any) -> tuple[Any, list[Any]]:
         jax = self.jax
@@ -155,7 +156,7 @@ class _JaxPlacement:
             self.checked = checked
         out = list(leaves)
         placed: list[Any] = []
-        host = [np.array(leaves[i]) if self.copy_host else leaves[i] for i in moving]  # np.array copies
+        host = [leaves[i] for i in moving]
         if self.multi_process:
             g = self.global_batch
             placed = [jax.make_array_from_process_local_data(

@@ -19,8 +19,9 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from agnostic_prefetch._channel import END, Entry
 from agnostic_prefetch._placement import Placement
-from agnostic_prefetch._stage import END, Entry, InlineStage, ThreadedStage
+from agnostic_prefetch._stage import InlineStage, ThreadedStage
 from agnostic_prefetch._warn import warn
 from agnostic_prefetch._window import Snapshots
 from agnostic_prefetch.tracing import TraceLink, Tracer, register
@@ -228,6 +229,8 @@ class Prefetcher:
         peak = self.held_at_peak(self.size, self.thread, getattr(self._placement, "aliases_host", True))
         if max_held is None or peak <= max_held or self._warned_ring:
             return
+        if getattr(self._placement, "copies_when_pressed", False):
+            return  # the stage copies batches in its thread when the ring runs short
         self._warned_ring = True
         slots = getattr(source, "slots", None)
         remedy = f"pass slots={slots - max_held + peak} to the Loader" if slots else "give the Loader more slots"

@@ -260,8 +260,20 @@ def test_a_flax_loop_with_default_arguments_copies_nothing_out_and_warns_about_n
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_on_the_cpu_the_arrays_handed_out_own_their_memory_and_the_ring_slot_goes_back():
-    with ap.Loader(ap.ArraySource({"x": np.arange(64.0)}), 8, workers=1, slots=3) as loader:
-        kept = list(prefetch_to_device(loader, size=1))  # every batch held: more than the ring has
-        assert loader.stats()["copied_out"] == 0 and loader.stats()["held_peak"] <= 2
+def test_on_the_cpu_a_short_ring_makes_the_stage_copy_in_its_thread_not_the_loader_in_next():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "too few slots" warning: the stage copies when it must
+        with ap.Loader(ap.ArraySource({"x": np.arange(64.0)}), 8, workers=1, slots=3) as loader:
+            kept = list(prefetch_to_device(loader, size=1))  # every batch held: more than the ring has
+            assert loader.stats()["copied_out"] == 0 and loader.stats()["held_peak"] <= 2
     assert [np.asarray(b["x"]).tolist() for b in kept] == [list(range(k, k + 8)) for k in range(0, 64, 8)]
+
+
+def test_on_the_cpu_a_batch_is_the_rings_memory_while_the_ring_has_room():
+    from agnostic_prefetch._testing import internals
+
+    x = np.arange(64, dtype=np.float32)  # (a float64 leaf would be converted, so copied, by JAX)
+    with ap.Loader(ap.ArraySource({"x": x}), 8, workers=1) as loader:
+        ring = internals(loader).ring
+        for batch in prefetch_to_device(loader, size=2):
+            assert ring.address <= batch["x"].unsafe_buffer_pointer() < ring.address + ring.nbytes

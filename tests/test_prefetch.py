@@ -19,7 +19,7 @@ from sources_for_tests import Counting, OnHost, lease_holder, rows_loader
 from waiting import eventually, inside, wait_until_waiting_in_loader
 
 import agnostic_prefetch as ap
-from agnostic_prefetch._stage import _Channel
+from agnostic_prefetch._channel import Channel
 from agnostic_prefetch._testing import internals
 from agnostic_prefetch.adapters._pinned import mapping_of
 from agnostic_prefetch.prefetch import Prefetcher
@@ -523,7 +523,7 @@ def test_close_warns_naming_the_thread_when_the_source_cannot_be_interrupted(sou
 
 
 def test_closing_the_channel_wakes_a_blocked_put_and_a_blocked_get():
-    full, empty = _Channel(1, {"full_s": 0.0}), _Channel(1, {"full_s": 0.0})
+    full, empty = Channel(1, {"full_s": 0.0}), Channel(1, {"full_s": 0.0})
     assert full.put("a")
     results = {}
     putter = threading.Thread(target=lambda: results.update(put=full.put("b")))
