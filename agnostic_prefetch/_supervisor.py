@@ -25,6 +25,7 @@ from agnostic_prefetch._pool import InProcessWorker, Worker
 from agnostic_prefetch.errors import LoaderTimeoutError, WorkerDiedError, WorkerError
 
 _NO_PIDFD_POLL_S = 0.1
+_SIGNALS_S = 1.0  # the longest a wait lasts: signal handlers run once it returns
 _WAKE = "wake"
 
 
@@ -58,10 +59,13 @@ class Supervisor:
         elif w.process is not None:
             self._poll_for_deaths = True
         self._workers.append(w)
-        # Wake often enough to see a stalled progress counter in time (timeout=, stall_warning=).
-        periods = [p for p in (self._progress_period,
+        # Wake often enough to see a stalled progress counter in time (timeout=, stall_warning=),
+        # and to run a Ctrl-C's handler: the kernel may deliver SIGINT to another thread of the
+        # process (a BLAS thread), and Python runs handlers in the main thread only once its
+        # wait returns.
+        periods = [p for p in (self._progress_period, _SIGNALS_S,
                                _NO_PIDFD_POLL_S if self._poll_for_deaths else None) if p]
-        self._period = min(periods) if periods else None
+        self._period = min(periods)
 
     def remove(self, w: Worker) -> None:
         """Stop watching a worker that is retired: its exit is expected, not a failure."""

@@ -97,6 +97,12 @@ next(it)
 MODE = sys.argv[1]
 if MODE == "exit":
     sys.exit(0)           # interpreter exit with a live loader
+if MODE == "other-thread":  # Ctrl-C delivered to another thread of the process (a BLAS one, say)
+    import signal, threading
+    def interrupt_me():
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+    threading.Thread(target=interrupt_me, daemon=True).start()
 print("blocked", flush=True)
 next(it)                  # blocks: the next record takes a minute
 """
@@ -125,6 +131,19 @@ def test_sigint_to_the_process_group_while_blocked_stops_everything(tmp_path):
     assert "KeyboardInterrupt" in proc.stderr.read()
     assert wait_gone(pids) == []
     assert shm_names() <= before
+
+
+def test_a_ctrl_c_that_another_thread_receives_still_stops_a_blocked_loop_within_a_second(tmp_path):
+    proc, pids = start(tmp_path, "other-thread")
+    try:
+        assert proc.stdout.readline().strip() == "blocked"
+        started = time.monotonic()
+        proc.wait(timeout=20)
+        assert time.monotonic() - started < 3.0
+    finally:
+        proc.kill()
+    assert "KeyboardInterrupt" in proc.stderr.read()
+    assert wait_gone(pids) == []
 
 
 def test_interpreter_exit_with_a_live_loader_stops_its_workers(tmp_path):
