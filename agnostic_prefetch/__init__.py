@@ -21,6 +21,7 @@ from agnostic_prefetch.errors import (
 from agnostic_prefetch.sources.protocol import BatchOrderSource
 
 if TYPE_CHECKING:
+    from agnostic_prefetch.batching import Bucket, Pack, Pad
     from agnostic_prefetch.caffe import CaffeTransform, ImageListSource, LMDBSource, WindowSource
     from agnostic_prefetch.device import prefetch_to_device
     from agnostic_prefetch.diagnosis import Diagnosis, diagnose
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ArraySource",
     "BatchOrderSource",
+    "Bucket",
     "CaffeTransform",
     "Diagnosis",
     "ImageListSource",
@@ -45,6 +47,8 @@ __all__ = [
     "LoaderIterator",
     "LoaderTimeoutError",
     "Mixture",
+    "Pack",
+    "Pad",
     "RingTooLargeError",
     "WorkerDiedError",
     "Prefetcher",
@@ -64,6 +68,9 @@ _LAZY = {
     "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
     "Mixture": "agnostic_prefetch.sources.mixture",
+    "Pad": "agnostic_prefetch.batching",
+    "Bucket": "agnostic_prefetch.batching",
+    "Pack": "agnostic_prefetch.batching",
     "ImageListSource": "agnostic_prefetch.caffe",
     "LMDBSource": "agnostic_prefetch.caffe",
     "WindowSource": "agnostic_prefetch.caffe",

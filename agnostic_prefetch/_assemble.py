@@ -12,29 +12,37 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agnostic_prefetch import _autotune, _pool
 from agnostic_prefetch._accounts import Board, board_bytes
 from agnostic_prefetch._core import LoaderCore
 from agnostic_prefetch._example import let_go, read_example
-from agnostic_prefetch._layout import layout_from_example, with_mask
+from agnostic_prefetch._layout import Layout, layout_from_example, with_mask
+from agnostic_prefetch._lengths import Measure, lengths_for, sequence_keys
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._progress import ProgressWatch
 from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._rows import RowLayout, roles_of, row_example
 from agnostic_prefetch._schedule import Scheduler
+from agnostic_prefetch._sequences import SequenceSampler
 from agnostic_prefetch._settings import LoaderOptions
 from agnostic_prefetch._sizing import plan_ring
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._worker import FillRules, Job
+from agnostic_prefetch.batching import Pack
 from agnostic_prefetch.sampler import Sampler
 from agnostic_prefetch.tracing import TraceLink, Tracer
 
 __all__ = ["assemble"]
 
 
-def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
+def assemble(source: Any, options: LoaderOptions, measure: Callable[[Any], Iterable[Any]] | None = None) -> LoaderCore:
     """A running loader's core: workers started, ring reserved, nothing delivered yet.
+
+    ``measure`` runs a pass of a loader over a source and yields its batches (the pass that
+    measures sequence lengths when ``batching=`` needs them and nothing else gives them).
 
     Raises:
         ValueError, LayoutError, RingTooLargeError, LoaderError, OSError: whatever failed,
@@ -44,13 +52,22 @@ def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
     own_tracer = Tracer(watch.trace) if watch.trace is not None else None
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(let_go, source)  # what a failed construction opened in this process
-        sampler = Sampler(source, order.batch_size, shuffle=order.shuffle, seed=order.seed,
-                          remainder=order.remainder, shard_index=order.shard_index,
-                          shard_count=order.shard_count)
-        example = items.spec if items.spec is not None else read_example(sampler, source, items.transform, items.skip)
+        row_layout: RowLayout | None = None
+        if items.batching is not None:
+            assert measure is not None
+            sampler, example = _sequence_order(source, options, measure)
+            cleanup.callback(sampler.close)
+        else:
+            sampler = Sampler(source, order.batch_size, shuffle=order.shuffle, seed=order.seed,
+                              remainder=order.remainder, shard_index=order.shard_index,
+                              shard_count=order.shard_count)
+            example = (items.spec if items.spec is not None
+                       else read_example(sampler, source, items.transform, items.skip))
         if order.mask is not None:
             example = with_mask(example, order.mask)
         layout = layout_from_example(example, sampler.batch_size)
+        if isinstance(sampler, SequenceSampler):
+            row_layout = _row_layout(layout, sampler, order.mask)
         auto = (_autotune.plan_auto(source, items.transform, pool.backend, layout.slot_bytes, pool.slots)
                 if pool.workers == "auto" else None)
         workers, backend = auto.first if auto else (int(pool.workers), pool.backend)
@@ -60,7 +77,7 @@ def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
         cleanup.callback(ring.close)
         job = Job(source, items.transform, layout,
                   FillRules(sampler.seed, items.skip, order.mask, items.shapes == "per_batch"),
-                  pool.worker_init, ring.extra_offset)
+                  pool.worker_init, ring.extra_offset, row_layout)
         started: list[_pool.Worker] = []
         cleanup.callback(_pool.stop, started, 0.0)  # the list fills as workers start
         started += _pool.start(workers, backend, job, ring, plan.orders_per_worker)
@@ -79,6 +96,33 @@ def assemble(source: Any, options: LoaderOptions) -> LoaderCore:
                           own_tracer=own_tracer, log_every=watch.log_every)
         cleanup.pop_all()
     return core
+
+
+def _sequence_order(source: Any, options: LoaderOptions,
+                    measure: Callable[[Any], Iterable[Any]]) -> tuple[SequenceSampler, Any]:
+    """``batching=``'s order, and the example the ring is laid out from: the first item's,
+    each sequence as long as the longest row, with its segment ids and positions."""
+    order, items = options.order, options.items
+    batching = items.batching
+    assert batching is not None
+    g = order.batch_size * order.shard_count
+    first = read_example(Sampler(source, g, shuffle=order.shuffle, seed=order.seed), source, items.transform,
+                         items.skip)
+    keys = sequence_keys(batching, first)
+    lengths = lengths_for(source, batching, keys, measure,
+                          lambda: Measure(source, items.transform, keys, order.seed, items.skip))
+    sampler = SequenceSampler(source, batching, keys, lengths, batch_size=order.batch_size, shuffle=order.shuffle,
+                              seed=order.seed, remainder=order.remainder, shard_index=order.shard_index,
+                              shard_count=order.shard_count)
+    return sampler, row_example(first, keys, sampler.row_lengths, isinstance(batching, Pack))
+
+
+def _row_layout(layout: Layout, sampler: SequenceSampler, mask_key: str | None) -> RowLayout:
+    paths = [a.path for a in layout.arrays]
+    mask = paths.index(f"[{mask_key!r}]") if mask_key is not None else None
+    batching = sampler.batching
+    return RowLayout(sampler.keys, roles_of(paths, sampler.keys), batching.pad_value, isinstance(batching, Pack),
+                     mask, mask_key)
 
 
 def _start_more(job: Job, ring: Ring, capacity: int, count: int, backend: str, first_id: int) -> list[_pool.Worker]:

@@ -12,6 +12,7 @@ workers and releases the ring, without waiting for the cyclic garbage collector.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,16 @@ import numpy as np
 from agnostic_prefetch._accounts import per_worker, worker_totals
 from agnostic_prefetch._autotune import Tuner
 from agnostic_prefetch._layout import Layout
-from agnostic_prefetch._resume import START, Position, decode, iteration_end, order_settings
+from agnostic_prefetch._resume import (
+    ENDLESS,
+    START,
+    Position,
+    decode,
+    encode,
+    iteration_end,
+    order_settings,
+    pick,
+)
 from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._window import Snapshots
 from agnostic_prefetch.errors import LoaderError
@@ -83,6 +93,9 @@ class LoaderCore:
         self.padded = mask_key is not None  # every batch full; a mask marks real rows
         self.settings = order_settings(sampler, ordered)
         self.settings["source_order"] = getattr(source, "order_fingerprint", None)
+        self.settings["batching"] = getattr(sampler, "fingerprint", None)
+        # Pack: an epoch may end before batches_per_epoch (a bound); positions step over the rest
+        self.ends_early = bool(getattr(sampler, "ends_early", False))
         self.by_source = getattr(source, "items_by_source", None)
         self.tuner = tuner
         self.trace = trace
@@ -95,7 +108,8 @@ class LoaderCore:
         self.snapshots = Snapshots(weakref.WeakMethod(self.snapshot_stats), log_every)
         self.latest: Cursor | None = None
         self.start: Position = START  # where the next iteration starts when there is no latest
-        self._finalizer = weakref.finalize(self, _shut_down, scheduler, trace, own_tracer)
+        self._finalizer = weakref.finalize(self, _shut_down, scheduler, trace, own_tracer,
+                                           getattr(sampler, "close", None))
         register(trace)
         if own_tracer is not None:
             trace.attach(own_tracer)
@@ -107,15 +121,20 @@ class LoaderCore:
         latest = self.latest
         return latest.position if latest is not None else self.start
 
-    def begin(self, cursor: Cursor | None, position: Position | None) -> Cursor:
+    def begin(self, cursor: Cursor | None, position: Position | None, plan_cursor: Any = None) -> Cursor:
         """Start an iteration from ``position`` (default: where the latest stands), on
-        ``cursor`` (default: a new one); the iteration it takes over from ends."""
+        ``cursor`` (default: a new one); the iteration it takes over from ends.
+        ``plan_cursor``: where a resumed state's packing stands (``Pack``)."""
         self.check_open()
         self._cancel_latest(cursor)
         with self.scheduler.drive:
             self.check_open()
             self._cancel_latest(cursor)  # one another thread started meanwhile
             start = self.position() if position is None else position
+            if self.ends_early:
+                if plan_cursor is not None:
+                    self.sampler.seek(*divmod(start.next_seq, self.bpe), plan_cursor)  # type: ignore[attr-defined]
+                start = self.settle(start)
             end = iteration_end(start, self.epochs, self.bpe)
             if cursor is None:
                 cursor = Cursor(start._replace(end=end))
@@ -133,12 +152,57 @@ class LoaderCore:
             ValueError: the state cannot be continued exactly here (``_resume.decode``).
         """
         self.check_open()
-        position = decode(state, self.settings)
+        state, position = self.decode(state)
         self._cancel_latest(None)
         with self.scheduler.drive:
             self._cancel_latest(None)
             self.latest = None
+            if self.ends_early:
+                plan_cursor = state.get("plan_cursor")
+                if plan_cursor is not None:
+                    self.sampler.seek(*divmod(position.next_seq, self.bpe), plan_cursor)  # type: ignore[attr-defined]
+                position = self.settle(position)
             self.start = position
+
+    def decode(self, state: dict[str, Any] | list[dict[str, Any]]) -> tuple[dict[str, Any], Position]:
+        """The state this shard continues from (one of every process's, ``pick``) and its position.
+
+        Raises:
+            ValueError: the state cannot be continued exactly here (``_resume.decode``).
+        """
+        if isinstance(state, list | tuple):
+            state = pick(list(state), self.settings)
+        return state, decode(state, self.settings)
+
+    def state_of(self, position: Position, endless: bool) -> dict[str, Any]:
+        """``position``'s state dict (with where packing stands, for ``Pack``)."""
+        state = encode(position, self.settings, endless=endless)
+        if self.ends_early:
+            state["plan_cursor"] = self.sampler.cursor(*divmod(position.next_seq, self.bpe))  # type: ignore[attr-defined]
+        return state
+
+    def settle(self, position: Position) -> Position:
+        """``position`` moved past the batch numbers its epoch does not have (``Pack``)."""
+        sampler: Any = self.sampler
+        seq, bpe = position.next_seq, self.bpe
+        while seq < ENDLESS and not sampler.exists(*divmod(seq, bpe)):
+            seq = (seq // bpe + 1) * bpe
+        sampler.forget(*divmod(seq, bpe))
+        if seq == position.next_seq:
+            return position
+        return position._replace(next_seq=seq, ahead=frozenset(s for s in position.ahead if s > seq))
+
+    def remaining(self, position: Position, end: int) -> int:
+        """Batches not yet delivered before ``end`` (``Pack``: counting each epoch's real batches)."""
+        if not self.ends_early:
+            return position.remaining(end)
+        sampler: Any = self.sampler
+        count, seq, bpe = 0, position.next_seq, self.bpe
+        while seq < end:
+            epoch = seq // bpe
+            count += max(0, min(end, epoch * bpe + sampler.epoch_batches(epoch)) - seq)
+            seq = (epoch + 1) * bpe
+        return count - sum(1 for s in position.ahead if s < end)
 
     def cancel(self, cursor: Cursor) -> None:
         """End ``cursor``'s iteration from any thread; a ``next()`` waiting in it wakes at once."""
@@ -195,12 +259,15 @@ class LoaderCore:
     def close(self, grace: float = 0.5) -> None:
         """Stop the workers and release the ring (once; what ``Loader.close()`` does)."""
         if self._finalizer.alive:
-            _, _, (scheduler, trace, own_tracer), _ = self._finalizer.detach()
-            _shut_down(scheduler, trace, own_tracer, grace)
+            _, _, (scheduler, trace, own_tracer, close_sampler), _ = self._finalizer.detach()
+            _shut_down(scheduler, trace, own_tracer, close_sampler, grace)
 
 
-def _shut_down(scheduler: Scheduler, trace: TraceLink, own_tracer: Tracer | None, grace: float = 0.5) -> None:
+def _shut_down(scheduler: Scheduler, trace: TraceLink, own_tracer: Tracer | None,
+               close_sampler: Callable[[], None] | None, grace: float = 0.5) -> None:
     """What closing a loader does (its finalizer's work: no reference to the core)."""
+    if close_sampler is not None:
+        close_sampler()
     scheduler.close(grace)
     trace.close()
     if own_tracer is not None and not own_tracer.closed:

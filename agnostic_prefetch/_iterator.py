@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch._core import CLOSED, Cursor, LoaderCore
-from agnostic_prefetch._resume import ENDLESS, decode, encode
+from agnostic_prefetch._resume import ENDLESS
 from agnostic_prefetch._schedule import Ready, Scheduler
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._tree import unflatten
@@ -53,6 +53,7 @@ class LoaderIterator:
         self._by_source = core.by_source
         self._snapshots = core.snapshots
         self._trace = core.trace
+        self._ends_early = core.ends_early
 
     def __iter__(self) -> LoaderIterator:
         return self
@@ -62,7 +63,7 @@ class LoaderIterator:
         cursor = self._cursor
         if cursor.end >= ENDLESS:
             raise TypeError("an iteration of a Loader with epochs=None never ends and has no length")
-        return 0 if cursor.ended else cursor.position.remaining(cursor.end)
+        return 0 if cursor.ended else self._core.remaining(cursor.position, cursor.end)
 
     @property
     def max_held(self) -> int:
@@ -105,7 +106,7 @@ class LoaderIterator:
     def state_dict(self) -> dict[str, Any]:
         """The position after the batches this iterator delivered: small and JSON-able."""
         cursor = self._cursor
-        return encode(cursor.position, self._core.settings, endless=cursor.end >= ENDLESS)
+        return self._core.state_of(cursor.position, cursor.end >= ENDLESS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue *this* iterator from ``state`` (see ``Loader.load_state_dict``); the
@@ -115,7 +116,8 @@ class LoaderIterator:
             ValueError: the state cannot be continued exactly here (nothing changes then).
         """
         core = self._core
-        core.begin(self._cursor, decode(state, core.settings))
+        state, position = core.decode(state)
+        core.begin(self._cursor, position, state.get("plan_cursor"))
 
     def count_held_by(self, counter: Callable[[], int]) -> None:
         """Let a stage that reads this iterator (a prefetcher) say how many of its batches it
@@ -174,6 +176,8 @@ class LoaderIterator:
                 continue
             seq, ready = found
             cursor.position = position.after(seq)
+            if self._ends_early:  # Pack: step over batch numbers past the epoch's end
+                cursor.position = self._core.settle(cursor.position)
             for index, reason in ready.skipped:
                 log.warning("skipped record %d (on_error='skip'): %s", index, reason)
             self._stats["skipped"] += len(ready.skipped)

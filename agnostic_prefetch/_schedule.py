@@ -25,13 +25,7 @@ import numpy as np
 from agnostic_prefetch import _pool, _supervisor
 from agnostic_prefetch._accounts import Board
 from agnostic_prefetch._drive import Drive
-from agnostic_prefetch._layout import (
-    H_COUNT,
-    H_EPOCH,
-    H_MAGIC,
-    H_NUMBER,
-    MAGIC,
-)
+from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, MAGIC
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._messages import Done, Message, Note, StartFailed
 from agnostic_prefetch._progress import ProgressWatch
@@ -208,7 +202,11 @@ class Scheduler:
                 # before it is needed would only take a slot early (and a cache-cold one:
                 # the caller has not let go of its previous batch yet).
                 break
-            batches.setdefault(worker, []).append(self._order(seq, worker))
+            order = self._order(seq, worker)
+            if order is None:  # (Pack) past its epoch's end: on to the next epoch
+                seq = (seq // self._bpe + 1) * self._bpe
+                continue
+            batches.setdefault(worker, []).append(order)
             seq += 1
             free -= 1
         self._dispatch_seq = seq
@@ -304,15 +302,18 @@ class Scheduler:
             self._drop(self._ready.pop(victim))
             self._pending.discard(victim)
 
-    def _order(self, seq: int, worker: _pool.Worker) -> Order:
+    def _order(self, seq: int, worker: _pool.Worker) -> Order | None:
         epoch, number = divmod(seq, self._bpe)
         batch = self._sampler.batch(epoch, number)
+        if batch is None:
+            return None
         slot = self.table.order()
         order_id = next(self._order_ids)
         self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
         self._pending.add(seq)
         worker.outstanding.append(order_id)
-        return Order(order_id, slot, epoch, number, batch.indices, batch.first_position)
+        return Order(order_id, slot, epoch, number, batch.indices, batch.first_position, batch.item_positions,
+                     batch.plan)
 
     def _on_message(self, worker: _pool.Worker, message: Message) -> None:
         kind = type(message)

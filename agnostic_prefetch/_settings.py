@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch.batching import Bucket, Pack, Pad
 from agnostic_prefetch.sampler import REMAINDERS
 
 __all__ = ["ItemOptions", "LoaderOptions", "OrderOptions", "PoolOptions", "WatchOptions"]
@@ -60,6 +61,7 @@ class ItemOptions:
     on_error: str = "raise"
     spec: Any = None
     shapes: str = "fixed"
+    batching: Pad | Bucket | Pack | None = None  # sequences of varying length (docs/sequences.md)
 
     @property
     def skip(self) -> bool:
@@ -104,7 +106,8 @@ class LoaderOptions:
                        slots: int | None = None, timeout: float | None = None,
                        worker_init: Callable[[int], None] | None = None, stall_warning: float | None = 60.0,
                        transform: Callable[..., Any] | None = None, on_error: str = "raise",
-                       spec: Any = None, shapes: str = "fixed", log_every: float | None = None,
+                       spec: Any = None, shapes: str = "fixed", batching: Pad | Bucket | Pack | None = None,
+                       log_every: float | None = None,
                        trace: str | os.PathLike[str] | None = None) -> LoaderOptions:
         """The Loader's keyword arguments as settings: the batch size per shard and the
         remainder rule resolved from the ways they may be given, then validated.
@@ -118,7 +121,7 @@ class LoaderOptions:
                              epochs, "drop" if drop_remainder else (remainder or "short"), mask_key,
                              shard_index, shard_count, ordered)
         return cls(order, PoolOptions(workers, backend, slots, timeout, worker_init, stall_warning),
-                   ItemOptions(transform, on_error, spec, shapes), WatchOptions(log_every, trace))
+                   ItemOptions(transform, on_error, spec, shapes, batching), WatchOptions(log_every, trace))
 
     def validate(self) -> None:
         """Check every setting and the rules between them.
@@ -143,6 +146,7 @@ class LoaderOptions:
                 "all-skipped batch would change its step count), so the processes would feed "
                 "different shapes. Padding keeps every batch full and marks real rows in a mask.")
         _check_shapes(items, order)
+        _check_batching(items, order)
 
 
 def _is_int(value: Any) -> bool:
@@ -177,6 +181,23 @@ def _check_shapes(items: ItemOptions, order: OrderOptions) -> None:
             "same shape every step; crop or resize to one size instead")
     if order.remainder == "pad":
         raise ValueError("shapes='per_batch' cannot pad batches (their shapes vary); use remainder='short'")
+
+
+def _check_batching(items: ItemOptions, order: OrderOptions) -> None:
+    batching = items.batching
+    if batching is None:
+        return
+    if not isinstance(batching, Pad | Bucket | Pack):
+        raise ValueError(f"batching must be ap.Pad(...), ap.Bucket(...) or ap.Pack(...), got {batching!r}")
+    name = type(batching).__name__
+    if items.shapes != "fixed" or items.spec is not None:
+        raise ValueError(f"batching=ap.{name}(...) lays the ring out from the sequences' lengths; it takes "
+                         "no shapes='per_batch' and no spec=")
+    if order.shard_count > 1 and order.remainder == "short" and not isinstance(batching, Pad):
+        raise ValueError(
+            f"batching=ap.{name}(...) with shard_count={order.shard_count}: an epoch's last global batch may "
+            "have fewer rows than the others, and every process must feed equal shapes. Pass "
+            "remainder='pad' (full batches, a mask of the rows that hold something) or remainder='drop'.")
 
 
 def _local_batch_size(batch_size: int | None, global_batch_size: int | None, shard_count: int) -> int:

@@ -47,6 +47,8 @@ from agnostic_prefetch._layout import (
     layout_from_example,
 )
 from agnostic_prefetch._messages import Done, Failed, Message, Note, StartFailed, encode
+from agnostic_prefetch._plan import RowPlan, segment_width
+from agnostic_prefetch._rows import RowBatch, RowLayout, batch_shapes, shaped_layout
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
@@ -58,14 +60,17 @@ THREAD_ENV_VARS = (
 
 
 _THREAD = FIELDS.index("thread")
-_ORDER_HEADER = struct.Struct("<6q")  # order_id, slot, epoch, number, first position, count
+# order_id, slot, epoch, number, first position, item count, then for a sequence batch its
+# segment count (-1: none), rows and keys (its positions, row lengths and segments follow)
+_ORDER_HEADER = struct.Struct("<9q")
 
 
 @dataclass(frozen=True)
 class Order:
     """Fill ``slot`` with batch ``number`` of ``epoch``: these records, from this position on.
 
-    Item j sits at ``first_position + j`` in the epoch's global order (its RNG seed).
+    Item j sits at ``first_position + j`` in the epoch's global order (its RNG seed), or, for
+    a sequence batch, at ``positions[j]``; ``plan`` says where its pieces go (``_rows.py``).
     """
 
     order_id: int
@@ -74,14 +79,26 @@ class Order:
     number: int
     indices: np.ndarray
     first_position: int
+    positions: np.ndarray | None = None
+    plan: RowPlan | None = None
 
 
 def pack_orders(orders: list[Order]) -> bytes:
-    """Orders as one message: a header and the int64 indices for each, back to back."""
+    """Orders as one message: a header and the int64 indices for each (and a sequence batch's
+    positions, row lengths and segments), back to back."""
     parts = []
     for o in orders:
-        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position, len(o.indices)))
-        parts.append(o.indices.astype(np.int64, copy=False).tobytes())
+        plan = o.plan
+        if plan is None:
+            parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position,
+                                            len(o.indices), -1, 0, 0))
+            parts.append(o.indices.astype(np.int64, copy=False).tobytes())
+            continue
+        assert o.positions is not None
+        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position, len(o.indices),
+                                        len(plan.segments), plan.rows, len(plan.lengths)))
+        parts += [o.indices.astype(np.int64, copy=False).tobytes(), o.positions.astype(np.int64).tobytes(),
+                  np.asarray(plan.lengths, np.int64).tobytes(), np.ascontiguousarray(plan.segments, np.int64).tobytes()]
     return b"".join(parts)
 
 
@@ -89,10 +106,21 @@ def unpack_orders(message: bytes) -> list[Order]:
     """The inverse of :func:`pack_orders`."""
     orders, offset = [], 0
     while offset < len(message):
-        order_id, slot, epoch, number, first, n = _ORDER_HEADER.unpack_from(message, offset)
+        order_id, slot, epoch, number, first, n, segments, rows, keys = _ORDER_HEADER.unpack_from(message, offset)
         offset += _ORDER_HEADER.size
-        orders.append(Order(order_id, slot, epoch, number, np.frombuffer(message, np.int64, n, offset), first))
+        indices = np.frombuffer(message, np.int64, n, offset)
         offset += 8 * n
+        if segments < 0:
+            orders.append(Order(order_id, slot, epoch, number, indices, first))
+            continue
+        positions = np.frombuffer(message, np.int64, n, offset)
+        offset += 8 * n
+        lengths = tuple(np.frombuffer(message, np.int64, keys, offset).tolist())
+        offset += 8 * keys
+        width = segment_width(keys)
+        table = np.frombuffer(message, np.int64, segments * width, offset).reshape(segments, width)
+        offset += 8 * segments * width
+        orders.append(Order(order_id, slot, epoch, number, indices, first, positions, RowPlan(table, rows, lengths)))
     return orders
 
 
@@ -116,6 +144,7 @@ class Job:
     rules: FillRules
     worker_init: Any = None
     board_offset: int = 0  # where the accounting block starts in the ring (_accounts.py)
+    rows: RowLayout | None = None  # sequence batching (batching=): how rows are filled
 
 
 class Filler:
@@ -139,12 +168,18 @@ class Filler:
         writer = self._writers.get(slot)
         if writer is None:
             writer = self._writers[slot] = SlotWriter(job.layout, self._slot_view(slot))
+        rows = None
+        if order.plan is not None:  # sequence rows (batching=): items go where the plan says
+            rows = self._row_batch(slot, order.plan)
+            writer = rows.writer
+            assert order.positions is not None
+            positions = order.positions.tolist()  # type: ignore[assignment]
         header = writer.header
         header[H_MAGIC], header[H_EPOCH], header[H_NUMBER] = MAGIC, epoch, number
         header[H_COUNT] = header[H_PROGRESS] = 0
         per_batch = rules.per_batch
         transform = job.transform
-        into_slot = getattr(transform, "writes_into_slot", False) and not per_batch
+        into_slot = getattr(transform, "writes_into_slot", False) and not per_batch and rows is None
         mask_key = rules.mask_key
         seed = rules.seed
         slot_writer = writer
@@ -183,15 +218,19 @@ class Filler:
                 t2 = now()
                 if sample:
                     c2 = cpu()
-                if mask_key is not None:
-                    example = {**example, mask_key: True}
-                if per_batch and count == 0:
-                    writer = self._batch_writer(slot, slot_writer, example, index)
-                item_objects = writer.write(count, example, index)
+                if rows is not None:
+                    item_objects = rows.place(position, example, index)
+                else:
+                    if mask_key is not None:
+                        example = {**example, mask_key: True}
+                    if per_batch and count == 0:
+                        writer = self._batch_writer(slot, slot_writer, example, index)
+                    item_objects = writer.write(count, example, index)
             except Exception as exc:  # a bad record: report it, or skip and count it
                 where, remedy = explain(job.source, index, exc)
                 if rules.skip_errors:
-                    skipped.append((index, f"{f'{where}: ' if where else ''}{type(exc).__name__}: {exc}"))
+                    if rows is None or rows.starts(position):  # (an item split over batches counts once)
+                        skipped.append((index, f"{f'{where}: ' if where else ''}{type(exc).__name__}: {exc}"))
                     t0 = now()
                     continue
                 account.countdown = countdown
@@ -215,22 +254,29 @@ class Filler:
                 sampled[6] += c3 - c2
             if spans is not None:
                 spans.append((index, t0, t1, t2, t3))
-            for column, value in zip(objects, item_objects, strict=True):
-                column.append(value)
+            if item_objects:  # (sequence rows keep their list leaves themselves)
+                for column, value in zip(objects, item_objects, strict=True):
+                    column.append(value)
             count += 1
             t0 = t3
-        if mask_key is not None and count < job.layout.batch_size:
+        items = count
+        if rows is not None:
+            count, objects = rows.finish(mask_key is not None)
+        elif mask_key is not None and count < job.layout.batch_size:
             writer.pad(count)
             for column in objects:
                 column.extend([None] * (job.layout.batch_size - count))
         header[H_PROGRESS] = len(indices)
         header[H_COUNT] = count
-        shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
+        if rows is not None:
+            shapes = rows.shapes
+        else:
+            shapes = [a.shape for a in writer.layout.arrays] if per_batch and count else None
         overflow = writer.arrays(count) if writer.outside else None
         account.countdown = countdown
         ended = now()
         acc = account.acc  # inline: this runs per batch, and a batch may be one item
-        acc[0] += count
+        acc[0] += items
         acc[1] += 1
         acc[2] += s1 - s0
         acc[3] += s2 - s1
@@ -241,6 +287,19 @@ class Filler:
             account.flush(ended)
         trace = (started, ended, spans) if level >= TRACE_BATCHES else None
         return Done(order_id, count, objects, skipped, trace, shapes, overflow)
+
+    def _row_batch(self, slot: int, plan: RowPlan) -> RowBatch:
+        """The rows of a sequence batch in ``slot``, laid out with its row lengths."""
+        job = self.job
+        assert job.rows is not None
+        key = (slot, plan.lengths)
+        writer = self._shaped.get(key)
+        if writer is None:
+            if len(self._shaped) > 4 * len(self._writers) + 16:
+                self._shaped.clear()
+            layout = shaped_layout(job.layout, batch_shapes(job.layout, job.rows, plan.lengths))
+            writer = self._shaped[key] = SlotWriter(layout, self._slot_view(slot))
+        return RowBatch(writer, job.rows, plan, len(job.layout.object_paths))
 
     def _batch_writer(self, slot: int, slot_writer: SlotWriter, example: Any, index: int) -> SlotWriter:
         """A writer for ``slot`` shaped like ``example`` (kept per slot and shapes), or, for a

@@ -11,7 +11,7 @@ memory and each slot's state), ``_pool`` and ``_supervisor`` (workers), ``_sched
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,10 @@ from agnostic_prefetch._assemble import assemble
 from agnostic_prefetch._describe import describe
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout
-from agnostic_prefetch._resume import encode, iteration_end
+from agnostic_prefetch._lengths import MEASURE_BATCH
+from agnostic_prefetch._resume import iteration_end
 from agnostic_prefetch._settings import LoaderOptions
+from agnostic_prefetch.batching import Bucket, Pack, Pad
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -94,6 +96,13 @@ class Loader:
             the first example; a batch larger than that still arrives, through its worker's
             pipe (a copy, counted in ``stats()["outside_ring"]`` and logged once). One shard
             only (every process must feed one shape); JAX compiles a step once per new shape.
+        batching: how items of varying length become a batch (docs/sequences.md):
+            :class:`~agnostic_prefetch.Pad` (each item a row, padded), :class:`~agnostic_prefetch.Bucket`
+            (batches of one length bucket) or :class:`~agnostic_prefetch.Pack` (rows of a fixed
+            length holding several items); each sequence leaf ``key`` gets ``key_segment_ids``
+            and ``key_positions``. Planned from every item's length before the epoch, so
+            order, resume and any shard or worker count stay exact. Default: items of one
+            shape, stacked.
         log_every: every this many seconds, log a line (INFO, logger ``agnostic_prefetch``):
             throughput, the step's wait, the workers' load, the bound (:func:`~agnostic_prefetch.diagnose`).
         trace: a path: a Chrome trace of this loader until ``close()`` (:func:`~agnostic_prefetch.trace`).
@@ -140,6 +149,7 @@ class Loader:
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
         shapes: str = "fixed",
+        batching: Pad | Bucket | Pack | None = None,
         log_every: float | None = None,
         trace: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -148,9 +158,9 @@ class Loader:
             epochs=epochs, drop_remainder=drop_remainder, remainder=remainder, mask_key=mask_key,
             ordered=ordered, shard_index=shard_index, shard_count=shard_count, workers=workers,
             backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
-            transform=transform, on_error=on_error, spec=spec, shapes=shapes, log_every=log_every,
-            trace=trace)
-        self._core = assemble(source, self.options)
+            transform=transform, on_error=on_error, spec=spec, shapes=shapes, batching=batching,
+            log_every=log_every, trace=trace)
+        self._core = assemble(source, self.options, _measuring_pass(workers, backend))
         # What diagnose() reads: the core's timed snapshots of stats().
         self._snapshots = self._core.snapshots
 
@@ -229,7 +239,7 @@ class Loader:
         if core.epochs is None:
             raise TypeError("a Loader with epochs=None never ends and has no length")
         position = core.position()
-        return position.remaining(iteration_end(position, core.epochs, core.bpe))
+        return core.remaining(position, iteration_end(position, core.epochs, core.bpe))
 
     def __iter__(self) -> LoaderIterator:
         return LoaderIterator(self._core, self._core.begin(None, None))
@@ -237,7 +247,7 @@ class Loader:
     def state_dict(self) -> dict[str, Any]:
         """The latest iterator's position (where the next ``iter()`` starts): small, JSON-able."""
         core = self._core
-        return encode(core.position(), core.settings, endless=core.epochs is None)
+        return core.state_of(core.position(), core.epochs is None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next ``iter()`` yields exactly the batches not yet delivered.
@@ -301,3 +311,16 @@ class Loader:
 
     def __repr__(self) -> str:
         return describe(self._core)
+
+
+def _measuring_pass(workers: int | str, backend: str) -> Callable[[Any], Iterator[Any]]:
+    """A pass of a loader with these workers over a source, yielding its batches in order
+    (``batching=`` measures sequence lengths with it when nothing else gives them)."""
+    count = 2 if workers == "auto" else int(workers)  # type: ignore[arg-type]
+
+    def run(source: Any) -> Iterator[Any]:
+        with Loader(source, MEASURE_BATCH, workers=count, backend="process" if backend == "auto" else backend,
+                    stall_warning=None) as loader:
+            yield from loader
+
+    return run

@@ -47,10 +47,14 @@ class Batch:
     number: int  # the global batch's number within the epoch (the same on every shard)
     indices: np.ndarray  # int64 record indices, in batch order (fewer than rows: padding)
     first_position: int  # item j sits at first_position + j in the epoch's global order
+    plan: Any = None  # a sequence batch's rows (``_plan.RowPlan``: batching=), else None
+    item_positions: np.ndarray | None = None  # a sequence batch's items' positions
 
     @property
     def positions(self) -> np.ndarray:
         """Each item's position in the epoch's global order (seeds its random generator)."""
+        if self.item_positions is not None:
+            return self.item_positions
         return np.arange(self.first_position, self.first_position + len(self.indices), dtype=np.int64)
 
 
@@ -170,6 +174,14 @@ class Sampler:
             return self._source_batches(epoch)[number]
         g = self.global_batch_size
         return self._epoch_order(epoch)[number * g : (number + 1) * g]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every index of ``epoch`` in its global order (the global batches laid end to end)."""
+        if self._batch_order is not None:
+            batches = self._source_batches(epoch)
+            return np.concatenate(batches) if batches else np.zeros(0, np.int64)
+        order = self._epoch_order(epoch)
+        return order[: self.batches_per_epoch * self.global_batch_size]
 
     def epoch(self, epoch: int) -> list[Batch]:
         """All of this shard's batches of ``epoch``."""

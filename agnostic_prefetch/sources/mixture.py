@@ -111,14 +111,14 @@ class Mixture:
         self.names = names
         self.sources = parts
         self.shuffle = bool(shuffle)
-        self.lengths = [len(s) for s in parts]
-        empty = [n for n, length in zip(names, self.lengths, strict=True) if length == 0]
+        self.sizes = [len(s) for s in parts]
+        empty = [n for n, length in zip(names, self.sizes, strict=True) if length == 0]
         if empty:
             raise ValueError(f"Mixture: component {empty[0]!r} has no records")
         total = sum(raw, Fraction(0))
         self.weights = [w / total for w in raw]
         if epoch_items is None:
-            epoch_items = min(int(length / w) for length, w in zip(self.lengths, self.weights, strict=True))
+            epoch_items = min(int(length / w) for length, w in zip(self.sizes, self.weights, strict=True))
         if epoch_items < 1:
             raise ValueError(f"Mixture: epoch_items must be >= 1, got {epoch_items}")
         self.epoch_items = int(epoch_items)
@@ -159,6 +159,27 @@ class Mixture:
         remedy = getattr(self.sources[c], "remedy", None)
         return remedy(record, exc) if remedy is not None else None
 
+    def lengths(self) -> np.ndarray | dict[str, np.ndarray] | None:
+        """Each index's sequence length (``ap.Pack`` and friends), over the mixture's index
+        space: the components' ``lengths()`` laid end to end; ``None`` if one cannot say."""
+        parts = []
+        for source in self.sources:
+            method = getattr(source, "lengths", None)
+            part = method() if callable(method) else None
+            if part is None:
+                return None
+            parts.append(part)
+        if all(isinstance(p, dict) for p in parts):
+            keys = set(parts[0])
+            if any(set(p) != keys for p in parts):
+                raise ValueError(f"Mixture: the components' lengths() name different keys: "
+                                 f"{[sorted(p) for p in parts]}; every component must give the same")
+            return {k: np.concatenate([np.asarray(p[k], np.int64) for p in parts]) for k in parts[0]}
+        if any(isinstance(p, dict) for p in parts):
+            raise ValueError("Mixture: some components' lengths() give one array and some a dict per "
+                             "key; give the same kind from every component")
+        return np.concatenate([np.asarray(p, np.int64) for p in parts])
+
     def _component(self, index: int) -> tuple[int, int]:
         c = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return c, index - int(self._offsets[c])
@@ -177,7 +198,7 @@ class Mixture:
         Components that order themselves, or have a fingerprint, add theirs (``None`` where
         they have none), so a resume over a changed nested mixture is refused too.
         """
-        fingerprint = {"mixture": self.names, "lengths": self.lengths,
+        fingerprint = {"mixture": self.names, "lengths": self.sizes,
                        "weights": [str(w) for w in self.weights], "shuffle": self.shuffle,
                        "epoch_items": self.epoch_items}
         own = {name: getattr(source, "order_fingerprint", None)
@@ -251,7 +272,7 @@ class Mixture:
 
     def _epoch_length(self, seed: int, c: int) -> int:
         if not self._self_ordered[c]:
-            return self.lengths[c]
+            return self.sizes[c]
         known = self._own_lengths.get(c)
         if known is None or known[0] != seed:
             known = (seed, len(self._order(seed, c, 0)))
@@ -266,9 +287,9 @@ class Mixture:
             if self._self_ordered[c]:
                 cached = self._own_order(seed, c, epoch)
             elif self.shuffle:
-                cached = np.random.default_rng([seed, 1 + c, epoch]).permutation(self.lengths[c])
+                cached = np.random.default_rng([seed, 1 + c, epoch]).permutation(self.sizes[c])
             else:
-                cached = np.arange(self.lengths[c], dtype=np.int64)
+                cached = np.arange(self.sizes[c], dtype=np.int64)
             # A mixture epoch spans at most a few component epochs: keep the latest per component.
             self._orders = {k: v for k, v in self._orders.items()
                             if k[:2] != (seed, c) or k[2] == epoch - 1}
@@ -278,12 +299,12 @@ class Mixture:
     def _own_order(self, seed: int, c: int, epoch: int) -> np.ndarray:
         source, name, space = self.sources[c], self.names[c], self.index_spaces[c]
         # One batch of the whole epoch: the component lays its epoch out as it promises per batch.
-        batches = source.batch_order(seed=_component_seed(seed, c), epoch=epoch, batch_size=self.lengths[c])
+        batches = source.batch_order(seed=_component_seed(seed, c), epoch=epoch, batch_size=self.sizes[c])
         order = np.concatenate([np.asarray(b, np.int64).reshape(-1) for b in batches] or [np.empty(0, np.int64)])
         if not len(order):
             raise ValueError(
                 f"Mixture: component {name!r} ({source!r}) returned no indices from "
-                f"batch_order(epoch={epoch}, batch_size={self.lengths[c]}); a component must "
+                f"batch_order(epoch={epoch}, batch_size={self.sizes[c]}); a component must "
                 "give every epoch of its own at least one index.")
         outside = (order < 0) | (order >= space)
         if outside.any():
@@ -298,7 +319,7 @@ class Mixture:
                 f"Mixture: component {name!r} ({source!r}) ordered epoch {epoch} of its own into "
                 f"{len(order)} indices but epoch 0 into {first}; a component "
                 f"that orders itself must give every epoch as many indices (batch_order with "
-                f"batch_size={self.lengths[c]}), so the mixture can tell which epoch a draw is in.")
+                f"batch_size={self.sizes[c]}), so the mixture can tell which epoch a draw is in.")
         return order
 
     def _check_structures(self) -> None:
@@ -316,7 +337,7 @@ class Mixture:
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {len_} records{' (orders itself)' if own else ''} x {float(w):.3g}"
-                          for n, len_, own, w in zip(self.names, self.lengths, self._self_ordered, self.weights,
+                          for n, len_, own, w in zip(self.names, self.sizes, self._self_ordered, self.weights,
                                                      strict=True))
         return f"Mixture({parts}; epoch_items={self.epoch_items}, shuffle={self.shuffle})"
 
