@@ -184,13 +184,18 @@ class LoaderCore:
     def settle(self, position: Position) -> Position:
         """``position`` moved past the batch numbers its epoch does not have (``Pack``)."""
         sampler: Any = self.sampler
-        seq, bpe = position.next_seq, self.bpe
-        while seq < ENDLESS and not sampler.exists(*divmod(seq, bpe)):
-            seq = (seq // bpe + 1) * bpe
+        seq, bpe, ahead = position.next_seq, self.bpe, position.ahead
+        while seq < ENDLESS:
+            if seq in ahead:  # (ordered=False) delivered already
+                seq += 1
+            elif not sampler.exists(*divmod(seq, bpe)):
+                seq = (seq // bpe + 1) * bpe
+            else:
+                break
         sampler.forget(*divmod(seq, bpe))
         if seq == position.next_seq:
             return position
-        return position._replace(next_seq=seq, ahead=frozenset(s for s in position.ahead if s > seq))
+        return position._replace(next_seq=seq, ahead=frozenset(s for s in ahead if s > seq))
 
     def remaining(self, position: Position, end: int) -> int:
         """Batches not yet delivered before ``end`` (``Pack``: counting each epoch's real batches)."""

@@ -122,3 +122,27 @@ def test_the_handler_names_the_args_it_needs(tmp_path):
         Handler().save(tmp_path, args=ocp.args.StandardSave({}))
     with pytest.raises(TypeError, match="has no position to save"):
         CheckpointSave(ap.prefetch_to_device(iter([{"x": np.zeros(2)}])))
+
+
+def test_packed_batches_resume_through_prefetch_to_device_and_orbax_on_another_shard_count(tmp_path):
+    from sequence_sources import Docs
+
+    docs = Docs(np.random.default_rng(11).integers(1, 60, 90))
+    options = dict(batching=ap.Pack(length=64, method="best_fit", window=16), shuffle=True, seed=4, epochs=2,
+                   remainder="pad")
+    with ap.Loader(docs, 4, workers=0, **options) as whole:
+        want = [b["tokens"].tolist() for b in whole]
+    with ap.Loader(docs, global_batch_size=4, shard_count=2, workers=2, **options) as first:
+        stage = ap.prefetch_to_device(first, size=2)
+        head = [np.asarray(next(stage)["tokens"]).tolist() for _ in range(len(want) - 5)]  # into epoch 2
+        save(tmp_path, 7, stage)
+        stage.close()
+    saved = json.loads((tmp_path / "7" / "data" / "process_0-of-1.json").read_text())
+    assert saved["plan_cursor"] is not None and len(json.dumps(saved)) < 2000
+    with ap.Loader(docs, 4, workers=1, **options) as second:
+        stage = ap.prefetch_to_device(second, size=2)
+        restore(tmp_path, 7, stage)
+        tail = [np.asarray(b["tokens"]).tolist() for b in stage]
+        stage.close()
+    assert [r for b in want[: len(head)] for r in b[:2]] == [r for b in head for r in b]  # shard 0's rows
+    assert tail == want[len(head):]

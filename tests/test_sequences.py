@@ -53,12 +53,14 @@ def _order(source, shuffle, g):
 def test_every_backend_and_worker_count_gives_the_same_packed_batches():
     source = Docs(np.random.default_rng(1).integers(1, 50, 80))
     batching = ap.Pack(length=32, method="best_fit", window=20)
-    first, _ = run(source, batching, 4, workers=0, shuffle=True, seed=5)
+    first, _ = run(source, batching, 4, workers=0, shuffle=True, seed=5, epochs=2)
     for workers, backend in ((1, "process"), (3, "process"), (2, "thread")):
-        again, _ = run(source, batching, 4, workers=workers, backend=backend, shuffle=True, seed=5)
+        again, _ = run(source, batching, 4, workers=workers, backend=backend, shuffle=True, seed=5, epochs=2)
         assert len(again) == len(first)
         for a, b in zip(first, again, strict=True):
             assert all(np.array_equal(a[k], b[k]) for k in a)
+    unordered, _ = run(source, batching, 4, workers=3, shuffle=True, seed=5, epochs=2, ordered=False)
+    assert sorted(b["tokens"].tobytes() for b in unordered) == sorted(b["tokens"].tobytes() for b in first)
 
 
 @settings(max_examples=25, deadline=None)
