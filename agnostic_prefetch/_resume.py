@@ -18,7 +18,7 @@ ENDLESS = 1 << 62  # the end of an iteration with epochs=None
 # other values would resume into other batches. The shard count and index are not among
 # them: global batches do not depend on them (see ``check_shards`` for the one exception).
 ORDER_SETTINGS = ("seed", "shuffle", "source_order", "source_len", "global_batch_size",
-                  "drop_remainder", "batches_per_epoch")
+                  "drop_remainder", "batching", "batches_per_epoch")
 
 
 def order_settings(sampler: Any, ordered: bool) -> dict[str, Any]:
@@ -114,7 +114,8 @@ def decode(state: dict[str, Any] | list[dict[str, Any]], settings: dict[str, Any
         raise ValueError(f"unknown state version {version!r}; this agnostic_prefetch reads "
                          f"versions 1 and {STATE_VERSION}")
     for key in ORDER_SETTINGS:
-        if key in state and state[key] != settings[key]:
+        # A state saved before a setting existed had its default (no batching=).
+        if (key in state or key == "batching") and state.get(key) != settings.get(key):
             raise ValueError(_mismatch(key, state, settings))
     check_shards(state, settings)
     bpe = settings["batches_per_epoch"]
@@ -127,7 +128,7 @@ def decode(state: dict[str, Any] | list[dict[str, Any]], settings: dict[str, Any
                     None if end_epoch is None else end_epoch * bpe)
 
 
-_POSITION = ("epoch", "batch", "delivered_ahead", "end_epoch")
+_POSITION = ("epoch", "batch", "delivered_ahead", "end_epoch", "plan_cursor")
 
 
 def pick(states: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def check_shards(state: dict[str, Any], settings: dict[str, Any]) -> None:
 
 
 def _mismatch(key: str, state: dict[str, Any], settings: dict[str, Any]) -> str:
-    saved, here = state[key], settings[key]
+    saved, here = state.get(key), settings.get(key)
     if key == "global_batch_size":
         count = settings["shard_count"]
         if saved % count == 0:
@@ -212,6 +213,10 @@ def _mismatch(key: str, state: dict[str, Any], settings: dict[str, Any]) -> str:
         return (f"state_dict was saved over a source whose order is defined by {saved!r}, but "
                 f"this source's is {here!r} (another mixture's weights or components, say); "
                 "resume with the same source.")
+    if key == "batching":
+        return (f"state_dict was saved with batching {saved or 'None (items stacked)'} but this loader's is "
+                f"{here or 'None (items stacked)'}: other batching settings or other lengths give other "
+                "batches. Resume with the same batching= and the same data.")
     if key == "source_len":
         return (f"state_dict was saved over a source of {saved} records but this source has "
                 f"{here}: the order of a different source would differ. Resume with the same "

@@ -80,10 +80,10 @@ def stream_of(batches, key):
             for t in row[ids > 0]]
 
 
-def global_rows(source, batching, g, shards, state=None, **options):
+def global_rows(source, batching, g, shards, state=None, workers=0, **options):
     """Every global batch's rows of tokens, read by ``shards`` loaders (from ``state``)."""
     loaders = [ap.Loader(source, global_batch_size=g, shard_index=i, shard_count=shards, batching=batching,
-                         workers=0, **options) for i in range(shards)]
+                         workers=workers, backend="thread", **options) for i in range(shards)]
     try:
         if state is not None:
             for loader in loaders:

@@ -63,23 +63,28 @@ def test_every_backend_and_worker_count_gives_the_same_packed_batches():
     assert sorted(b["tokens"].tobytes() for b in unordered) == sorted(b["tokens"].tobytes() for b in first)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=50), st.integers(4, 32),
        st.sampled_from([(2, 1, 2), (2, 2, 4), (1, 2, 1), (1, 4, 2), (3, 1, 3), (2, 2, 1)]),
-       st.sampled_from(["concat", "first_fit", "best_fit"]), st.integers(0, 40), st.booleans(),
-       st.sampled_from(["pad", "drop"]))
+       st.sampled_from(["concat", "first_fit", "best_fit", "pad", "bucket"]), st.integers(0, 40), st.booleans(),
+       st.sampled_from(["pad", "drop"]), st.sampled_from([0, 2]))
 def test_a_resume_on_another_shard_count_continues_the_same_global_batches(lengths, limit, shards, method, stop,
-                                                                           shuffle, remainder):
+                                                                           shuffle, remainder, workers):
     per, s, s2 = shards  # rows per shard, shard count before and after
     g = per * s
     source = Docs(np.array(lengths))
-    batching = ap.Pack(length=limit, method=method, window=9)
+    batching = {"pad": ap.Pad(multiple=4), "bucket": ap.Bucket((8, 16, 40))}.get(
+        method) or ap.Pack(length=limit, method=method, window=9)
     options = dict(shuffle=shuffle, seed=3, remainder=remainder, epochs=2)
     try:
         whole = global_rows(source, batching, g, 1, **options)
-    except ValueError as exc:  # too few rows for one batch, and remainder='drop'
+    except ValueError as exc:  # too few rows (items) for one batch, and remainder='drop'
         assert "an epoch has no batches" in str(exc)
         return
+    if method in ("pad", "bucket"):  # nothing is lost but what remainder='drop' leaves out
+        rows = [r for batch in whole[: len(whole) // 2] for r in batch]
+        firsts = [int(r[0]) // 1000 for r in rows if r.any()]
+        assert len(firsts) == len(set(firsts))
     k = stop % len(whole)
     loaders = [ap.Loader(source, global_batch_size=g, shard_index=i, shard_count=s, batching=batching, workers=0,
                          **options) for i in range(s)]
@@ -91,7 +96,7 @@ def test_a_resume_on_another_shard_count_continues_the_same_global_batches(lengt
     assert len(json.dumps(states[0])) < 1000  # the plan is never in the state
     for x in loaders:
         x.close()
-    rest = global_rows(source, batching, g, s2, state=states, **options)
+    rest = global_rows(source, batching, g, s2, state=states, workers=workers, **options)
     assert [r.tolist() for r in rest] == [r.tolist() for r in whole[k:]]
 
 
@@ -268,3 +273,48 @@ def test_pack_configs_check_their_arguments():
         ap.Pack(length=8, longer="truncate")
     with pytest.raises(ValueError, match="increase"):
         ap.Bucket((16, 8))
+
+
+def test_a_state_from_other_batching_or_other_lengths_or_no_batching_is_refused_naming_both():
+    sizes = np.random.default_rng(12).integers(1, 20, 30)
+    with ap.Loader(Docs(sizes), 2, workers=0, batching=ap.Pack(length=16)) as loader:
+        it = iter(loader)
+        next(it)
+        state = it.state_dict()
+    with ap.Loader(Docs(sizes), 2, workers=0, batching=ap.Pack(length=32)) as other, \
+            pytest.raises(ValueError, match=r"batching Pack\(length=16.*but this loader's is Pack\(length=32"):
+        other.load_state_dict(state)
+    longer = sizes.copy()
+    longer[0] += 1
+    with ap.Loader(Docs(longer), 2, workers=0, batching=ap.Pack(length=16)) as other, \
+            pytest.raises(ValueError, match="other lengths"):
+        other.load_state_dict(state)
+    with ap.Loader(Docs(np.full(30, 5)), 2, workers=0) as plain:
+        with pytest.raises(ValueError, match=r"but this loader's is None \(items stacked\)"):
+            plain.load_state_dict(state)
+        plain_state = plain.state_dict()
+    del plain_state["batching"]  # a state saved before batching= existed
+    with ap.Loader(Docs(sizes), 2, workers=0, batching=ap.Pack(length=16)) as loader, \
+            pytest.raises(ValueError, match="saved with batching None"):
+        loader.load_state_dict(plain_state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=60), st.integers(1, 6), st.booleans(),
+       st.sampled_from([ap.Pad(multiple=4), ap.Pad(length=24, longer="truncate"), ap.Bucket((8, 16, 40)),
+                        ap.Bucket((4, 12), longer="truncate")]), st.sampled_from(["short", "pad"]))
+def test_pad_and_bucket_deliver_every_item_once_intact_or_cut_as_told(lengths, batch, shuffle, batching, remainder):
+    sizes = np.array(lengths)
+    got, _ = run(Docs(sizes), batching, batch, shuffle=shuffle, remainder=remainder)
+    seen = {}
+    for b in got:
+        real = b["mask"] if remainder == "pad" else np.ones(len(b["tokens"]), bool)
+        for row, ids, keep in zip(b["tokens"], b["tokens_segment_ids"], real, strict=True):
+            if keep:
+                item = int(row[0]) // 1000
+                assert item not in seen
+                seen[item] = row[ids > 0].tolist()
+    assert sorted(seen) == list(range(len(sizes)))
+    cut = batching.length if isinstance(batching, ap.Pad) else batching.boundaries[-1]
+    for item, tokens in seen.items():
+        assert tokens == list(range(1000 * item, 1000 * item + min(int(sizes[item]), cut or 10**9)))
