@@ -67,7 +67,9 @@ class SequenceSampler:
                      "source_len", "orders_itself"):
             setattr(self, name, getattr(rows, name))
         self.remainder, self.drop_remainder = remainder, remainder == "drop"
-        self.ends_early = isinstance(batching, Pack)  # an epoch may end before batches_per_epoch
+        # An epoch may end before batches_per_epoch: Pack's count depends on the order, and a
+        # Bucket epoch's on which items a source that orders itself (a Mixture) draws.
+        self.ends_early = isinstance(batching, Pack) or (isinstance(batching, Bucket) and self.orders_itself)
         self.row_lengths = self._row_lengths()
         self._refuse_longer()
         self.fingerprint = _fingerprint(batching, keys, lengths)
@@ -81,13 +83,14 @@ class SequenceSampler:
         g = self.global_batch_size
         if isinstance(batching, Pad):
             self.batches_per_epoch = rows.batches_per_epoch
+        elif isinstance(batching, Bucket) and self.ends_early:  # at most one short batch per bucket
+            self.batches_per_epoch = self.items.batches_per_epoch + len(batching.boundaries)
         elif isinstance(batching, Bucket):
             sizes = bucket_sizes(self.items.epoch_order(0), lengths, batching.boundaries)
             self.batches_per_epoch = int(sum(n // g if self.drop_remainder else -(-n // g) for n in sizes.tolist()))
-            self.dropped = int(sum(n % g for n in sizes.tolist())) if self.drop_remainder else 0
         else:
             self.batches_per_epoch = max(1, -(-self._rows_bound() // g))
-        if self.batches_per_epoch == 0 or (self.ends_early and not self.exists(0, 0)):
+        if not self.exists(0, 0):
             raise ValueError(
                 f"an epoch has no batches: {'every bucket has' if isinstance(batching, Bucket) else 'packing fills'} "
                 f"fewer than the global batch's {g} {'items' if isinstance(batching, Bucket) else 'rows'} and "
@@ -113,14 +116,16 @@ class SequenceSampler:
 
     def exists(self, epoch: int, number: int) -> bool:
         """Whether ``epoch`` has a batch ``number`` (``Pack``: plans up to it)."""
-        if not self.ends_early:
-            return 0 <= number < self.batches_per_epoch
-        return self._pack(epoch).batch(number) is not None
+        if isinstance(self.batching, Pack):
+            return self._pack(epoch).batch(number) is not None
+        if isinstance(self.batching, Bucket) and self.ends_early:
+            return 0 <= number < len(self._bucket(epoch))
+        return 0 <= number < self.batches_per_epoch
 
     def epoch_batches(self, epoch: int) -> int:
         """The batches ``epoch`` has (``Pack``: planned to its end, once, without keeping plans)."""
-        if not self.ends_early:
-            return self.batches_per_epoch
+        if not isinstance(self.batching, Pack):
+            return len(self._bucket(epoch)) if self.ends_early else self.batches_per_epoch
         with self._lock:
             known = self._counts.get(epoch)
             plan = self._epochs.get(epoch)
@@ -132,7 +137,7 @@ class SequenceSampler:
 
     def forget(self, epoch: int, number: int) -> None:
         """Batches of ``epoch`` below ``number`` will not be asked for again (``Pack``)."""
-        if self.ends_early:
+        if isinstance(self.batching, Pack):
             with self._lock:
                 plan = self._epochs.get(epoch)
             if plan is not None:
@@ -140,14 +145,14 @@ class SequenceSampler:
 
     def cursor(self, epoch: int, number: int) -> list[int] | None:
         """Where ``Pack``'s item stream stands at the start of batch ``number`` (for a state)."""
-        if not self.ends_early:
+        if not isinstance(self.batching, Pack):
             return None
         found = self._pack(epoch).batch(number)
         return None if found is None or found[1] is None else list(found[1])
 
     def seek(self, epoch: int, number: int, cursor: list[int] | None) -> None:
         """Plan ``epoch`` from batch ``number``, whose start is ``cursor`` (a resumed state)."""
-        if self.ends_early and cursor is not None:
+        if isinstance(self.batching, Pack) and cursor is not None:
             plan = self._new_plan(epoch, number, tuple(int(c) for c in cursor))
             with self._lock:
                 self._epochs[epoch] = plan

@@ -318,3 +318,15 @@ def test_pad_and_bucket_deliver_every_item_once_intact_or_cut_as_told(lengths, b
     cut = batching.length if isinstance(batching, ap.Pad) else batching.boundaries[-1]
     for item, tokens in seen.items():
         assert tokens == list(range(1000 * item, 1000 * item + min(int(sizes[item]), cut or 10**9)))
+
+
+def test_bucket_over_a_mixture_delivers_each_epochs_draws_once_though_bucket_counts_vary():
+    a = Docs(np.random.default_rng(16).integers(1, 20, 30))  # epochs of 10, 11 and 10 batches
+    b = Docs(np.random.default_rng(17).integers(1, 40, 30), offset=500)
+    mix = ap.Mixture({"a": a, "b": b}, {"a": 3, "b": 1}, epoch_items=40)
+    got, _ = run(mix, ap.Bucket((10, 40)), 4, epochs=3, remainder="pad")
+    firsts = [int(r[0]) // 1000 for batch in got for r, keep in zip(batch["tokens"], batch["mask"], strict=True)
+              if keep]
+    want = [int(i) + (500 - 30 if i >= 30 else 0) for e in range(3)
+            for batch in mix.batch_order(seed=0, epoch=e, batch_size=4) for i in batch]
+    assert sorted(firsts) == sorted(want)
