@@ -9,8 +9,11 @@ def describe(core: LoaderCore) -> str:
     """The loader's ``repr``: batches, shard, workers, and the ring's bytes (slots and counters)."""
     ring, layout, tuner, members = core.scheduler.ring, core.layout, core.tuner, core.scheduler.members
     pool = tuner.summary() if tuner is not None else f"workers={members.count}, backend={members.backend!r}"
+    batching = getattr(core.sampler, "batching", None)
+    bound = "at most " if core.ends_early else ""
     return (
-        f"Loader(batch_size={core.sampler.batch_size}, batches_per_epoch={core.bpe}, "
+        f"Loader(batch_size={core.sampler.batch_size}, batches_per_epoch={bound}{core.bpe}, "
+        f"{f'batching={batching!r}, ' if batching is not None else ''}"
         f"{_shard(core)}{pool}, ring={ring.slots} slots x {layout.slot_bytes:,} B + "
         f"{ring.nbytes - ring.extra_offset:,} B of counters = {ring.nbytes:,} B [{layout.describe()}]"
         f"{', closed' if core.closed else ''})"

@@ -330,3 +330,10 @@ def test_bucket_over_a_mixture_delivers_each_epochs_draws_once_though_bucket_cou
     want = [int(i) + (500 - 30 if i >= 30 else 0) for e in range(3)
             for batch in mix.batch_order(seed=0, epoch=e, batch_size=4) for i in batch]
     assert sorted(firsts) == sorted(want)
+
+
+def test_repr_names_the_batching_and_that_the_epoch_count_is_a_bound():
+    with ap.Loader(Docs(np.array([3, 9, 4, 7])), 2, workers=0, batching=ap.Pack(length=8, method="best_fit")) as loader:
+        text = repr(loader)
+    assert "batches_per_epoch=at most " in text
+    assert "batching=Pack(length=8, method='best_fit'" in text and "tokens_segment_ids" in text
