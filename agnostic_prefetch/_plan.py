@@ -16,6 +16,7 @@ planned to its end.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,6 +223,8 @@ def _assign(need: np.ndarray, limit: np.ndarray, best: bool) -> list[list[int]]:
     best-fit decreasing); returns each row's piece numbers."""
     count, keys = need.shape
     by_size = np.argsort(-(need / limit).max(axis=1), kind="stable")
+    if best and keys == 1:
+        return _best_fit_one(need[:, 0].tolist(), by_size.tolist(), int(limit[0]))
     room = np.empty((count, keys), np.int64)
     rows: list[list[int]] = []
     for p in by_size.tolist():
@@ -235,6 +238,24 @@ def _assign(need: np.ndarray, limit: np.ndarray, best: bool) -> list[list[int]]:
             rows[r].append(p)
         else:
             room[len(rows)] = limit - want
+            rows.append([p])
+    return rows
+
+
+def _best_fit_one(need: list[int], by_size: list[int], limit: int) -> list[list[int]]:
+    """:func:`_assign`'s best fit for one key, the same rows: the open rows kept sorted by
+    ``(room, row)``, so the fullest row that fits, the earliest of equals, is one bisection
+    away rather than a scan of every open row."""
+    rooms: list[tuple[int, int]] = []
+    rows: list[list[int]] = []
+    for p in by_size:
+        at = bisect.bisect_left(rooms, (need[p], -1))
+        if at < len(rooms):
+            room, r = rooms.pop(at)
+            bisect.insort(rooms, (room - need[p], r))
+            rows[r].append(p)
+        else:
+            bisect.insort(rooms, (limit - need[p], len(rows)))
             rows.append([p])
     return rows
 

@@ -269,7 +269,8 @@ class Loader:
     def stats(self) -> dict[str, Any]:
         """Counters and per-stage times since the loader was built (docs/diagnose.md).
 
-        Delivery: ``batches``, ``items``, ``padded`` (rows of padding), ``skipped``,
+        Delivery: ``batches``, ``items`` (with ``batching=``, rows: a packed row counts
+        once however many items it holds), ``padded`` (rows of padding), ``skipped``,
         ``copied_out`` (batches copied out of the ring because the consumer held too many);
         ``held_peak``, the most batches the consumer held at once (the prefetch stage's and
         your code's), and ``slots_needed``, the ``slots=`` that would have copied none;
@@ -280,7 +281,8 @@ class Loader:
         ``held_s``: worker-seconds without an order because every slot was taken (the
         consumer holds them, or has not taken the batches ready in them).
 
-        The workers, summed over them: ``read_s`` / ``read_cpu_s`` (wall and CPU time in the
+        The workers, summed over them: ``items_read`` (source items read; an item split
+        across batches is read once for each), ``read_s`` / ``read_cpu_s`` (wall and CPU time in the
         source's ``__getitem__``: wall well above CPU means waiting on I/O), ``transform_s`` /
         ``transform_cpu_s``, ``write_s`` / ``write_cpu_s`` (into the slot), ``fill_s`` (their
         sum), ``worker_idle_s`` (waiting for an order); ``per_worker``: items, batches,

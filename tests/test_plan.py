@@ -17,6 +17,7 @@ from agnostic_prefetch._plan import (
     SRC,
     BucketEpoch,
     EpochPlan,
+    _assign,
     column,
     concat_rows,
     fit_rows,
@@ -151,6 +152,16 @@ def test_best_fit_packs_no_looser_than_first_fit_and_a_larger_window_packs_tight
 
     assert rows_used(True, 64) <= rows_used(False, 64)
     assert rows_used(True, 2048) < rows_used(True, 16)
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=80), st.integers(50, 120))
+def test_one_key_best_fit_by_bisection_makes_the_rows_the_scan_of_every_open_row_makes(need, limit):
+    need = np.array(need, np.int64)[:, None]
+    limits = np.array([limit], np.int64)
+    fast = _assign(need, limits, best=True)
+    # The same pieces with a second key that never binds take the general path: a scan.
+    scanned = _assign(np.concatenate([need, np.zeros_like(need)], axis=1), np.array([limit, 1]), best=True)
+    assert fast == scanned
 
 
 def test_pad_rounds_the_global_batchs_longest_up_and_cuts_nothing():

@@ -39,6 +39,10 @@ def test_pack_rows_hold_every_token_once_with_segment_ids_and_positions(method, 
     if method == "concat":
         assert stream_of(got, "tokens") == [t for i in _order(source, shuffle=True, g=3) for t in source[i]["tokens"]]
     assert stats["batches"] == len(got)
+    assert stats["items"] == sum(b["tokens"].shape[0] for b in got)  # rows, not source items
+    if workers == 0:  # (workers read ahead into the next iteration's batches)
+        pieces_per_batch = [{index for row in decode_rows(b, "tokens", 24) for index, _, _ in row} for b in got]
+        assert stats["items_read"] == sum(len(p) for p in pieces_per_batch)  # once per batch an item reaches
 
 
 def _order(source, shuffle, g):
