@@ -59,3 +59,14 @@ def no_leftovers():
         time.sleep(0.05)
     assert not worker_pids(), f"worker processes left running: {worker_pids()}"
     assert shm_entries() <= before, f"left in /dev/shm: {shm_entries() - before}"
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto) with one bucket; see tests/s3_server.py."""
+    pytest.importorskip("moto.server", reason="the object-storage tests need moto[server] (the test extra)")
+    pytest.importorskip("s3fs", reason="the object-storage tests need s3fs (the test extra)")
+    from s3_server import s3_server
+
+    with s3_server(monkeypatch) as server:
+        yield server
