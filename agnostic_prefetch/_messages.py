@@ -6,7 +6,7 @@ four times a plain one and a "done" travels per batch. Array data never travels 
 in the ring. The parent's side is ``_schedule.Scheduler`` (``Done``, ``Failed``, ``Note``)
 and ``_supervisor`` (the wording of ``Failed`` and ``StartFailed``).
 
-Parent to worker, orders travel as packed bytes instead (``_worker.pack_orders``): no pickling
+Parent to worker, orders travel as packed bytes instead (``_orders.pack_orders``): no pickling
 on the per-batch path.
 """
 

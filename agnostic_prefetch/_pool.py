@@ -24,9 +24,10 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from agnostic_prefetch._messages import Done, Failed
+from agnostic_prefetch._orders import Order, pack_orders
 from agnostic_prefetch._pickling import dumps
 from agnostic_prefetch._ring import Ring
-from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, Order, pack_orders, serve
+from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, serve
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not `-m`: that puts the working directory first on sys.path, so a directory there named

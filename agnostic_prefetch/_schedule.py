@@ -28,12 +28,12 @@ from agnostic_prefetch._drive import Drive
 from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, MAGIC
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._messages import Done, Message, Note, StartFailed
+from agnostic_prefetch._orders import Order
 from agnostic_prefetch._progress import ProgressWatch
 from agnostic_prefetch._resume import ENDLESS, Position
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._warn import warn
-from agnostic_prefetch._worker import Order
 from agnostic_prefetch.errors import LoaderError, WorkerError
 from agnostic_prefetch.sampler import Sampler
 

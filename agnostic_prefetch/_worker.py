@@ -5,17 +5,14 @@ The same ``Filler`` runs in a worker process, in a worker thread, and in the cal
 or frameworks.
 
 Messages, worker to parent: the typed messages of ``_messages.py`` (a ``Done`` or ``Failed``
-per order, ``StartFailed``, ``Note``). Parent to worker: one or more orders packed as bytes
-by ``pack_orders`` (a fixed header and the int64 indices: no pickling on the per-batch path,
-and several orders per write, since each write wakes the worker); end of file on the order
-pipe means "exit".
+per order, ``StartFailed``, ``Note``). Parent to worker: orders packed as bytes
+(``_orders.py``); end of file on the order pipe means "exit".
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import struct
 import sys
 import threading
 import time
@@ -47,7 +44,8 @@ from agnostic_prefetch._layout import (
     layout_from_example,
 )
 from agnostic_prefetch._messages import Done, Failed, Message, Note, StartFailed, encode
-from agnostic_prefetch._plan import RowPlan, segment_width
+from agnostic_prefetch._orders import Order, unpack_orders
+from agnostic_prefetch._plan import RowPlan
 from agnostic_prefetch._rows import RowBatch, RowLayout, batch_shapes, shaped_layout
 from agnostic_prefetch.sampler import item_rng
 
@@ -60,70 +58,6 @@ THREAD_ENV_VARS = (
 
 
 _THREAD = FIELDS.index("thread")
-# order_id, slot, epoch, number, first position, item count, then for a sequence batch its
-# segment count (-1: none), rows and keys (its positions, row lengths and segments follow)
-_ORDER_HEADER = struct.Struct("<9q")
-
-
-@dataclass(frozen=True)
-class Order:
-    """Fill ``slot`` with batch ``number`` of ``epoch``: these records, from this position on.
-
-    Item j sits at ``first_position + j`` in the epoch's global order (its RNG seed), or, for
-    a sequence batch, at ``positions[j]``; ``plan`` says where its pieces go (``_rows.py``).
-    """
-
-    order_id: int
-    slot: int
-    epoch: int
-    number: int
-    indices: np.ndarray
-    first_position: int
-    positions: np.ndarray | None = None
-    plan: RowPlan | None = None
-
-
-def pack_orders(orders: list[Order]) -> bytes:
-    """Orders as one message: a header and the int64 indices for each (and a sequence batch's
-    positions, row lengths and segments), back to back."""
-    parts = []
-    for o in orders:
-        plan = o.plan
-        if plan is None:
-            parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position,
-                                            len(o.indices), -1, 0, 0))
-            parts.append(o.indices.astype(np.int64, copy=False).tobytes())
-            continue
-        assert o.positions is not None
-        parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position, len(o.indices),
-                                        len(plan.segments), plan.rows, len(plan.lengths)))
-        parts += [o.indices.astype(np.int64, copy=False).tobytes(), o.positions.astype(np.int64).tobytes(),
-                  np.asarray(plan.lengths, np.int64).tobytes(), np.ascontiguousarray(plan.segments, np.int64).tobytes()]
-    return b"".join(parts)
-
-
-def unpack_orders(message: bytes) -> list[Order]:
-    """The inverse of :func:`pack_orders`."""
-    orders, offset = [], 0
-    while offset < len(message):
-        order_id, slot, epoch, number, first, n, segments, rows, keys = _ORDER_HEADER.unpack_from(message, offset)
-        offset += _ORDER_HEADER.size
-        indices = np.frombuffer(message, np.int64, n, offset)
-        offset += 8 * n
-        if segments < 0:
-            orders.append(Order(order_id, slot, epoch, number, indices, first))
-            continue
-        positions = np.frombuffer(message, np.int64, n, offset)
-        offset += 8 * n
-        lengths = tuple(np.frombuffer(message, np.int64, keys, offset).tolist())
-        offset += 8 * keys
-        width = segment_width(keys)
-        table = np.frombuffer(message, np.int64, segments * width, offset).reshape(segments, width)
-        offset += 8 * segments * width
-        orders.append(Order(order_id, slot, epoch, number, indices, first, positions, RowPlan(table, rows, lengths)))
-    return orders
-
-
 @dataclass(frozen=True)
 class FillRules:
     """How a worker fills a slot beyond the layout: the draws, bad records, padding, shapes."""
@@ -157,6 +91,7 @@ class Filler:
         self.always_flush = False  # the in-process worker: its figures are read right after
         self._writers: dict[int, SlotWriter] = {}
         self._shaped: dict[tuple[int, tuple[Any, ...]], SlotWriter] = {}  # per_batch writers
+        self._getitems = getattr(job.source, "__getitems__", None)  # batched reads, where offered
 
     def fill(self, order: Order) -> Done | Failed:
         """Carry out one order; return the message for the parent."""
@@ -197,6 +132,12 @@ class Filler:
         countdown = account.countdown
         now, cpu = time.perf_counter, time.thread_time
         started = t0 = now()
+        together = None  # the items of one __getitems__ call: its time is the first item's read
+        if self._getitems is not None and len(indices):
+            c0 = cpu()
+            together = _read_together(self._getitems, indices, job.source)
+            if together is not None:  # a CPU sample of the read it was (_accounts.py)
+                sampled = [0.0, now() - started, cpu() - c0, 0.0, 0.0, 0.0, 0.0]
         for step, (index, position) in enumerate(zip(indices.tolist(), positions, strict=True)):
             header[H_PROGRESS] = step
             if countdown:
@@ -207,7 +148,7 @@ class Filler:
                 sample = True
                 c0 = cpu()
             try:
-                example = job.source[index]
+                example = job.source[index] if together is None else together[step]
                 t1 = now()
                 if sample:
                     c1 = cpu()
@@ -344,6 +285,20 @@ def picklable(exc: BaseException) -> BaseException | None:
         return exc
     except Exception:
         return None
+
+
+def _read_together(getitems: Any, indices: np.ndarray, source: Any) -> list[Any] | None:
+    """The items at ``indices`` from one ``source.__getitems__`` call, in order; ``None`` when
+    it raised: then each item is read alone, so a bad record is named, and skipped under
+    ``on_error="skip"``, by itself."""
+    try:
+        items = getitems(indices.tolist())
+    except Exception:
+        return None
+    if len(items) != len(indices):
+        raise TypeError(f"{source!r}.__getitems__ returned {len(items)} items for {len(indices)} indices; it "
+                        "must return one item per index, in the order given")
+    return items
 
 
 def serve(filler: Filler, orders: Connection, results: Connection, worker_id: int) -> None:

@@ -63,7 +63,7 @@ def test_orders_round_trip_through_their_byte_format():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from agnostic_prefetch._worker import Order, pack_orders, unpack_orders
+    from agnostic_prefetch._orders import Order, pack_orders, unpack_orders
 
     ints = st.integers(-(2**62), 2**62)
 

@@ -1,7 +1,7 @@
 """``Mixture``: several map-style sources interleaved in fixed proportions, deterministically.
 
-A mixture orders its own batches (it is a :class:`~agnostic_prefetch.BatchOrderSource`), so
-the loader shards, resumes and seeds per-item draws for it like for any source.
+A mixture orders its own batches (a :class:`~agnostic_prefetch.BatchOrderSource`): the loader
+shards, resumes and seeds per-item draws for it like for any source.
 
 How a mixture's epoch is laid out (``G`` the global batch, ``w_c`` the normalised weights):
 
@@ -76,11 +76,11 @@ class Mixture:
 
     Every component must yield examples with the same tree structure (the same keys, in
     the same nesting); it is checked on each component's first record, in the process
-    that builds the mixture. Map a component to the common structure with a wrapper
-    source first. Shapes and dtypes are checked per record by the loader, as for any source.
+    that builds the mixture (map a component to it with a wrapper source first). Shapes
+    and dtypes are checked per record by the loader, as for any source.
 
     ``Loader.stats()["items_per_source"]`` counts the items delivered from each component
-    (a nested mixture's items count as that one component's).
+    (a nested mixture's as that one component's).
 
     Raises:
         ValueError: mismatched names or counts, a weight that is not positive, an empty
@@ -112,8 +112,7 @@ class Mixture:
         self.sources = parts
         self.shuffle = bool(shuffle)
         self.sizes = [len(s) for s in parts]
-        empty = [n for n, length in zip(names, self.sizes, strict=True) if length == 0]
-        if empty:
+        if empty := [n for n, length in zip(names, self.sizes, strict=True) if length == 0]:
             raise ValueError(f"Mixture: component {empty[0]!r} has no records")
         total = sum(raw, Fraction(0))
         self.weights = [w / total for w in raw]
@@ -140,11 +139,26 @@ class Mixture:
         return self.epoch_items
 
     def __getitem__(self, index: int) -> Any:
-        index = int(index)
-        c = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        c, record = self._component(int(index))
         if not 0 <= c < len(self.sources):
             raise IndexError(f"index {index} out of range for a Mixture over an index space of {self.index_space}")
-        return self.sources[c][index - int(self._offsets[c])]
+        return self.sources[c][record]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """The items at ``indices``, in order; a component's share in one ``__getitems__`` call."""
+        at = np.asarray(indices, np.int64)
+        which = np.searchsorted(self._offsets, at, side="right") - 1
+        if len(at) and (which.min() < 0 or which.max() >= len(self.sources)):
+            raise IndexError(f"an index out of range for a Mixture over an index space of {self.index_space}")
+        items: list[Any] = [None] * len(at)
+        for c in np.unique(which).tolist():
+            places = np.flatnonzero(which == c)
+            records = (at[places] - self._offsets[c]).tolist()
+            getitems = getattr(self.sources[c], "__getitems__", None)
+            found = getitems(records) if getitems else [self.sources[c][r] for r in records]
+            for place, item in zip(places.tolist(), found, strict=True):
+                items[place] = item
+        return items
 
     def locate(self, index: int) -> str:
         """Where record ``index`` comes from: the component, and where in it if it says."""

@@ -50,6 +50,12 @@ class MapSource(Protocol):
     An optional ``release()`` lets go of what it opened in this process (reads reopen
     lazily); the loader calls it after reading its layout example in the parent.
 
+    ``__getitems__(indices) -> list`` (torch's and Grain's name), where defined, is called
+    once per batch a worker fills, with the batch's indices in order, and returns their items
+    in that order: a format that reads blocks or row groups reads each once. If it raises,
+    the worker reads that batch item by item through ``__getitem__``, so a bad record is
+    named (and skipped under ``on_error="skip"``) by itself; its time counts as reading.
+
     Two more optional methods make failures point at the data: ``locate(index) -> str``
     says where record ``index`` comes from (``"line 7 of train.txt: cat/01.jpg"``, ``"key
     b'00000007' of train_lmdb"``), and ``remedy(index, exc) -> str | None`` a remedy that
