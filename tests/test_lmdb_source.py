@@ -17,7 +17,7 @@ from test_datum import caffe_messages
 
 from agnostic_prefetch.caffe.lmdb import LMDBSource, write_array_records
 from agnostic_prefetch.caffe.transform import CaffeTransform
-from agnostic_prefetch.sources.records import RecordError, decode_record, encode_record
+from agnostic_prefetch.sources.packed_arrays import RecordError, decode_record, encode_record
 
 
 def rgb_image(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Everything Caffe: Datum LMDBs, image lists, window files, mean files, the transformer, converters.
 
-``LMDBSource`` reads LMDBs of Caffe ``Datum``\\ s (raw or encoded) and of our array records;
+``LMDBSource`` reads LMDBs of Caffe ``Datum``\\ s (raw or encoded) and of our packed-array records;
 ``ImageListSource`` and ``WindowSource`` read the lists of Caffe's ImageData and WindowData
 layers; ``CaffeTransform`` is Caffe's DataTransformer; ``from_prototxt`` turns a net's data
 layers into Loaders; ``convert_imageset``,

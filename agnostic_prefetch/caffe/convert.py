@@ -27,8 +27,8 @@ from agnostic_prefetch.caffe._resize import resize_bilinear
 from agnostic_prefetch.caffe.image_list import read_image_list
 from agnostic_prefetch.caffe.lmdb import LMDBSource
 from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
+from agnostic_prefetch.sources.packed_arrays import decode_record, is_array_record
 from agnostic_prefetch.sources.protocol import check_seed
-from agnostic_prefetch.sources.records import decode_record, is_array_record
 
 __all__ = ["add_commands", "convert_imageset", "inspect_db", "compute_mean"]
 

@@ -1,4 +1,4 @@
-"""LMDBSource: records from an LMDB environment (Caffe ``Datum`` or our array records), read lazily per process.
+"""LMDBSource: records from an LMDB environment (Caffe ``Datum`` or our packed-array records), read lazily per process.
 
 The parent opens the environment once, read-only, to build the key index and check the
 record sizes; workers get the source by value (the key index travels as one bytes blob)
@@ -22,7 +22,7 @@ from agnostic_prefetch.caffe._lmdb_env import acquire_env, release_env
 from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
 from agnostic_prefetch.caffe._protowire import WireError
 from agnostic_prefetch.sources.images import decode_image, probe_image
-from agnostic_prefetch.sources.records import (
+from agnostic_prefetch.sources.packed_arrays import (
     RecordError,
     decode_record,
     encode_record,

@@ -1,4 +1,4 @@
-"""Generic reading: the map-style source protocol, ``ArraySource``, array records, image decoding.
+"""Generic reading: the map-style source protocol, ``ArraySource``, packed-array records, image decoding.
 
 A source is any object with ``__len__`` and ``__getitem__`` (see
 :class:`~agnostic_prefetch.sources.protocol.MapSource`); it is sent to the workers by value

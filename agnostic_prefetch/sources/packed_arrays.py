@@ -1,4 +1,7 @@
-"""Our plain array record: a dict of numeric arrays as one self-describing byte string, never pickle.
+"""Packed-array records: a dict of numeric arrays as one self-describing byte string, never pickle.
+
+Our value format for LMDB entries that are not Caffe Datums. Not Google's ArrayRecord file
+format (Grain's): that one is read by :class:`~agnostic_prefetch.ArrayRecordSource`.
 
 Layout::
 
