@@ -23,6 +23,7 @@ import numpy as np
 
 from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._crc32c import masked_crc32c
+from agnostic_prefetch.sources._local_copy import cache_root
 
 __all__ = ["FORMAT", "TFRecordError", "index_location", "load_or_build", "scan"]
 
@@ -99,11 +100,6 @@ def scan(path: str, storage_options: _storage.StorageOptions = None) -> tuple[np
     return np.array(offsets, np.int64), np.array(lengths, np.int64)
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "agnostic_prefetch", "tfrecord-index")
-
-
 def index_location(path: str, index_dir: str | None) -> str:
     """Where ``path``'s index lives: under ``index_dir`` if given; else next to a local file in a
     writable directory (``<file>.apidx``); else (a URL, a read-only directory) in the user's
@@ -115,7 +111,7 @@ def index_location(path: str, index_dir: str | None) -> str:
         beside = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path) + ".apidx"
         if os.path.exists(beside) or os.access(os.path.dirname(beside), os.W_OK):
             return beside
-    return os.path.join(_cache_dir(), unique)
+    return os.path.join(cache_root("tfrecord-index"), unique)
 
 
 def _load(location: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
