@@ -1,7 +1,7 @@
 """CRC-32C (Castagnoli), as TFRecord's framing checks it, in numpy: no compiled dependency.
 
-A byte-at-a-time loop in Python costs about 0.1 µs a byte (10 ms for a 100 KB record), so
-long inputs are cut into equal chunks whose CRCs advance together, one numpy step per byte
+Short inputs take a table-driven loop eight bytes at a time (slicing-by-8). That still costs
+about 0.05 µs a byte in Python (5 ms for a 100 KB record), so long inputs are cut into equal chunks whose CRCs advance together, one numpy step per byte
 position, and are then joined pairwise. A CRC without its initial and final inversion is
 linear over GF(2): the register after ``A + B`` is ``shift(reg(A), len(B)) ^ reg(B)``, where
 ``shift`` by ``n`` bytes is a 32×32 bit matrix, kept as four 256-entry tables (one per byte
@@ -16,12 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 __all__ = ["crc32c", "masked_crc32c"]
 
 _POLY = 0x82F63B78  # reflected Castagnoli polynomial
-_SHORT = 1024  # inputs up to this many bytes take the plain loop
+_SHORT = 4096  # inputs up to this many bytes take the plain loop
 
 
 def _chunk(n: int) -> int:
@@ -37,7 +39,9 @@ def _byte_table() -> np.ndarray:
 
 
 _TABLE = _byte_table()
-_TABLE_LIST = _TABLE.tolist()
+_SLICES = [_TABLE.tolist()]  # _SLICES[k][b]: byte b's effect on the register k bytes further on
+for _ in range(7):
+    _SLICES.append([(v >> 8) ^ _SLICES[0][v & 0xFF] for v in _SLICES[-1]])
 _BASIS = (np.arange(256, dtype=np.uint32)[None, :] << (np.arange(4, dtype=np.uint32)[:, None] * 8)).astype(np.uint32)
 
 
@@ -71,9 +75,15 @@ def _shift(chunk: int, level: int) -> np.ndarray:
 
 
 def _register_short(data: bytes | memoryview, crc: int) -> int:
-    table = _TABLE_LIST
-    for b in bytes(data):
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _SLICES
+    data = bytes(data)
+    whole = len(data) - len(data) % 8
+    for a, b in struct.iter_unpack("<II", data[:whole]):
+        crc ^= a
+        crc = (t7[crc & 0xFF] ^ t6[(crc >> 8) & 0xFF] ^ t5[(crc >> 16) & 0xFF] ^ t4[crc >> 24]
+               ^ t3[b & 0xFF] ^ t2[(b >> 8) & 0xFF] ^ t1[(b >> 16) & 0xFF] ^ t0[b >> 24])
+    for b in data[whole:]:
+        crc = t0[(crc ^ b) & 0xFF] ^ (crc >> 8)
     return crc
 
 
