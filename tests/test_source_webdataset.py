@@ -142,6 +142,7 @@ def test_index_is_saved_beside_the_shard_reused_and_rebuilt_when_the_shard_chang
 
     monkeypatch.setattr(_tar_index, "scan_tar", no_scan)
     assert WebDatasetSource(pattern)[7]["__key__"] == first[7]["__key__"]
+    assert WebDatasetSource(str(tmp_path / "*")).shards == first.shards  # the saved indices are not shards
     monkeypatch.undo()
     with wds.TarWriter(str(tmp_path / "shard-000001.tar")) as writer:  # the shard changes
         writer.write({"__key__": "new", "cls": 99})

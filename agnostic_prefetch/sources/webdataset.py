@@ -9,6 +9,7 @@ then one ranged read of its members' bytes, and a batch one read per run of near
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 from collections.abc import Iterable
@@ -35,7 +36,9 @@ def list_shards(shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     out: list[str] = []
     for item in items:
         for pattern in expand_braces(os.fspath(item)):
-            out += _storage.expand_paths(pattern, storage_options, what="tar shards")
+            found = _storage.expand_paths(pattern, storage_options, what="tar shards")
+            # a glob such as "shards/*" also matches the indices saved beside the shards
+            out += [f for f in found if not (glob.has_magic(pattern) and f.endswith(".tar.index.json"))]
     if not out:
         raise ValueError("no shards given: pass a path, a brace pattern, a glob or a list of them")
     return out
