@@ -55,8 +55,12 @@ def s3_server(monkeypatch) -> Iterator[S3]:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     try:
+        import urllib.request
+
         import fsspec
 
+        # moto keeps its buckets in process-wide state that outlives a server: start empty
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("data")
         fs.clear_instance_cache()
