@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
-__all__ = ["expand_paths", "file_signature", "file_size", "is_url", "join", "open_binary", "read_range",
+__all__ = ["expand_paths", "file_signature", "file_size", "filesystem", "is_url", "join", "open_binary", "read_range",
            "StorageOptions"]
 
 StorageOptions = Mapping[str, Any] | None
@@ -40,7 +40,8 @@ def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
-def _fs(path: str, storage_options: StorageOptions) -> tuple[Any, str]:
+def filesystem(path: str, storage_options: StorageOptions = None) -> tuple[Any, str]:
+    """The fsspec filesystem for URL ``path`` and the path within it."""
     try:
         import fsspec
     except ImportError:
@@ -55,7 +56,7 @@ def open_binary(path: str, storage_options: StorageOptions = None, *, block_size
     """``path`` opened for reading bytes; a URL is read in blocks of ``block_size`` bytes."""
     if not is_url(path):
         return open(_local(path), "rb")  # noqa: SIM115 (the caller owns it)
-    fs, inner = _fs(path, storage_options)
+    fs, inner = filesystem(path, storage_options)
     kwargs = {} if block_size is None else {"block_size": block_size}
     return fs.open(inner, "rb", **kwargs)
 
@@ -66,14 +67,14 @@ def read_range(path: str, start: int, length: int, storage_options: StorageOptio
         with open(_local(path), "rb") as f:
             f.seek(start)
             return f.read(length)
-    fs, inner = _fs(path, storage_options)
+    fs, inner = filesystem(path, storage_options)
     return bytes(fs.cat_file(inner, start=start, end=start + length))
 
 
 def file_size(path: str, storage_options: StorageOptions = None) -> int:
     if not is_url(path):
         return os.path.getsize(_local(path))
-    fs, inner = _fs(path, storage_options)
+    fs, inner = filesystem(path, storage_options)
     return int(fs.size(inner))
 
 
@@ -83,7 +84,8 @@ def file_signature(path: str, storage_options: StorageOptions = None) -> dict[st
     if not is_url(path):
         st = os.stat(_local(path))
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    fs, inner = _fs(path, storage_options)
+    fs, inner = filesystem(path, storage_options)
+    fs.invalidate_cache(inner)  # (a listing cached in this process would hide a replaced object)
     info = fs.info(inner)
     tag = info.get("ETag") or info.get("etag") or info.get("md5") or info.get("mtime") or info.get("LastModified")
     return {"size": int(info["size"]), "tag": str(tag) if tag is not None else None}
@@ -101,7 +103,7 @@ def expand_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     for item in items:
         text = os.fspath(item)
         if is_url(text):
-            fs, inner = _fs(text, storage_options)
+            fs, inner = filesystem(text, storage_options)
             protocol = text.split("://", 1)[0]
             found = sorted(fs.glob(inner)) if glob.has_magic(inner) else [inner] if fs.exists(inner) else []
             out += [f"{protocol}://{f}" if "://" not in f else f for f in found]

@@ -97,7 +97,7 @@ class ImageFolderSource:
 
     def _filesystem(self) -> tuple[Any, str]:
         if self._fs is None or self._pid != os.getpid():
-            self._fs, self._inner = _storage._fs(self.root, self.storage_options)
+            self._fs, self._inner = _storage.filesystem(self.root, self.storage_options)
             self._pid = os.getpid()
         return self._fs, self._inner
 
