@@ -1,0 +1,95 @@
+"""Arrow columns to per-row Python/numpy values, a whole column at a time (Parquet's item layout).
+
+One conversion per column of a batch of rows, then cut into rows: a numeric column becomes a
+numpy scalar of its dtype, a string ``str``, a binary ``bytes``, a list of numbers a 1-D
+numpy array (a view of the column's values, no copy where Arrow's buffer is numpy's), a
+fixed-size list likewise, a list of anything else a Python list, a struct a dict, a null
+``None``. pyarrow is imported by the caller (this module only receives its arrays).
+
+Example:
+    >>> import pyarrow as pa
+    >>> column_rows(pa.array([[1, 2], [3]]))
+    [array([1, 2]), array([3])]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["column_rows", "table_rows"]
+
+
+def table_rows(table: Any) -> list[dict[str, Any]]:
+    """Each row of a ``pyarrow.Table`` as a dict column name -> value (see the module docstring)."""
+    names = table.column_names
+    columns = [column_rows(table.column(k).combine_chunks()) for k in range(table.num_columns)]
+    if not columns:
+        return [{} for _ in range(table.num_rows)]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def _is_numeric(t: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+                or pa.types.is_temporal(t) or pa.types.is_decimal(t))
+
+
+def _with_nulls(arr: Any, values: list[Any]) -> list[Any]:
+    if arr.null_count:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        values = [v if ok else None for v, ok in zip(values, valid, strict=True)]
+    return values
+
+
+def _numbers(arr: Any) -> np.ndarray:
+    """A numeric array's values as numpy (a view of Arrow's buffer when it has no nulls)."""
+    if arr.null_count:  # to_numpy would turn the nulls into NaN; their rows become None anyway
+        arr = arr.fill_null(0) if not _is_temporal_or_decimal(arr.type) else arr
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _is_temporal_or_decimal(t: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_temporal(t) or pa.types.is_decimal(t))
+
+
+def column_rows(arr: Any) -> list[Any]:
+    """The per-row values of one (unchunked) ``pyarrow.Array``."""
+    import pyarrow as pa
+
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        return column_rows(arr.dictionary_decode())
+    if isinstance(t, pa.ExtensionType):
+        return column_rows(arr.storage)
+    if _is_numeric(t):
+        return _with_nulls(arr, list(_numbers(arr)))
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = arr.offsets.to_numpy()
+        return _with_nulls(arr, _cut(arr.values, offsets))
+    if pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        start = arr.offset * size
+        child = arr.values.slice(start, len(arr) * size)
+        return _with_nulls(arr, _cut(child, np.arange(len(arr) + 1, dtype=np.int64) * size))
+    if pa.types.is_struct(t):
+        names = [t.field(k).name for k in range(t.num_fields)]
+        fields = [column_rows(child) for child in arr.flatten()]
+        rows = [dict(zip(names, values, strict=True)) for values in zip(*fields, strict=True)]
+        return _with_nulls(arr, rows if fields else [{} for _ in range(len(arr))])
+    return arr.to_pylist()  # strings, binaries, maps, ...: Arrow's own Python values
+
+
+def _cut(child: Any, offsets: np.ndarray) -> list[Any]:
+    """``child`` cut at ``offsets``: numpy views for numbers, lists of values otherwise."""
+    if _is_numeric(child.type) and not child.null_count:
+        values: Any = child.to_numpy(zero_copy_only=False)
+    else:
+        values = column_rows(child.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+        offsets = offsets - offsets[0]
+    starts, ends = offsets[:-1].tolist(), offsets[1:].tolist()
+    return [values[a:b] for a, b in zip(starts, ends, strict=True)]
