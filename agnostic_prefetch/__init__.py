@@ -29,15 +29,24 @@ if TYPE_CHECKING:
     from agnostic_prefetch.prefetch import Prefetcher
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
+    from agnostic_prefetch.sources.arrayrecord import ArrayRecordSource
+    from agnostic_prefetch.sources.huggingface import HuggingFaceSource
+    from agnostic_prefetch.sources.imagefolder import ImageFolderSource
     from agnostic_prefetch.sources.mixture import Mixture
+    from agnostic_prefetch.sources.parquet import ParquetSource
+    from agnostic_prefetch.sources.tfrecord import TFRecordSource
+    from agnostic_prefetch.sources.webdataset import WebDatasetSource
     from agnostic_prefetch.tracing import trace
 
 __all__ = [
+    "ArrayRecordSource",
     "ArraySource",
     "BatchOrderSource",
     "Bucket",
     "CaffeTransform",
     "Diagnosis",
+    "HuggingFaceSource",
+    "ImageFolderSource",
     "ImageListSource",
     "LMDBSource",
     "WindowSource",
@@ -49,7 +58,10 @@ __all__ = [
     "Mixture",
     "Pack",
     "Pad",
+    "ParquetSource",
     "RingTooLargeError",
+    "TFRecordSource",
+    "WebDatasetSource",
     "WorkerDiedError",
     "Prefetcher",
     "WorkerError",
@@ -68,6 +80,12 @@ _LAZY = {
     "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
     "Mixture": "agnostic_prefetch.sources.mixture",
+    "ArrayRecordSource": "agnostic_prefetch.sources.arrayrecord",
+    "ParquetSource": "agnostic_prefetch.sources.parquet",
+    "TFRecordSource": "agnostic_prefetch.sources.tfrecord",
+    "WebDatasetSource": "agnostic_prefetch.sources.webdataset",
+    "ImageFolderSource": "agnostic_prefetch.sources.imagefolder",
+    "HuggingFaceSource": "agnostic_prefetch.sources.huggingface",
     "Pad": "agnostic_prefetch.batching",
     "Bucket": "agnostic_prefetch.batching",
     "Pack": "agnostic_prefetch.batching",

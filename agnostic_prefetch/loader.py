@@ -24,6 +24,7 @@ from agnostic_prefetch._lengths import MEASURE_BATCH
 from agnostic_prefetch._resume import iteration_end
 from agnostic_prefetch._settings import LoaderOptions
 from agnostic_prefetch.batching import Bucket, Pack, Pad
+from agnostic_prefetch.sources.huggingface import from_huggingface
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -38,8 +39,10 @@ class Loader:
     Args:
         source: a map-style source: ``len(source)`` and ``source[i]`` returning a pytree
             (dicts, lists, tuples) of arrays and scalars. Sent to workers with cloudpickle;
-            it should open files lazily. It may define ``batch_order`` (see
-            :class:`~agnostic_prefetch.BatchOrderSource`).
+            it should open files lazily. It may define ``__getitems__`` (one call per
+            batch) and ``batch_order`` (see :class:`~agnostic_prefetch.BatchOrderSource`).
+            A Hugging Face ``datasets.Dataset`` is taken as it is and read from its Arrow
+            table (:class:`~agnostic_prefetch.HuggingFaceSource`; docs/sources.md).
         batch_size: items per batch on this shard (this process).
         global_batch_size: instead of ``batch_size``: items per global batch, over all
             ``shard_count`` shards (``batch_size = global_batch_size / shard_count``).
@@ -160,6 +163,7 @@ class Loader:
             backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
             transform=transform, on_error=on_error, spec=spec, shapes=shapes, batching=batching,
             log_every=log_every, trace=trace)
+        source = from_huggingface(source) or source
         self._core = assemble(source, self.options, _measuring_pass(workers, backend))
         # What diagnose() reads: the core's timed snapshots of stats().
         self._snapshots = self._core.snapshots

@@ -239,3 +239,22 @@ def test_repr_and_locate_say_what_is_read(on_disk):
     assert repr(source).startswith("HuggingFaceSource(2 rows, columns ['i', 'f', ")
     assert "through an indices mapping" in repr(source)
     assert source.locate(1).startswith("row 1 (table row 8) of ") and "data-00000-of-00002.arrow" in source.locate(1)
+
+
+def test_the_loader_takes_a_dataset_as_it_is_and_reads_it_from_arrow(on_disk, monkeypatch):
+    view = on_disk.select_columns(LOADER_COLUMNS)
+    with ap.Loader(HuggingFaceSource(view), 4, workers=0, shuffle=True, seed=2) as loader:
+        want = [b["i"].tolist() for b in loader]
+    numpy_view = view.with_format("numpy")
+    rows = {int(numpy_view[k]["i"]): numpy_view[k]["vec"] for k in range(len(view))}
+
+    def not_through_formatting(*args, **kwargs):
+        raise AssertionError("read through datasets' Python formatting")
+
+    monkeypatch.setattr(type(view), "__getitem__", not_through_formatting)
+    monkeypatch.setattr(type(view), "__getitems__", not_through_formatting, raising=False)
+    with ap.Loader(view, 4, workers=0, shuffle=True, seed=2) as loader:
+        batches = [{k: np.array(v).copy() for k, v in b.items()} for b in loader]
+    assert [b["i"].tolist() for b in batches] == want
+    for b in batches:
+        np.testing.assert_array_equal(b["vec"], np.stack([rows[int(i)] for i in b["i"]]))
