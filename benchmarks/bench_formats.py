@@ -1,7 +1,9 @@
 """Benchmark: the formats people keep data in, shuffled random access, against peers in one run.
 
 Every peer reads the same files with the same workers (``--workers``, 2), global batches of
-``--batch`` (64), shuffled, records of about 1 KB and about 100 KB (``--sizes``):
+``--batch`` (64), shuffled, records of about 1 KB and about 100 KB (``--sizes``; 20,000 and
+2,000 of them, ``--records``), measured after one epoch of warm-up (caches full, as in
+training), over one epoch or 60 batches, whichever is more:
 
     arrayrecord   ours: ap.ArrayRecordSource(path, decode=as_array)  vs  Grain's DataLoader over
                   its ArrayRecordDataSource on the same file (the same as_array map), both with
@@ -11,14 +13,17 @@ Every peer reads the same files with the same workers (``--workers``, 2), global
                   the Hugging Face dataset below in numpy format.
     huggingface   ours: the datasets.Dataset itself, passed to ap.Loader  vs  torch's
                   DataLoader(dataset.with_format("numpy"), shuffle=True, num_workers=2).
-    s3            ours over Parquet and ArrayRecord-free formats on a local S3-compatible
-                  server (moto's server mode, started here) against the same files on disk.
+    s3            ours over the Parquet file on a local S3-compatible server (moto's server
+                  mode, started here) against the same file on disk: with the row-group cache
+                  (warm after the first epoch) and without it (cache_bytes=0: every batch reads
+                  the row groups it touches).
 
-An item is ``{"data": uint8[size], "label": int64}``. Reported: items/s over ``--batches``
-batches after ``--warmup`` batches, medians of ``--repeats`` interleaved rounds, and ours
-over the peer as the median of per-round ratios.
+An item is ``{"data": uint8[size], "label": int64}`` (from the Hugging Face dataset in numpy
+format, ``data`` is int64, as datasets gives a list of integers, for ours and torch alike).
+Reported: items/s, medians of ``--repeats`` interleaved rounds, and ours over the peer as the
+median of per-round ratios.
 
-    python benchmarks/bench_formats.py [--sizes 1000,100000] [--json out.json]
+    python benchmarks/bench_formats.py [--sizes 1000,100000 --records 20000,2000] [--json out.json]
     pytest -m bench benchmarks/bench_formats.py        # a short run as a test
 """
 
@@ -160,7 +165,9 @@ def compare(peers: dict[str, Peer], pairs: list[tuple[str, str]], args: argparse
     rates: dict[str, list[float]] = {name: [] for name in peers}
     for r in range(args.repeats):
         for name, make in peers.items():
-            rates[name].append(rate(make, args.batch, args.warmup, args.batches))
+            warmup = args.epoch_batches if args.warmup < 0 else args.warmup
+            batches = args.batches or max(60, args.epoch_batches)
+            rates[name].append(rate(make, args.batch, warmup, batches))
         print(f"  {label} round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}/s" for n, v in rates.items()), flush=True)
     out = {name: {"items_per_s": statistics.median(v), "runs": v} for name, v in rates.items()}
     for a, b in pairs:
@@ -171,11 +178,11 @@ def compare(peers: dict[str, Peer], pairs: list[tuple[str, str]], args: argparse
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,100000", help="record sizes in bytes")
-    parser.add_argument("--megabytes", type=int, default=200, help="data per size, about (sets the record count)")
+    parser.add_argument("--records", default="20000,2000", help="records per size (20 MB and 200 MB)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batches", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=0, help="measured batches (0: one epoch, at least 60)")
+    parser.add_argument("--warmup", type=int, default=-1, help="batches before measuring (-1: one epoch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated: grain, torch, s3")
     parser.add_argument("--json", default=None)
@@ -183,10 +190,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     skip = set(filter(None, args.skip.split(",")))
     results: dict[str, Any] = {"machine": {"nproc": os.cpu_count(), "cpu": cpu_model()}, "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp, _s3_server(skip) as s3:
-        for size in (int(s) for s in args.sizes.split(",")):
-            n = max(args.batch * (args.batches + args.warmup) * 2, args.megabytes * 1_000_000 // size)
-            n = min(n, 200_000)
-            print(f"records of {size:,} bytes: {n:,} ({n * size / 1e6:,.0f} MB)", flush=True)
+        for size, n in zip((int(s) for s in args.sizes.split(",")), (int(r) for r in args.records.split(",")),
+                           strict=True):
+            epoch = -(-n // args.batch)
+            args.epoch_batches = epoch
+            print(f"records of {size:,} bytes: {n:,} ({n * size / 1e6:,.0f} MB), {epoch} batches an epoch", flush=True)
             records = payloads(n, size)
             ar = os.path.join(tmp, f"records-{size}.array_record")
             write_arrayrecord(ar, records)
@@ -203,10 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "torch" not in skip:
                 peers["torch huggingface"] = torch_hf(hf, args.batch, args.workers)
                 pairs += [("ours parquet", "torch huggingface"), ("ours huggingface", "torch huggingface")]
-            if s3 is not None:
+            if s3 is not None:  # warm: the row-group cache holds the file; cold: every batch reads
                 url = s3.upload(parquet, f"rows-{size}.parquet")
                 peers["ours parquet s3"] = ours(ap.ParquetSource(url), args.batch, args.workers)
-                pairs.append(("ours parquet s3", "ours parquet"))
+                peers["ours parquet uncached"] = ours(ap.ParquetSource(parquet, cache_bytes=0), args.batch,
+                                                      args.workers)
+                peers["ours parquet s3 uncached"] = ours(ap.ParquetSource(url, cache_bytes=0), args.batch,
+                                                         args.workers)
+                pairs += [("ours parquet s3", "ours parquet"), ("ours parquet s3 uncached", "ours parquet uncached")]
             results[f"size {size}"] = compare(peers, pairs, args, f"{size:,} B")
             _print(results[f"size {size}"], size)
     results["leftover_children"] = leftover_workers()
@@ -252,7 +264,7 @@ class _s3_server:
 
 @pytest.mark.bench
 def test_formats_short_run() -> None:
-    out = main(["--sizes", "1000", "--megabytes", "2", "--batches", "5", "--warmup", "2", "--repeats", "1"])
+    out = main(["--sizes", "1000", "--records", "2000", "--batches", "5", "--warmup", "2", "--repeats", "1"])
     assert out["size 1000"]["ours arrayrecord"]["items_per_s"] > 0
     assert not out["leftover_children"]
 

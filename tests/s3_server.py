@@ -8,6 +8,7 @@ process and in the loader's workers, which inherit it.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ def _free_port() -> int:
 def s3_server(monkeypatch) -> Iterator[S3]:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # (a line per request otherwise)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

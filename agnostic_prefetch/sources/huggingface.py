@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch.sources._arrow_rows import gather
 from agnostic_prefetch.sources._hf_tables import build_table, by_value_bytes, describe_table
 from agnostic_prefetch.sources._hf_values import column_plan, column_values, unsupported_feature
 
@@ -168,14 +169,14 @@ class HuggingFaceSource:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Rows ``indices`` in that order: one Arrow ``take`` through the indices mapping, each
-        column converted at once."""
-        import pyarrow as pa
-
+        """Rows ``indices`` in that order, through the indices mapping: gathered as slices of
+        the memory-mapped table, each column converted at once."""
         rows = self._checked(indices)
+        if not len(rows):
+            return []
         table, mapping = self._open()
         wanted = rows if mapping is None else mapping[rows]
-        part = table.take(pa.array(wanted))
+        part = gather([(table, row) for row in wanted.tolist()])
         first = int(rows[0]) if len(rows) else 0
         columns = [column_values(part.column(name).combine_chunks(), plan, name, first)
                    for name, plan in self._plans.items()]

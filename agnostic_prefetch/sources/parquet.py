@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.sources import _storage
-from agnostic_prefetch.sources._arrow_rows import table_rows
+from agnostic_prefetch.sources._arrow_rows import gather, table_rows
 
 __all__ = ["ParquetSource"]
 
@@ -233,19 +233,13 @@ class ParquetSource:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Rows ``indices`` in that order: each row group they touch read once, its rows taken at once."""
+        """Rows ``indices`` in that order: each row group they touch read once (in file order),
+        the rows gathered as slices and each column converted once."""
         where = [self._where(int(i)) for i in indices]
-        out: list[Any] = [None] * len(where)
-        by_group: dict[int, list[int]] = {}
-        for position, (group, _) in enumerate(where):
-            by_group.setdefault(group, []).append(position)
-        for group in sorted(by_group):
-            positions = by_group[group]
-            table = self._row_group(group)
-            rows = table_rows(table.take(np.array([where[p][1] for p in positions], np.int64)))
-            for p, row in zip(positions, rows, strict=True):
-                out[p] = row
-        return out
+        if not where:
+            return []
+        tables = {group: self._row_group(group) for group in sorted({group for group, _ in where})}
+        return table_rows(gather([(tables[group], row) for group, row in where]))
 
     def lengths(self, column: str | None = None) -> np.ndarray | dict[str, np.ndarray] | None:
         """Per-row list lengths: of ``column``, or (no argument) ``{name: lengths}`` for each of
