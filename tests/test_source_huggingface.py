@@ -234,6 +234,18 @@ def test_undecodable_features_and_images_are_named(tmp_path):
         HuggingFaceSource(broken)[0]
 
 
+def test_a_bad_image_is_skipped_alone_by_the_loader(caplog):
+    images = [{"bytes": encoded(k, "PNG"), "path": None} for k in range(6)]
+    images[3] = {"bytes": b"\x89PNG\r\n\x1a\nbroken", "path": None}
+    data = datasets.Dataset.from_dict({"image": images, "i": list(range(6))},
+                                      features=datasets.Features({"image": datasets.Image(), "i": datasets.Value("int64")}))
+    with ap.Loader(data, 3, workers=2, on_error="skip", remainder="pad") as loader:
+        got = [int(i) for b in loader for i, real in zip(b["i"], b["mask"], strict=True) if real]
+        assert loader.stats()["skipped"] == 1
+    assert got == [0, 1, 2, 4, 5]
+    assert "row 3" in caplog.text
+
+
 def test_repr_and_locate_say_what_is_read(on_disk):
     source = HuggingFaceSource(on_disk.select([9, 8]))
     assert repr(source).startswith("HuggingFaceSource(2 rows, columns ['i', 'f', ")
