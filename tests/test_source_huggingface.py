@@ -270,3 +270,14 @@ def test_the_loader_takes_a_dataset_as_it_is_and_reads_it_from_arrow(on_disk, mo
     assert [b["i"].tolist() for b in batches] == want
     for b in batches:
         np.testing.assert_array_equal(b["vec"], np.stack([rows[int(i)] for i in b["i"]]))
+
+
+def test_a_dataset_saved_to_object_storage_loads_back_and_reads_equal(s3, in_memory, tmp_path):
+    url = s3.url("hf/every_feature")
+    in_memory.save_to_disk(url)
+    loaded = datasets.load_from_disk(url)  # datasets copies it to a local cache, memory-mapped
+    source = HuggingFaceSource(loaded)
+    assert_items_match(source, in_memory, range(len(in_memory)))
+    with ap.Loader(loaded.select_columns(LOADER_COLUMNS), 4, workers=2) as loader:
+        got = [int(i) for b in loader for i in b["i"]]
+    assert got == [int(r["i"]) for r in in_memory.with_format("numpy")]
