@@ -32,3 +32,16 @@ def test_the_package_exposes_prefetch_to_device_lazily():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr
+
+
+FORMAT_LIBRARIES = "{'pyarrow', 'datasets', 'array_record', 'fsspec', 's3fs', 'webdataset'}"
+
+
+@pytest.mark.parametrize("name", ["ArrayRecordSource", "ParquetSource", "HuggingFaceSource", "TFRecordSource",
+                                  "WebDatasetSource", "ImageFolderSource", "Loader"])
+def test_a_format_source_class_imports_no_format_library_until_it_reads(name):
+    code = (f"import agnostic_prefetch as ap, sys; ap.{name}; loaded = {FORMAT_LIBRARIES} & set(sys.modules); "
+            "assert not loaded, f'imported: {loaded}'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr
