@@ -89,6 +89,25 @@ def test_list_columns_are_numpy_arrays_of_the_list_dtype(tmp_path):
     assert list(item) == ["tokens", "vec"]
 
 
+def test_a_rows_value_does_not_depend_on_the_nulls_of_its_batch(tmp_path):
+    path = str(tmp_path / "t.parquet")
+    pq.write_table(pa.table({
+        "l": pa.array([[1, None], [2, 3], [], None, [4, None, 5]], pa.list_(pa.int64())),
+        "fixed": pa.array([[1.0, None], [2.0, 3.0], [4.0, 5.0], None, [None, 6.0]], pa.list_(pa.float32(), 2)),
+        "nested": pa.array([[[1, None]], [[2]], [], [None], [[3], [4, 5]]], pa.list_(pa.list_(pa.int8()))),
+    }), path)
+    source = ParquetSource(path)
+    alone = [source[i] for i in range(5)]
+    assert isinstance(alone[1]["l"], np.ndarray) and alone[1]["l"].dtype == np.int64
+    assert alone[0]["l"] == [1, None] and alone[3]["l"] is None
+    rng = np.random.default_rng(0)
+    for order in [list(rng.permutation(5)) for _ in range(4)] + [[0, 1], [1, 4], [2, 3]]:
+        for i, got in zip(order, source.__getitems__(order), strict=True):
+            for key, value in alone[i].items():
+                assert type(got[key]) is type(value), (i, key, got[key], value)
+                assert repr(got[key]) == repr(value), (i, key)
+
+
 def test_each_row_group_is_read_once_per_batch(tmp_path, monkeypatch):
     source = ParquetSource(write_files(tmp_path, files=2), cache_bytes=0)
     reads = []

@@ -3,8 +3,8 @@
 One conversion per column of a batch of rows, then cut into rows: a numeric column becomes a
 numpy scalar of its dtype, a string ``str``, a binary ``bytes``, a list of numbers a 1-D
 numpy array (a view of the column's values, no copy where Arrow's buffer is numpy's), a
-fixed-size list likewise, a list of anything else a Python list, a struct a dict, a null
-``None``. pyarrow is imported by the caller (this module only receives its arrays).
+fixed-size list likewise (a Python list where that row's list holds a null), a list of
+anything else a Python list, a struct a dict, a null ``None``. pyarrow is imported by the caller (this module only receives its arrays).
 
 Example:
     >>> import pyarrow as pa
@@ -95,11 +95,20 @@ def column_rows(arr: Any) -> list[Any]:
 
 
 def _cut(child: Any, offsets: np.ndarray) -> list[Any]:
-    """``child`` cut at ``offsets``: numpy views for numbers, lists of values otherwise."""
-    if _is_numeric(child.type) and not child.null_count:
-        values: Any = child.to_numpy(zero_copy_only=False)
-    else:
-        values = column_rows(child.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
-        offsets = offsets - offsets[0]
-    starts, ends = offsets[:-1].tolist(), offsets[1:].tolist()
-    return [values[a:b] for a, b in zip(starts, ends, strict=True)]
+    """``child`` cut at ``offsets``: a numpy view per row of numbers, a list of values per
+    row of anything else, and per row of numbers holding a null (so a row's type does not
+    depend on the other rows of its batch)."""
+    first = int(offsets[0])
+    child = child.slice(first, int(offsets[-1]) - first)
+    bounds = (offsets - first).tolist()
+    if not _is_numeric(child.type):
+        values = column_rows(child)
+        return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    numbers = _numbers(child)
+    rows = [numbers[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    if child.null_count:
+        seen = np.concatenate([[0], np.cumsum(~child.is_valid().to_numpy(zero_copy_only=False))])
+        for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if seen[b] > seen[a]:
+                rows[k] = _with_nulls(child.slice(a, b - a), list(numbers[a:b]))
+    return rows

@@ -45,8 +45,9 @@ class ParquetSource:
     An item is a dict, column name -> value: a numeric (or bool, timestamp) column gives a
     numpy scalar of its dtype (``np.int64(3)``, ``np.float32(0.5)``), a string column a
     ``str``, a binary column ``bytes``, a list or fixed-size list of numbers a 1-D numpy
-    array of the list's dtype (a read-only view of Arrow's buffer, no copy), a list of other
-    values a Python list, a struct a dict, a null ``None``.
+    array of the list's dtype (a read-only view of Arrow's buffer, no copy) or, when it
+    holds a null, a Python list, a list of other values a Python list, a struct a dict, a
+    null ``None``. A row's value depends on that row alone, not on the rows read with it.
 
     Reads go by row group: :meth:`__getitems__` groups the indices by (file, row group),
     reads each row group once (the wanted columns only) and slices its rows. Row groups are
