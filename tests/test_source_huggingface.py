@@ -107,6 +107,21 @@ def test_items_equal_datasets_numpy_format_for_every_feature(which, request):
     assert_items_match(source, dataset, list(np.random.default_rng(0).permutation(ROWS)) + [3, 3])
 
 
+def test_a_rows_value_does_not_depend_on_the_nulls_of_its_batch():
+    features = datasets.Features({"v": datasets.Value("int32"), "f": datasets.Value("float64"),
+                                  "l": datasets.List(datasets.Value("int64")),
+                                  "s": {"a": datasets.Value("int16"), "b": datasets.List(datasets.Value("int8"))}})
+    data = datasets.Dataset.from_dict({
+        "v": [1, None, 3, 4, None, 6], "f": [0.5, 1.5, None, 2.5, 3.5, 4.5],
+        "l": [[1, None], [2], [], None, [5, 6], [7, None, 8]],
+        "s": [{"a": 1, "b": [1]}, {"a": None, "b": [2]}, {"a": 3, "b": None}, {"a": 4, "b": [None]},
+              None, {"a": 6, "b": []}]}, features=features)
+    source = HuggingFaceSource(data)
+    rng = np.random.default_rng(0)
+    for order in [[k] for k in range(6)] + [list(rng.permutation(6)) for _ in range(4)] + [[1, 2], [0, 2], [3, 5]]:
+        assert_items_match(source, data, order)
+
+
 def test_an_image_is_decoded_to_its_own_mode_or_the_features(on_disk):
     source = HuggingFaceSource(on_disk)
     shapes = [source[k]["image"].shape for k in range(6)]
@@ -232,6 +247,14 @@ def test_undecodable_features_and_images_are_named(tmp_path):
                                         features=datasets.Features({"image": datasets.Image()}))
     with pytest.raises(ValueError, match=r"cannot decode the image of row 0 \('image'\)"):
         HuggingFaceSource(broken)[0]
+
+
+def test_a_bad_image_is_named_by_its_row_not_its_place_in_the_batch():
+    images = [{"bytes": encoded(k, "PNG"), "path": None} for k in range(10)]
+    images[7] = {"bytes": b"not an image", "path": None}
+    data = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    with pytest.raises(ValueError, match=r"cannot decode the image of row 7 \('image'\)"):
+        HuggingFaceSource(data).__getitems__([3, 7])
 
 
 def test_a_bad_image_is_skipped_alone_by_the_loader(caplog):

@@ -13,13 +13,14 @@ parent (where ``datasets`` is imported); workers import only pyarrow.
 
 Example:
     >>> import pyarrow as pa
-    >>> column_values(pa.array([[1, 2], [3]], pa.list_(pa.int32())), ("list",), "x")
+    >>> column_values(pa.array([[1, 2], [3]], pa.list_(pa.int32())), ("list",), "x", rows=[0, 1])
     [array([1, 2]), array([3])]
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -67,13 +68,62 @@ def unsupported_feature(name: str, feature: Any) -> str | None:
     return None
 
 
-def column_values(arr: Any, plan: tuple, name: str, first: int = 0) -> list[Any]:
+def column_values(arr: Any, plan: tuple, name: str, rows: Sequence[int]) -> list[Any]:
     """Each row's value of the (unchunked) Arrow column ``arr`` as ``with_format("numpy")`` gives it;
-    ``first`` numbers the rows in error messages."""
+    ``rows`` are the dataset's row numbers of ``arr``'s rows (named in errors).
+
+    A row holding a null anywhere (a null number, a null in a list) is converted alone, as
+    datasets converts a one-row table: a null turns its column's integers into floats, and
+    that must not reach the other rows of the batch."""
     import pyarrow as pa
 
     if isinstance(arr, pa.ExtensionArray):  # datasets imported here: its Array2D etc. type
         arr = arr.storage
+    nulls = None if plan[0] == "image" else _null_rows(arr)
+    if nulls is None or not nulls.any():
+        return _converted(arr, plan, name, rows)
+    out: list[Any] = [None] * len(arr)
+    clean = np.flatnonzero(~nulls)
+    if len(clean):
+        values = _converted(arr.filter(pa.array(~nulls)), plan, name, [rows[k] for k in clean])
+        for k, value in zip(clean.tolist(), values, strict=True):
+            out[k] = value
+    for k in np.flatnonzero(nulls).tolist():
+        out[k] = _converted(arr.slice(k, 1), plan, name, [rows[k]])[0]
+    return out
+
+
+def _null_rows(arr: Any) -> np.ndarray:
+    """Per row of ``arr``, whether it holds a null at any depth (itself, a list element, a field)."""
+    import pyarrow as pa
+
+    if isinstance(arr, pa.ExtensionArray):
+        arr = arr.storage
+    mask = np.zeros(len(arr), dtype=bool)
+    if arr.null_count:
+        mask |= ~arr.is_valid().to_numpy(zero_copy_only=False)
+    t = arr.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        child, offsets = arr.values, arr.offsets.to_numpy()
+    elif pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        child = arr.values.slice(arr.offset * size, len(arr) * size)
+        offsets = np.arange(len(arr) + 1, dtype=np.int64) * size
+    else:
+        if pa.types.is_struct(t):
+            for field in arr.flatten():
+                mask |= _null_rows(field)
+        return mask
+    inner = _null_rows(child)
+    if inner.any():
+        seen = np.concatenate([[0], np.cumsum(inner)])
+        mask |= seen[offsets[1:]] > seen[offsets[:-1]]
+    return mask
+
+
+def _converted(arr: Any, plan: tuple, name: str, rows: Sequence[int]) -> list[Any]:
+    import pyarrow as pa
+
     kind = plan[0]
     if kind == "number" and not arr.null_count:
         return list(arr.to_numpy(zero_copy_only=False))
@@ -89,7 +139,7 @@ def column_values(arr: Any, plan: tuple, name: str, first: int = 0) -> list[Any]
             flat = flat.astype(_CAST.get(flat.dtype.kind, flat.dtype), copy=False)
             return list(flat.reshape((len(arr), *plan[1])))
     if kind == "image":
-        return _images(arr, plan[1], name, first)
+        return _images(arr, plan[1], name, rows)
     return [_tree(_unnest(v)) for v in arr.to_numpy(zero_copy_only=False)]
 
 
@@ -108,12 +158,12 @@ def _lists(arr: Any) -> list[np.ndarray]:
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _images(arr: Any, mode: str | None, name: str, first: int) -> list[np.ndarray]:
+def _images(arr: Any, mode: str | None, name: str, rows: Sequence[int]) -> list[np.ndarray]:
     struct = arr.type
     fields = dict(zip([struct.field(k).name for k in range(struct.num_fields)], arr.flatten(), strict=True))
     data, paths = fields["bytes"].to_pylist(), fields["path"].to_pylist()
-    return [_image(d, p, mode, f"the image of row {first + k} ({name!r}{', ' + p if p else ''})")
-            for k, (d, p) in enumerate(zip(data, paths, strict=True))]
+    return [_image(d, p, mode, f"the image of row {row} ({name!r}{', ' + p if p else ''})")
+            for row, d, p in zip(rows, data, paths, strict=True)]
 
 
 def _image(data: bytes | None, path: str | None, mode: str | None, where: str) -> np.ndarray:

@@ -177,8 +177,8 @@ class HuggingFaceSource:
         table, mapping = self._open()
         wanted = rows if mapping is None else mapping[rows]
         part = gather([(table, row) for row in wanted.tolist()])
-        first = int(rows[0]) if len(rows) else 0
-        columns = [column_values(part.column(name).combine_chunks(), plan, name, first)
+        numbers = rows.tolist()
+        columns = [column_values(part.column(name).combine_chunks(), plan, name, numbers)
                    for name, plan in self._plans.items()]
         names = list(self._plans)
         return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
