@@ -238,6 +238,76 @@ def test_a_file_changed_after_the_source_was_made_is_refused(tmp_path):
         source[0]
 
 
+def test_a_file_rewritten_with_the_same_row_groups_is_refused_in_every_process(tmp_path):
+    path = str(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"x": np.arange(10)}), path, row_group_size=5)
+    source = ParquetSource(path)
+    pq.write_table(pa.table({"x": np.arange(10) + 1000}), path, row_group_size=5)
+    with pytest.raises(ValueError, match=r"a.parquet changed since this ParquetSource was made: it is \{'size'.*"
+                                         r"Make the source again"):
+        cloudpickle.loads(cloudpickle.dumps(source))[3]
+
+
+def test_files_whose_column_types_differ_are_refused_naming_both(tmp_path):
+    pq.write_table(pa.table({"x": pa.array([1, 2], pa.int32()), "y": [1, 2]}), str(tmp_path / "a.parquet"))
+    pq.write_table(pa.table({"x": pa.array([3, 4], pa.int64()), "y": [3, 4]}), str(tmp_path / "b.parquet"))
+    with pytest.raises(ValueError, match=r"b.parquet has other column types than .*a.parquet \(x: int64 here, int32 "
+                                         r"in .*a.parquet\), so their rows cannot share a batch: write the files"):
+        ParquetSource(str(tmp_path / "*.parquet"))
+    assert [int(r["y"]) for r in ParquetSource(str(tmp_path / "*.parquet"), columns=["y"]).__getitems__([0, 2])] == [1, 3]
+
+
+def test_files_differing_only_in_nullability_share_a_batch(tmp_path):
+    required = pa.schema([pa.field("x", pa.int64(), nullable=False)])
+    pq.write_table(pa.table({"x": [1, 2]}), str(tmp_path / "a.parquet"))
+    pq.write_table(pa.Table.from_arrays([pa.array([3, 4])], schema=required), str(tmp_path / "b.parquet"))
+    source = ParquetSource(str(tmp_path / "*.parquet"))
+    assert [int(r["x"]) for r in source.__getitems__([0, 2, 3])] == [1, 3, 4]
+
+
+@pytest.fixture
+def few_descriptors():
+    """This process may open 256 files while the test runs."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_open_files_are_bounded_per_process(tmp_path, few_descriptors):
+    from agnostic_prefetch.sources.parquet import MAX_OPEN_FILES
+
+    for i in range(300):
+        pq.write_table(pa.table({"x": [i]}), str(tmp_path / f"p{i:04d}.parquet"))
+    source = ParquetSource(str(tmp_path / "p*.parquet"))
+    try:
+        assert [int(r["x"]) for r in source.__getitems__(list(range(300)))] == list(range(300))
+        held = sum(open_descriptors(tmp_path / f"p{i:04d}.parquet") for i in range(300))
+        assert held == MAX_OPEN_FILES
+    finally:
+        source.release()
+
+
+def test_too_many_open_files_is_not_called_corruption(tmp_path, few_descriptors):
+    paths = write_files(tmp_path, files=1)
+    source = ParquetSource(paths)
+    hogs = []
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            while True:
+                hogs.append(open(paths[0], "rb"))  # noqa: SIM115 (every descriptor taken on purpose)
+        with pytest.raises(OSError, match=r"cannot open .*part-0.parquet: .*Too many open files.*raise the limit "
+                                          r"\(ulimit -n\)") as caught:
+            source[0]
+        assert "corrupt" not in str(caught.value) and "truncated" not in str(caught.value)
+    finally:
+        for f in hogs:
+            f.close()
+        source.release()
+
+
 def open_descriptors(path) -> int:
     import os
 

@@ -24,6 +24,7 @@ from agnostic_prefetch.sources._arrow_rows import gather, table_rows
 __all__ = ["ParquetSource"]
 
 DEFAULT_CACHE_BYTES = 256 << 20
+MAX_OPEN_FILES = 64  # per process: files beyond it are closed least recently used first, reopened on a read
 _EXTRA = "pip install 'agnostic_prefetch[parquet]'"
 
 
@@ -37,6 +38,32 @@ def _pq() -> Any:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()).rstrip(".")
+
+
+def _close(handle: Any, pf: Any) -> None:
+    pf.close(force=True)
+    if handle is not None:
+        handle.close()
+
+
+def _is_system_error(exc: BaseException) -> bool:
+    """An error of the system (too many open files, a missing file, a network error) rather than of
+    the file's bytes: pyarrow reports a bad page as an OSError too, but one without an errno."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _open_error(path: str, exc: OSError) -> OSError:
+    """``exc`` naming ``path``, and for too many open files the limit and the remedy."""
+    import errno
+
+    detail = f"cannot open {path}: {_one_line(exc)}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        detail += (f". This process may open {soft} files (RLIMIT_NOFILE) and a ParquetSource keeps up to "
+                   f"{MAX_OPEN_FILES} open per process: raise the limit (ulimit -n) or close other files")
+    return OSError(exc.errno, detail)
 
 
 class ParquetSource:
@@ -55,7 +82,8 @@ class ParquetSource:
     columns; a row group larger than that is read, used and not kept). The default, 256 MiB,
     holds a few typical row groups (Parquet writers aim at 64–128 MiB of data, pyarrow's
     default of 1M rows is a few MiB per narrow column) per worker, so a shuffled batch that
-    revisits a group does not read it again, while 8 workers stay near 2 GiB.
+    revisits a group does not read it again, while 8 workers stay near 2 GiB. Each process
+    keeps at most ``MAX_OPEN_FILES`` (64) files open, closing the least recently read.
 
     Args:
         paths: a file, a glob, or a list of them; local paths or fsspec URLs (``s3://...``).
@@ -67,8 +95,11 @@ class ParquetSource:
 
     Raises:
         FileNotFoundError: a path or glob that names nothing.
-        ValueError: a file that is not Parquet or is truncated (its footer unreadable), or
-            lacks a requested column, naming the file, its columns and the remedy.
+        ValueError: a file that is not Parquet or is truncated (its footer unreadable), lacks
+            a requested column, or whose columns' types differ from the first file's, naming
+            the files, the columns and the remedy; on a read, a file changed since the
+            source was made (its size, modification time or ETag, or its row groups).
+        OSError: a file that cannot be opened (missing, too many open files), naming it.
 
     Example:
         >>> import os, tempfile, pyarrow as pa, pyarrow.parquet as pq
@@ -95,12 +126,17 @@ class ParquetSource:
         self._group_file: list[int] = []  # flat row group -> file number
         self._group_index: list[int] = []  # flat row group -> its number within the file
         self._file_groups: list[list[int]] = []  # rows per row group, per file (checked on reopening)
+        self._signatures: list[dict[str, Any]] = []  # size and mtime (or ETag) per file (checked on reopening)
+        self._recast: set[int] = set()  # files whose columns differ from the first's in nullability only
+        self._schema: Any = None  # the first file's wanted columns: what every row group is read as
         for f, path in enumerate(self.paths):
+            self._signatures.append(_storage.file_signature(path, self.storage_options))
             with self._opened(path) as (_, pf):
                 names = pf.schema_arrow.names
                 if columns is None and f == 0:
                     columns = list(names)
                 self._check_columns(path, names, list(columns or []) + list(self.length_columns))
+                self._check_schema(f, pf.schema_arrow, list(dict.fromkeys(list(columns or []) + list(self.length_columns))))
                 md = pf.metadata
                 rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
             self._file_groups.append(rows)
@@ -121,19 +157,23 @@ class ParquetSource:
         try:
             yield handle, pf
         finally:
-            if handle is not None:
-                handle.close()
+            _close(handle, pf)
 
     def _open(self, path: str) -> tuple[Any, Any]:
         pq = _pq()
         import pyarrow as pa
 
-        handle = _storage.open_binary(path, self.storage_options) if _storage.is_url(path) else None
         try:
-            return handle, pq.ParquetFile(handle if handle is not None else path, pre_buffer=True)
+            handle = _storage.open_binary(path, self.storage_options) if _storage.is_url(path) else None
+            try:
+                return handle, pq.ParquetFile(handle if handle is not None else path, pre_buffer=True)
+            except BaseException:
+                if handle is not None:
+                    handle.close()
+                raise
         except (pa.ArrowException, OSError) as exc:
-            if handle is not None:
-                handle.close()
+            if _is_system_error(exc):
+                raise _open_error(path, exc) from exc
             raise ValueError(
                 f"cannot read the Parquet footer of {path}: {_one_line(exc)}. The file is truncated or not Parquet: "
                 "write it again (pyarrow.parquet.write_table), or leave it out of paths.") from None
@@ -145,32 +185,55 @@ class ParquetSource:
             raise ValueError(f"column {missing[0]!r} is not in {path}, which has columns {names}: pass "
                              "columns= (and length_columns=) from those, or leave this file out of paths.")
 
+    def _check_schema(self, f: int, schema: Any, wanted: list[str]) -> None:
+        fields = [schema.field(name) for name in wanted]
+        if self._schema is None:
+            import pyarrow as pa
+
+            self._schema = pa.schema(fields)
+            return
+        differ = [f"{name}: {mine.type} here, {theirs.type} in {self.paths[0]}"
+                  for name, mine, theirs in zip(wanted, fields, self._schema, strict=True) if mine.type != theirs.type]
+        if differ:
+            raise ValueError(
+                f"{self.paths[f]} has other column types than {self.paths[0]} ({'; '.join(differ)}), so their rows "
+                "cannot share a batch: write the files with one schema (pyarrow.parquet.write_table(table.cast("
+                "schema), ...)), pass columns= without those columns, or make a source per schema.")
+        if any(not mine.equals(theirs) for mine, theirs in zip(fields, self._schema, strict=True)):
+            self._recast.add(f)  # nullability differs: its row groups are cast to the first file's fields
+
     def _reset(self) -> None:
         self._lock = threading.Lock()
-        self._files: dict[int, tuple[Any, Any]] = {}
+        self._files: OrderedDict[int, tuple[Any, Any]] = OrderedDict()  # at most MAX_OPEN_FILES, LRU order
         self._cache: OrderedDict[int, Any] = OrderedDict()
         self._cached_bytes = 0
         self._pid = os.getpid()
 
     def _file(self, f: int) -> Any:
-        if f not in self._files:
-            handle, pf = self._open(self.paths[f])
-            md = pf.metadata
-            rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-            if rows != self._file_groups[f]:
-                if handle is not None:
-                    handle.close()
-                raise ValueError(
-                    f"{self.paths[f]} changed since this ParquetSource was made: its row groups hold "
-                    f"{rows} rows, not {self._file_groups[f]}. Make the source again over the files as they are.")
-            self._files[f] = (handle, pf)
-        return self._files[f][1]
+        """File ``f``'s ParquetFile, opened (and checked unchanged) if this process has not got it open."""
+        if f in self._files:
+            self._files.move_to_end(f)
+            return self._files[f][1]
+        path = self.paths[f]
+        signature = _storage.file_signature(path, self.storage_options)
+        opened = self._open(path)
+        md = opened[1].metadata
+        rows = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        if rows != self._file_groups[f] or signature != self._signatures[f]:
+            _close(*opened)
+            found = (f"its row groups hold {rows} rows, not {self._file_groups[f]}" if rows != self._file_groups[f]
+                     else f"it is {signature}, not {self._signatures[f]}")
+            raise ValueError(f"{path} changed since this ParquetSource was made: {found}. Make the source again "
+                             "over the files as they are.")
+        while len(self._files) >= MAX_OPEN_FILES:
+            _close(*self._files.popitem(last=False)[1])
+        self._files[f] = opened
+        return opened[1]
 
     def release(self) -> None:
         """Close this process's files and drop its row-group cache (reads reopen them)."""
-        for handle, _ in getattr(self, "_files", {}).values():
-            if handle is not None:
-                handle.close()
+        for opened in getattr(self, "_files", {}).values():
+            _close(*opened)
         self._reset()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -209,14 +272,19 @@ class ParquetSource:
             f, g = self._group_file[group], self._group_index[group]
             import pyarrow as pa
 
+            pf = self._file(f)
+            first = int(self._starts[group])
+            where = f"row group {g} (rows {first}..{first + self._file_groups[f][g] - 1}) of {self.paths[f]}"
             try:
-                table = self._file(f).read_row_group(g, columns=self.columns)
+                table = pf.read_row_group(g, columns=self.columns)
             except (pa.ArrowException, OSError) as exc:
-                first = int(self._starts[group])
+                if _is_system_error(exc):
+                    raise OSError(exc.errno, f"cannot read {where}: {_one_line(exc)}") from exc
                 raise ValueError(
-                    f"cannot read row group {g} (rows {first}..{first + self._file_groups[f][g] - 1}) of "
-                    f"{self.paths[f]}: {_one_line(exc)}. The file is corrupt: write it again, or pass on_error='skip' "
-                    "to the Loader to leave these rows out.") from None
+                    f"cannot read {where}: {_one_line(exc)}. The file is corrupt: write it again, or pass "
+                    "on_error='skip' to the Loader to leave these rows out.") from None
+            if f in self._recast:
+                table = table.cast(pa.schema([self._schema.field(name) for name in self.columns]))
             size = table.nbytes
             if size <= self.cache_bytes:
                 self._cache[group] = table
