@@ -30,6 +30,9 @@ __all__ = ["expand_paths", "file_signature", "file_size", "filesystem", "is_url"
 
 StorageOptions = Mapping[str, Any] | None
 
+# Indexes the sources keep beside a data file (TFRecord's, a tar shard's): never data themselves.
+INDEX_SUFFIXES = (".apidx", ".index.json")
+
 
 def is_url(path: str) -> bool:
     """Whether ``path`` names a file through an fsspec protocol rather than local disk."""
@@ -95,8 +98,13 @@ def expand_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
                  storage_options: StorageOptions = None, *, what: str = "files") -> list[str]:
     """A path, a glob, a directory's files, or a list of them, as a sorted-within-glob list.
 
+    A directory gives the files under it, at any depth, sorted by path, leaving out names
+    that begin with ``.`` or ``_`` (``_SUCCESS``, ``_metadata``, as Arrow's datasets do) and
+    the sources' own indexes (``*.apidx``, ``*.index.json``).
+
     Raises:
-        FileNotFoundError: a path or glob that names nothing, naming it.
+        FileNotFoundError: a path or glob that names nothing, or a directory with no files,
+            naming it.
     """
     items = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     out: list[str] = []
@@ -105,16 +113,36 @@ def expand_paths(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         if is_url(text):
             fs, inner = filesystem(text, storage_options)
             protocol = text.split("://", 1)[0]
-            found = sorted(fs.glob(inner)) if glob.has_magic(inner) else [inner] if fs.exists(inner) else []
+            if glob.has_magic(inner):
+                found = sorted(fs.glob(inner))
+            elif fs.isdir(inner):
+                found = _data_files(inner, sorted(fs.find(inner)))
+            else:
+                found = [inner] if fs.exists(inner) else []
             out += [f"{protocol}://{f}" if "://" not in f else f for f in found]
         else:
             local = _local(text)
-            found = sorted(glob.glob(local)) if glob.has_magic(local) else [local] if os.path.exists(local) else []
+            if glob.has_magic(local):
+                found = sorted(glob.glob(local))
+            elif os.path.isdir(local):
+                found = _data_files(local, sorted(os.path.join(d, f) for d, _, files in os.walk(local) for f in files))
+            else:
+                found = [local] if os.path.exists(local) else []
             out += found
         if not found:
             raise FileNotFoundError(f"no {what} at {text}: check the path (or the glob, or the bucket and "
                                     "credentials for a URL)")
     return out
+
+
+def _data_files(directory: str, files: list[str]) -> list[str]:
+    """``files`` (under ``directory``) less hidden ones, those under hidden folders, and indexes."""
+    kept = []
+    for path in files:
+        parts = path[len(directory):].replace(os.sep, "/").strip("/").split("/")
+        if not any(p.startswith((".", "_")) for p in parts) and not parts[-1].endswith(INDEX_SUFFIXES):
+            kept.append(path)
+    return kept
 
 
 def join(directory: str, name: str) -> str:
