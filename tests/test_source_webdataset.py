@@ -150,6 +150,18 @@ def test_index_is_saved_beside_the_shard_reused_and_rebuilt_when_the_shard_chang
     assert len(again) == 7 and again[6] == {"__key__": "new", "__url__": again.shards[1], "cls": 99}
 
 
+def test_a_glob_leaves_out_the_indices_saved_beside_shards_of_any_name(tmp_path):
+    for k in range(2):  # shards without ".tar": "shard-*" matches "shard-0000.index.json" too
+        with tarfile.open(tmp_path / f"shard-{k:04d}", "w") as tar:
+            info = tarfile.TarInfo(f"s{k}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    first = WebDatasetSource(str(tmp_path / "shard-*"))
+    assert all(os.path.exists(p) for p in first.index_paths)
+    again = WebDatasetSource(str(tmp_path / "shard-*"))
+    assert again.shards == first.shards and len(again) == 2
+
+
 def test_a_shard_changed_after_indexing_is_refused_when_read(tmp_path):
     source = WebDatasetSource(write_shards(tmp_path, shards=1))
     with open(source.shards[0], "ab") as f:

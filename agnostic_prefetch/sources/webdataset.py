@@ -9,7 +9,6 @@ then one ranged read of its members' bytes, and a batch one read per run of near
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from collections.abc import Iterable
@@ -18,7 +17,8 @@ from typing import IO, Any
 import numpy as np
 
 from agnostic_prefetch.sources import _storage
-from agnostic_prefetch.sources._tar_index import index_path, load_or_build
+from agnostic_prefetch.sources._own_files import expand_data_paths
+from agnostic_prefetch.sources._tar_index import INDEX_SUFFIX, index_path, load_or_build
 from agnostic_prefetch.sources._wds_decode import decode_member, expand_braces, group_samples
 
 __all__ = ["WebDatasetSource"]
@@ -31,14 +31,13 @@ _STALE = ("Remedy: construct the source again, which rebuilds the index from the
 
 def list_shards(shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                 storage_options: _storage.StorageOptions = None) -> list[str]:
-    """Paths and URLs of the shards: brace patterns expanded, then globs; in the given order."""
+    """Paths and URLs of the shards: brace patterns expanded, then globs (less the indices
+    saved beside the shards that they match); in the given order."""
     items = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
     out: list[str] = []
     for item in items:
         for pattern in expand_braces(os.fspath(item)):
-            found = _storage.expand_paths(pattern, storage_options, what="tar shards")
-            # a glob such as "shards/*" also matches the indices saved beside the shards
-            out += [f for f in found if not (glob.has_magic(pattern) and f.endswith(".tar.index.json"))]
+            out += expand_data_paths(pattern, storage_options, index_suffix=INDEX_SUFFIX, what="tar shards")
     if not out:
         raise ValueError("no shards given: pass a path, a brace pattern, a glob or a list of them")
     return out
