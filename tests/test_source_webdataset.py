@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
+import tracemalloc
+import zipfile
 
 import cloudpickle
 import numpy as np
@@ -16,7 +19,7 @@ wds = pytest.importorskip("webdataset")
 import agnostic_prefetch as ap  # noqa: E402
 from agnostic_prefetch.sources import _tar_index  # noqa: E402
 from agnostic_prefetch.sources._tar_index import TarFormatError, scan_tar  # noqa: E402
-from agnostic_prefetch.sources._wds_decode import expand_braces  # noqa: E402
+from agnostic_prefetch.sources._wds_decode import decode_member, expand_braces  # noqa: E402
 from agnostic_prefetch.sources.webdataset import WebDatasetSource  # noqa: E402
 
 
@@ -271,6 +274,55 @@ def test_a_member_size_past_the_end_is_refused_without_reading_it(tmp_path):
     _corrupt(path, 0, bytes(header))
     with pytest.raises(TarFormatError, match=r"member 'a.bin' \(header at byte 0\) says 8589934591 bytes"):
         WebDatasetSource(str(path))
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
+def test_npy_npz_and_gz_members_decode_as_numpy_and_gzip_do():
+    arrays = {"a": np.arange(6, dtype=np.int16).reshape(2, 3), "b": np.array(["x", "yz"])}
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **arrays)
+    got = decode_member("npz", npz.getvalue(), name="k.npz")
+    assert list(got) == ["a", "b"] and all(np.array_equal(got[k], v) for k, v in arrays.items())
+    npy = io.BytesIO()
+    np.save(npy, arrays["a"].T)
+    two_members = gzip.compress(npy.getvalue()[:40]) + bytes(3) + gzip.compress(npy.getvalue()[40:])
+    np.testing.assert_array_equal(decode_member("npy.gz", two_members, name="k.npy.gz"), arrays["a"].T)
+
+
+@pytest.mark.parametrize("wrap", ["npy", "npz"])
+def test_an_array_header_asking_more_than_its_bytes_is_refused_without_allocating_it(wrap):
+    data = npy_header((1 << 28,)) + bytes(32)  # says 2 GiB of float64, holds 32 bytes
+    if wrap == "npz":
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            archive.writestr("x.npy", data)
+        data = out.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"k\.{wrap}.*shape \(268435456,\) of float64 \(2147483648 bytes\) "
+                                             r"but 32 bytes follow the header.*np\.save"):
+            decode_member(wrap, data, name=f"k.{wrap}")
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("ext", ["txt.gz", "npz"])
+def test_a_member_decompressing_past_the_bound_is_refused(ext):
+    if ext == "npz":
+        out = io.BytesIO()
+        np.savez_compressed(out, a=np.zeros(5000, np.uint8))
+        data = out.getvalue()
+    else:
+        data = gzip.compress(bytes(5000))
+    assert len(data) < 1000
+    with pytest.raises(ValueError, match=rf"k\.{ext}.*decompresses to more than 1000 bytes.*max_sample_bytes"):
+        decode_member(ext, data, name=f"k.{ext}", limit=1000)
 
 
 def test_a_compressed_shard_is_refused_with_the_remedy(tmp_path):
