@@ -325,6 +325,20 @@ def test_a_member_decompressing_past_the_bound_is_refused(ext):
         decode_member(ext, data, name=f"k.{ext}", limit=1000)
 
 
+def test_a_sample_over_max_sample_bytes_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    source = WebDatasetSource(write_shards(tmp_path, shards=1), max_sample_bytes=600)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("nothing should be read")
+
+    monkeypatch.setattr(os, "pread", no_read)
+    for index, read in ((1, lambda: source[1]), (0, lambda: source.__getitems__([0, 1]))):
+        with pytest.raises(ValueError, match=rf"sample {index} \(key 's0/000{index}'.* of .*shard-000000\.tar: \d+ "
+                                             r"bytes as the shard's index says, more than max_sample_bytes=600"
+                                             r".*Remedy: pass a larger max_sample_bytes"):
+            read()
+
+
 def test_a_compressed_shard_is_refused_with_the_remedy(tmp_path):
     path = tmp_path / "shard.tar.gz"
     with wds.TarWriter(str(path)) as writer:

@@ -19,6 +19,7 @@ import numpy as np
 from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._own_files import expand_data_paths
 from agnostic_prefetch.sources._tar_index import INDEX_SUFFIX, index_path, load_or_build
+from agnostic_prefetch.sources._wds_arrays import DEFAULT_LIMIT
 from agnostic_prefetch.sources._wds_decode import decode_member, expand_braces, group_samples
 
 __all__ = ["WebDatasetSource"]
@@ -70,12 +71,16 @@ class WebDatasetSource:
         storage_options: passed to fsspec for URLs (credentials otherwise come from the
             environment).
         decode: decode members as above (default), or give bytes.
+        max_sample_bytes: the largest sample read (its members' span in the shard, as the
+            index says, checked before reading) and the most a ``.gz`` member or an ``npz``
+            decompresses to; a bigger one is an error.
 
     Raises:
         FileNotFoundError: a shard that does not exist.
         TarFormatError: a compressed shard (refused: decompress it), a truncated or corrupt
             one, naming the shard and byte offset.
-        ValueError: no samples, or one extension twice in a sample.
+        ValueError: no samples, or one extension twice in a sample; when read, a sample over
+            ``max_sample_bytes`` or a shard changed since it was indexed.
 
     Example:
         >>> source = WebDatasetSource("shards/train-{000000..000009}.tar")  # doctest: +SKIP
@@ -87,10 +92,12 @@ class WebDatasetSource:
 
     def __init__(self, shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
                  index_dir: str | os.PathLike[str] | None = None,
-                 storage_options: _storage.StorageOptions = None, decode: bool = True) -> None:
+                 storage_options: _storage.StorageOptions = None, decode: bool = True,
+                 max_sample_bytes: int = DEFAULT_LIMIT) -> None:
         self.storage_options = dict(storage_options) if storage_options else None
         self.index_dir = None if index_dir is None else os.fspath(index_dir)
         self.decode = bool(decode)
+        self.max_sample_bytes = int(max_sample_bytes)
         self.shards = list_shards(shards, self.storage_options)
         self.index_paths = [index_path(s, self.index_dir) for s in self.shards]
         self._signatures: list[dict[str, Any]] = []
@@ -195,17 +202,29 @@ class WebDatasetSource:
 
     def locate(self, index: int) -> str:
         """Where sample ``index`` comes from: its key, members and bytes in its shard."""
-        index = self._check_index(index)
+        index = self._in_range(index)
         shard, start, end = self._span(index)
         exts = " ".join(f".{self.extensions[e]}" for e in
                         self._member_ext[self._starts[index]:self._starts[index + 1]])
         return (f"sample {index} (key {self.key(index)!r}: {exts}) at bytes {start}..{end} of "
                 f"{self.shards[shard]}")
 
-    def _check_index(self, index: int) -> int:
+    def _in_range(self, index: int) -> int:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples in {len(self.shards)} shard(s)")
+        return index
+
+    def _check_index(self, index: int) -> int:
+        """``index`` as an int, in range, and its sample within ``max_sample_bytes``."""
+        index = self._in_range(index)
+        _, start, end = self._span(index)
+        if end - start > self.max_sample_bytes:
+            raise ValueError(
+                f"{self.locate(index)}: {end - start} bytes as the shard's index says, more than "
+                f"max_sample_bytes={self.max_sample_bytes}; nothing was read. Remedy: pass a larger "
+                "max_sample_bytes if samples this large are expected, or on_error='skip' to the "
+                "Loader to leave the sample out.")
         return index
 
     # -- reading -------------------------------------------------------------------------
@@ -219,7 +238,7 @@ class WebDatasetSource:
             raw = data[offset - base:offset - base + size]
             if self.decode:
                 name = f"member {key}.{ext} (bytes {offset}..{offset + size}) of {path}"
-                item[ext] = decode_member(ext, raw, name=name)
+                item[ext] = decode_member(ext, raw, name=name, limit=self.max_sample_bytes)
             else:
                 item[ext] = raw
         return item
