@@ -380,6 +380,28 @@ def test_loader_batches_equal_for_any_worker_count_and_resume_exactly(tmp_path):
     assert head + rest == [r[0] for r in runs[0]]
 
 
+def test_open_shards_are_bounded_so_more_shards_than_descriptors_read(tmp_path):
+    resource = pytest.importorskip("resource")
+    for i in range(300):
+        with tarfile.open(tmp_path / f"s{i:04d}.tar", "w") as tar:
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    source = WebDatasetSource(str(tmp_path / "s*.tar"), max_open_files=16)
+    fds = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, fds + 100), hard))  # fewer than the shards
+    try:
+        keys = [item["__key__"] for start in range(0, 300, 64)
+                for item in source.__getitems__(list(range(start, min(300, start + 64))))]
+        assert len(os.listdir("/proc/self/fd")) <= fds + 16
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        source.release()
+    assert keys == [f"k{i}" for i in range(300)]
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_pickles_after_a_read_and_release_closes_the_shards(tmp_path):
     source = WebDatasetSource(write_shards(tmp_path, shards=2))
     first = source[7]

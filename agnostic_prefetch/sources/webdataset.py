@@ -17,6 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from agnostic_prefetch.sources import _storage
+from agnostic_prefetch.sources._open_files import DEFAULT_MAX_OPEN, OpenFiles
 from agnostic_prefetch.sources._own_files import expand_data_paths
 from agnostic_prefetch.sources._tar_index import INDEX_SUFFIX, index_path, load_or_build
 from agnostic_prefetch.sources._wds_arrays import DEFAULT_LIMIT
@@ -71,6 +72,7 @@ class WebDatasetSource:
         storage_options: passed to fsspec for URLs (credentials otherwise come from the
             environment).
         decode: decode members as above (default), or give bytes.
+        max_open_files: local shards kept open per process, least recently read closed first.
         max_sample_bytes: the largest sample read (its members' span in the shard, as the
             index says, checked before reading) and the most a ``.gz`` member or an ``npz``
             decompresses to; a bigger one is an error.
@@ -88,16 +90,17 @@ class WebDatasetSource:
         ('000000', (256, 256, 3), 7)
     """
 
-    thread_safe = True  # positioned reads (os.pread) and a lock around opening
+    thread_safe = True  # positioned reads (os.pread) of leased handles; opening under a lock
 
     def __init__(self, shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
                  index_dir: str | os.PathLike[str] | None = None,
                  storage_options: _storage.StorageOptions = None, decode: bool = True,
-                 max_sample_bytes: int = DEFAULT_LIMIT) -> None:
+                 max_sample_bytes: int = DEFAULT_LIMIT, max_open_files: int = DEFAULT_MAX_OPEN) -> None:
         self.storage_options = dict(storage_options) if storage_options else None
         self.index_dir = None if index_dir is None else os.fspath(index_dir)
         self.decode = bool(decode)
         self.max_sample_bytes = int(max_sample_bytes)
+        self.max_open_files = int(max_open_files)
         self.shards = list_shards(shards, self.storage_options)
         self.index_paths = [index_path(s, self.index_dir) for s in self.shards]
         self._signatures: list[dict[str, Any]] = []
@@ -125,16 +128,17 @@ class WebDatasetSource:
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._keys_blob = b"".join(keys)
         self._key_ends = np.cumsum([len(k) for k in keys], dtype=np.int64)
-        self._lock = threading.Lock()
-        self._files: dict[int, IO[bytes]] = {}
-        self._checked: set[int] = set()
+        self._lock = threading.Lock()  # guards _checked for URLs
+        self._checked: set[int] = set()  # URL shards whose signature this process compared
+        self._files = OpenFiles(self.max_open_files)  # this process's open local shards
         self._pid = os.getpid()
 
     # -- per-process state ---------------------------------------------------------------
 
     def _state(self) -> None:
         if self._pid != os.getpid():  # a forked child: the parent's handles are not ours
-            self._files, self._checked, self._pid = {}, set(), os.getpid()
+            self._files = OpenFiles(self.max_open_files)
+            self._checked, self._pid = set(), os.getpid()
 
     def _check(self, shard: int) -> None:
         """Once per process and shard: the shard is still the one indexed."""
@@ -145,6 +149,11 @@ class WebDatasetSource:
                              f"{now}). {_STALE}")
         self._checked.add(shard)
 
+    def _open_shard(self, shard: int) -> IO[bytes]:
+        """A local shard opened, checked against its index on every (re)open."""
+        self._check(shard)
+        return _storage.open_binary(self.shards[shard], self.storage_options)
+
     def _read(self, shard: int, start: int, length: int) -> bytes:
         self._state()
         path = self.shards[shard]
@@ -154,14 +163,8 @@ class WebDatasetSource:
                     self._check(shard)
             data = _storage.read_range(path, start, length, self.storage_options)
         else:
-            f = self._files.get(shard)
-            if f is None:
-                with self._lock:
-                    f = self._files.get(shard)
-                    if f is None:
-                        self._check(shard)
-                        f = self._files[shard] = _storage.open_binary(path, self.storage_options)
-            data = os.pread(f.fileno(), length, start)
+            with self._files.lease(shard, self._open_shard) as f:
+                data = os.pread(f.fileno(), length, start)
         if len(data) != length:
             raise ValueError(f"{path}: {len(data)} of {length} bytes read at byte {start}: the shard is "
                              f"shorter than when it was indexed. {_STALE}")
@@ -170,14 +173,13 @@ class WebDatasetSource:
     def release(self) -> None:
         """Close this process's open shards (reads reopen them)."""
         with self._lock:
-            files, self._files, self._checked = self._files, {}, set()
+            self._checked = set()
         if self._pid == os.getpid():
-            for f in files.values():
-                f.close()
+            self._files.close_all()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _files={}, _checked=set(), _pid=-1)
+        state.update(_lock=None, _files=None, _checked=set(), _pid=-1)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
