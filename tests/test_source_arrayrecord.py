@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import cloudpickle
 import numpy as np
@@ -177,3 +178,40 @@ def test_repr_and_locate_say_what_and_where(two_files):
     source = ArrayRecordSource(two_files)
     assert "2 files" in repr(source) and "records=15" in repr(source) and "decode='bytes'" in repr(source)
     assert source.locate(10) == f"record 1 of {two_files[1]}"
+
+
+def test_readers_of_threads_that_ended_are_closed(two_files):
+    source = ArrayRecordSource(two_files)
+    source.__getitems__([0, 12])
+    fds = len(os.listdir("/proc/self/fd"))  # the main thread's two readers open
+    for _ in range(20):
+        thread = threading.Thread(target=source.__getitems__, args=([0, 12],))
+        thread.start()
+        thread.join()
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2  # the last thread's two, until the next opens
+    source.release()
+
+
+def test_open_readers_are_bounded_by_max_open_files(two_files):
+    source = ArrayRecordSource(two_files, max_open_files=1)
+    fds = len(os.listdir("/proc/self/fd"))
+    expected = [source[i] for i in range(15)]
+    assert source.__getitems__(list(range(15))[::-1]) == expected[::-1]
+    assert len(os.listdir("/proc/self/fd")) == fds + 1
+    source.release()
+
+
+def test_running_out_of_descriptors_is_no_corruption(two_files):
+    resource = pytest.importorskip("resource")
+    source = ArrayRecordSource(two_files)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no descriptor left
+    try:
+        with pytest.raises(OSError, match="Too many open files"):
+            source[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert source[0] == {"bytes": source.__getitems__([0])[0]["bytes"]}
+    source.release()

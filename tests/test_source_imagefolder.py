@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 
@@ -175,3 +176,24 @@ def test_pickles_after_a_read_and_a_removed_file_is_named(tmp_path):
     shutil.rmtree(tmp_path / "Dog")
     with pytest.raises(FileNotFoundError, match="Dog/1.ppm was listed but is gone"):
         source[0]
+
+
+def test_file_names_with_glob_characters_on_a_url_are_read_as_named(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    fs, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    for name, value in (("img[1].png", 10), ("img1.png", 200), ("a*.png", 60)):
+        fs.pipe(f"{root}/cat/{name}", encoded_png(value))
+    try:
+        source = ImageFolderSource(f"memory://{root}")
+        one_by_one = [int(source[i]["image"][0, 0, 0]) for i in range(len(source))]
+        batched = [int(item["image"][0, 0, 0]) for item in source.__getitems__([2, 0, 1, 0])]
+        assert one_by_one == [60, 200, 10]  # sorted names: 'a*', 'img1', 'img['
+        assert batched == [10, 60, 200, 60]
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def encoded_png(value: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((2, 2, 3), value, np.uint8)).save(out, format="PNG")
+    return out.getvalue()

@@ -217,3 +217,20 @@ def test_repr_and_locate_say_what_and_where(two_files):
     assert "2 files" in repr(source) and "records=12" in repr(source) and "tf.train.Example" in repr(source)
     at = frame_offsets(two_files[1])[2]
     assert source.locate(9) == f"record 2 of {two_files[1]} (byte offset {at})"
+
+
+def test_a_glob_leaves_out_the_indexes_saved_beside_the_files(tmp_path):
+    for k in range(2):  # TFDS's names: the glob "...tfrecord-*" matches "...-00002.apidx" too
+        write(tmp_path / f"mnist-train.tfrecord-0000{k}-of-00002", 3, start=3 * k)
+    pattern = str(tmp_path / "mnist-train.tfrecord-*")
+    first = TFRecordSource(pattern)
+    assert all(os.path.exists(p) for p in first.index_locations)
+    again = TFRecordSource(pattern)
+    assert again.paths == first.paths and len(again) == 6
+
+
+def test_a_glob_matching_only_indexes_names_them(tmp_path):
+    write(tmp_path / "a.tfrecord", 2)
+    TFRecordSource(str(tmp_path / "a.tfrecord"))
+    with pytest.raises(FileNotFoundError, match=r"matches only the 1 index file\(s\) \(\*\.apidx\)"):
+        TFRecordSource(str(tmp_path / "*.apidx"))

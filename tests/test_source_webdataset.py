@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
+import tracemalloc
+import zipfile
 
 import cloudpickle
 import numpy as np
@@ -16,7 +19,7 @@ wds = pytest.importorskip("webdataset")
 import agnostic_prefetch as ap  # noqa: E402
 from agnostic_prefetch.sources import _tar_index  # noqa: E402
 from agnostic_prefetch.sources._tar_index import TarFormatError, scan_tar  # noqa: E402
-from agnostic_prefetch.sources._wds_decode import expand_braces  # noqa: E402
+from agnostic_prefetch.sources._wds_decode import decode_member, expand_braces  # noqa: E402
 from agnostic_prefetch.sources.webdataset import WebDatasetSource  # noqa: E402
 
 
@@ -150,6 +153,18 @@ def test_index_is_saved_beside_the_shard_reused_and_rebuilt_when_the_shard_chang
     assert len(again) == 7 and again[6] == {"__key__": "new", "__url__": again.shards[1], "cls": 99}
 
 
+def test_a_glob_leaves_out_the_indices_saved_beside_shards_of_any_name(tmp_path):
+    for k in range(2):  # shards without ".tar": "shard-*" matches "shard-0000.index.json" too
+        with tarfile.open(tmp_path / f"shard-{k:04d}", "w") as tar:
+            info = tarfile.TarInfo(f"s{k}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    first = WebDatasetSource(str(tmp_path / "shard-*"))
+    assert all(os.path.exists(p) for p in first.index_paths)
+    again = WebDatasetSource(str(tmp_path / "shard-*"))
+    assert again.shards == first.shards and len(again) == 2
+
+
 def test_a_shard_changed_after_indexing_is_refused_when_read(tmp_path):
     source = WebDatasetSource(write_shards(tmp_path, shards=1))
     with open(source.shards[0], "ab") as f:
@@ -261,6 +276,69 @@ def test_a_member_size_past_the_end_is_refused_without_reading_it(tmp_path):
         WebDatasetSource(str(path))
 
 
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    return out.getvalue()
+
+
+def test_npy_npz_and_gz_members_decode_as_numpy_and_gzip_do():
+    arrays = {"a": np.arange(6, dtype=np.int16).reshape(2, 3), "b": np.array(["x", "yz"])}
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **arrays)
+    got = decode_member("npz", npz.getvalue(), name="k.npz")
+    assert list(got) == ["a", "b"] and all(np.array_equal(got[k], v) for k, v in arrays.items())
+    npy = io.BytesIO()
+    np.save(npy, arrays["a"].T)
+    two_members = gzip.compress(npy.getvalue()[:40]) + bytes(3) + gzip.compress(npy.getvalue()[40:])
+    np.testing.assert_array_equal(decode_member("npy.gz", two_members, name="k.npy.gz"), arrays["a"].T)
+
+
+@pytest.mark.parametrize("wrap", ["npy", "npz"])
+def test_an_array_header_asking_more_than_its_bytes_is_refused_without_allocating_it(wrap):
+    data = npy_header((1 << 28,)) + bytes(32)  # says 2 GiB of float64, holds 32 bytes
+    if wrap == "npz":
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as archive:
+            archive.writestr("x.npy", data)
+        data = out.getvalue()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"k\.{wrap}.*shape \(268435456,\) of float64 \(2147483648 bytes\) "
+                                             r"but 32 bytes follow the header.*np\.save"):
+            decode_member(wrap, data, name=f"k.{wrap}")
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("ext", ["txt.gz", "npz"])
+def test_a_member_decompressing_past_the_bound_is_refused(ext):
+    if ext == "npz":
+        out = io.BytesIO()
+        np.savez_compressed(out, a=np.zeros(5000, np.uint8))
+        data = out.getvalue()
+    else:
+        data = gzip.compress(bytes(5000))
+    assert len(data) < 1000
+    with pytest.raises(ValueError, match=rf"k\.{ext}.*decompresses to more than 1000 bytes.*max_sample_bytes"):
+        decode_member(ext, data, name=f"k.{ext}", limit=1000)
+
+
+def test_a_sample_over_max_sample_bytes_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    source = WebDatasetSource(write_shards(tmp_path, shards=1), max_sample_bytes=600)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("nothing should be read")
+
+    monkeypatch.setattr(os, "pread", no_read)
+    for index, read in ((1, lambda: source[1]), (0, lambda: source.__getitems__([0, 1]))):
+        with pytest.raises(ValueError, match=rf"sample {index} \(key 's0/000{index}'.* of .*shard-000000\.tar: \d+ "
+                                             r"bytes as the shard's index says, more than max_sample_bytes=600"
+                                             r".*Remedy: pass a larger max_sample_bytes"):
+            read()
+
+
 def test_a_compressed_shard_is_refused_with_the_remedy(tmp_path):
     path = tmp_path / "shard.tar.gz"
     with wds.TarWriter(str(path)) as writer:
@@ -300,6 +378,28 @@ def test_loader_batches_equal_for_any_worker_count_and_resume_exactly(tmp_path):
         loader.load_state_dict(state)
         rest = [list(b["__key__"]) for b in loader]
     assert head + rest == [r[0] for r in runs[0]]
+
+
+def test_open_shards_are_bounded_so_more_shards_than_descriptors_read(tmp_path):
+    resource = pytest.importorskip("resource")
+    for i in range(300):
+        with tarfile.open(tmp_path / f"s{i:04d}.tar", "w") as tar:
+            info = tarfile.TarInfo(f"k{i}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    source = WebDatasetSource(str(tmp_path / "s*.tar"), max_open_files=16)
+    fds = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, fds + 100), hard))  # fewer than the shards
+    try:
+        keys = [item["__key__"] for start in range(0, 300, 64)
+                for item in source.__getitems__(list(range(start, min(300, start + 64))))]
+        assert len(os.listdir("/proc/self/fd")) <= fds + 16
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        source.release()
+    assert keys == [f"k{i}" for i in range(300)]
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_pickles_after_a_read_and_release_closes_the_shards(tmp_path):

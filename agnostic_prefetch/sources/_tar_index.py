@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from agnostic_prefetch.sources import _storage
 
-__all__ = ["TarFormatError", "index_path", "load_or_build", "scan_tar"]
+__all__ = ["INDEX_SUFFIX", "TarFormatError", "index_path", "load_or_build", "scan_tar"]
 
 _BLOCK = 512
 _ZERO = bytes(_BLOCK)
@@ -37,6 +37,7 @@ _GNU = {b"L", b"K", b"S"}
 _META_LIMIT = 1 << 20  # a long name or pax header beyond this is corrupt, not read
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _VERSION = 1
+INDEX_SUFFIX = ".index.json"  # a glob result with this ending is an index, never a shard
 _REWRITE = ("Remedy: restore the shard from its source, or write it again (webdataset's TarWriter, "
             "or tar -cf).")
 
@@ -172,12 +173,12 @@ def index_path(shard: str, index_dir: str | os.PathLike[str] | None) -> str:
     if index_dir is None and not _storage.is_url(shard):
         local = shard[len("file://"):] if shard.startswith("file://") else shard
         if os.access(os.path.dirname(os.path.abspath(local)) or ".", os.W_OK):
-            return f"{local}.index.json"
+            return f"{local}{INDEX_SUFFIX}"
     if index_dir is None:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         index_dir = os.path.join(cache, "agnostic_prefetch", "tar_index")
     digest = hashlib.sha1(shard.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    return os.path.join(os.fspath(index_dir), f"{os.path.basename(shard.rstrip('/'))}.{digest}.index.json")
+    return os.path.join(os.fspath(index_dir), f"{os.path.basename(shard.rstrip('/'))}.{digest}{INDEX_SUFFIX}")
 
 
 def _read_index(where: str, signature: dict[str, Any]) -> list[tuple[str, int, int]] | None:
@@ -201,7 +202,8 @@ def load_or_build(shard: str, storage_options: _storage.StorageOptions = None,
     if members is None:
         members = scan_tar(shard, storage_options)
         os.makedirs(os.path.dirname(where) or ".", exist_ok=True)
-        temporary = f"{where}.{os.getpid()}.tmp"
+        # hidden while written, so a glob over the shards never matches it
+        temporary = os.path.join(os.path.dirname(where), f".{os.path.basename(where)}.{os.getpid()}.tmp")
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump({"version": _VERSION, "shard": shard, "signature": signature,
                        "members": members}, f, separators=(",", ":"))

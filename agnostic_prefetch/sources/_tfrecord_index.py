@@ -25,11 +25,12 @@ from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._crc32c import masked_crc32c
 from agnostic_prefetch.sources._local_copy import cache_root
 
-__all__ = ["FORMAT", "TFRecordError", "index_location", "load_or_build", "scan"]
+__all__ = ["FORMAT", "INDEX_SUFFIX", "TFRecordError", "index_location", "load_or_build", "scan"]
 
 log = logging.getLogger("agnostic_prefetch")
 
 FORMAT = "agnostic_prefetch tfrecord index 1"
+INDEX_SUFFIX = ".apidx"  # a glob result with this ending is an index, never a TFRecord file
 HEADER, FOOTER = 12, 4
 _SCAN_BLOCK = 8 << 20  # bytes per request while scanning a URL
 
@@ -104,11 +105,11 @@ def index_location(path: str, index_dir: str | None) -> str:
     """Where ``path``'s index lives: under ``index_dir`` if given; else next to a local file in a
     writable directory (``<file>.apidx``); else (a URL, a read-only directory) in the user's
     cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``, ``/agnostic_prefetch/tfrecord-index``)."""
-    unique = f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{os.path.basename(path.rstrip('/'))}.apidx"
+    unique = f"{hashlib.sha256(path.encode()).hexdigest()[:16]}-{os.path.basename(path.rstrip('/'))}{INDEX_SUFFIX}"
     if index_dir is not None:
         return os.path.join(os.fspath(index_dir), unique)
     if not _storage.is_url(path):
-        beside = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path) + ".apidx"
+        beside = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path) + INDEX_SUFFIX
         if os.path.exists(beside) or os.access(os.path.dirname(beside), os.W_OK):
             return beside
     return os.path.join(cache_root("tfrecord-index"), unique)

@@ -13,16 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import json
 import re
 import string
 from typing import Any
 
-import numpy as np
-
+from agnostic_prefetch.sources._wds_arrays import DEFAULT_LIMIT, gunzip, load_npy, load_npz
 from agnostic_prefetch.sources.images import decode_image
 
 __all__ = ["IMAGE_EXTENSIONS", "decode_member", "expand_braces", "group_samples"]
@@ -142,12 +139,14 @@ _INT = {"cls", "cls2", "index", "inx", "id"}
 _JSON = {"json", "jsn"}
 
 
-def decode_member(ext: str, data: bytes, *, name: str) -> Any:
+def decode_member(ext: str, data: bytes, *, name: str, limit: int = DEFAULT_LIMIT) -> Any:
     """A member's value as webdataset's ``decode("rgb8")`` gives it: images H×W×3 uint8 RGB,
     ``cls`` and the like ``int``, text ``str``, ``json`` the parsed value, ``npy`` the array
     (``npz`` a dict of arrays), a ``.gz`` suffix decompressed first, anything else the bytes
     (pickles and torch files included: never unpickled). The last dotted part of the
-    extension decides (``seg.png`` is an image).
+    extension decides (``seg.png`` is an image). Nothing allocates more than the member's
+    bytes allow: an array header is checked against the bytes after it, and decompression
+    (``.gz``, an ``npz``'s entries) stops past ``limit`` bytes.
 
     Raises:
         ValueError: a value its decoder refuses, naming ``name``.
@@ -158,13 +157,14 @@ def decode_member(ext: str, data: bytes, *, name: str) -> Any:
         except UnicodeDecodeError:
             return data
     if ("." + ext).endswith(".gz"):
-        try:
-            data, ext = gzip.decompress(data), ext[:-3]
-        except (OSError, EOFError) as exc:
-            raise ValueError(f"cannot decompress {name}: {exc}") from None
+        data, ext = gunzip(data, name=name, limit=limit), ext[:-3]
     last = ext.rsplit(".", 1)[-1]
     if last in IMAGE_EXTENSIONS:
         return decode_image(data, name=name, color=True)
+    if last == "npy":
+        return load_npy(data, name=name)
+    if last == "npz":
+        return load_npz(data, name=name, limit=limit)
     try:
         if last in _TEXT:
             return data.decode("utf-8")
@@ -172,11 +172,6 @@ def decode_member(ext: str, data: bytes, *, name: str) -> Any:
             return int(data)
         if last in _JSON:
             return json.loads(data)
-        if last == "npy":
-            return np.load(io.BytesIO(data), allow_pickle=False)
-        if last == "npz":
-            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                return dict(arrays)
     except (ValueError, UnicodeDecodeError, OSError, EOFError) as exc:
         raise ValueError(f"cannot decode {name} as .{last}: {exc}") from None
     return data

@@ -11,6 +11,7 @@ import numpy as np
 
 from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._local_copy import local_copy
+from agnostic_prefetch.sources._open_files import DEFAULT_MAX_OPEN, OpenFiles
 from agnostic_prefetch.sources._tf_example import ExampleParseError, parse_example
 
 __all__ = ["ArrayRecordSource"]
@@ -20,6 +21,10 @@ _READER_OPTIONS = "readahead_buffer_size:0"
 _FILE_BUFFER = 32768
 _CORRUPT = ("Remedy: write the file again (or copy it again), or pass on_error='skip' to the "
             "Loader to leave the record out.")
+
+
+def _thread_ended(key: tuple[threading.Thread, int]) -> bool:
+    return not key[0].is_alive()
 
 
 def _module() -> Any:
@@ -42,7 +47,8 @@ class ArrayRecordSource:
     costs one chunk read and decompression (one record per chunk when written with
     ``group_size:1``, as Grain asks). :meth:`__getitems__` hands each file's positions to
     the reader's batched ``read(positions)`` at once. Readers open lazily, one per file per
-    thread in each process.
+    thread, at most ``max_open_files`` in each process (the least recently used closed
+    first, and those of threads that ended).
 
     The reader opens local paths only: a URL (``s3://``, ``gs://``, ...) is copied once,
     whole, into ``cache_dir`` (``$XDG_CACHE_HOME`` or ``~/.cache``, then
@@ -53,6 +59,7 @@ class ArrayRecordSource:
         decode: ``None``, ``"tf.train.Example"``, or a function of the record's bytes.
         storage_options: fsspec options for URLs (credentials, endpoint).
         cache_dir: where copies of URLs go.
+        max_open_files: readers kept open per process.
 
     Raises:
         FileNotFoundError: a path or glob that names nothing.
@@ -74,6 +81,7 @@ class ArrayRecordSource:
         decode: str | Callable[[bytes], Any] | None = None,
         storage_options: _storage.StorageOptions = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        max_open_files: int = DEFAULT_MAX_OPEN,
     ) -> None:
         if not (decode is None or decode == "tf.train.Example" or callable(decode)):
             raise ValueError(f"decode must be None, 'tf.train.Example' or a function of the record's "
@@ -90,9 +98,9 @@ class ArrayRecordSource:
             finally:
                 reader.close()
         self._starts = np.cumsum([0] + counts, dtype=np.int64)  # first index of each file
-        self._local = threading.local()  # per thread: {file number: reader}
-        self._lock = threading.Lock()
-        self._readers: list[Any] = []  # every reader opened in this process, to close
+        self.max_open_files = int(max_open_files)
+        # this process's readers, by (thread, file): a reader is read by one thread at a time
+        self._readers = OpenFiles(self.max_open_files, drop=_thread_ended)
         self._pid = os.getpid()
 
     # -- readers ---------------------------------------------------------------------------
@@ -106,42 +114,28 @@ class ArrayRecordSource:
                 reader.close()
             except RuntimeError:  # closing a failed reader raises its failure, without a message
                 pass
+            with open(local, "rb"):  # an OSError (no file, no permission, no descriptor left) is no corruption
+                pass
             raise ValueError(
                 f"{path} cannot be read as an ArrayRecord file ({_storage.file_size(local)} bytes): it "
                 "is truncated (its footer holds the index) or not ArrayRecord. Remedy: copy or write "
                 "the file again; pass only ArrayRecord files.")
         return reader
 
-    def _reader(self, f: int) -> Any:
+    def _opened(self) -> OpenFiles:
         if self._pid != os.getpid():  # a forked copy: the parent's readers are not ours
-            self._local, self._lock, self._readers, self._pid = threading.local(), threading.Lock(), [], os.getpid()
-        readers = getattr(self._local, "readers", None)
-        if readers is None:
-            readers = self._local.readers = {}
-        if f not in readers:
-            reader = self._open(f)
-            with self._lock:
-                self._readers.append(reader)
-            readers[f] = reader
-        return readers[f]
+            self._readers, self._pid = OpenFiles(self.max_open_files, drop=_thread_ended), os.getpid()
+        return self._readers
 
     def release(self) -> None:
         """Close every reader this process opened (reads reopen them)."""
         if self._pid == os.getpid():
-            with self._lock:
-                for reader in self._readers:
-                    reader.close()
-                self._readers = []
-        self._local = threading.local()
+            self._readers.close_all()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_local=None, _lock=None, _readers=[], _pid=-1)
+        state.update(_readers=None, _pid=-1)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local, self._lock = threading.local(), threading.Lock()
 
     # -- where a record is -----------------------------------------------------------------
 
@@ -175,13 +169,14 @@ class ArrayRecordSource:
         return self.decode(record)
 
     def _read(self, f: int, positions: list[int], indices: list[int]) -> list[bytes]:
-        try:
-            return self._reader(f).read(positions)
-        except RuntimeError as exc:
-            what = self.locate(indices[0]) if len(indices) == 1 else (
-                f"one of records {sorted(set(positions))[:8]}{'...' if len(set(positions)) > 8 else ''} "
-                f"of {self.paths[f]}")
-            raise ValueError(f"{what} cannot be read: {exc}. {_CORRUPT}") from exc
+        with self._opened().lease((threading.current_thread(), f), lambda key: self._open(key[1])) as reader:
+            try:
+                return reader.read(positions)
+            except RuntimeError as exc:
+                what = self.locate(indices[0]) if len(indices) == 1 else (
+                    f"one of records {sorted(set(positions))[:8]}{'...' if len(set(positions)) > 8 else ''} "
+                    f"of {self.paths[f]}")
+                raise ValueError(f"{what} cannot be read: {exc}. {_CORRUPT}") from exc
 
     def __getitem__(self, index: int) -> Any:
         index = int(index)

@@ -179,11 +179,14 @@ class ImageFolderSource:
         if self._sizes is None:
             return [self._item(i, self._read(i)) for i in indices]
         fs, _ = self._filesystem()
-        wanted = sorted({self.samples[i][0].split("://", 1)[1] for i in indices})
-        got = fs.cat(wanted, on_error="return")
+        wanted = sorted(set(indices))
+        # cat_ranges reads each path as named (fs.cat would expand "img[1].png" as a glob)
+        got = dict(zip(wanted, fs.cat_ranges([self.samples[i][0].split("://", 1)[1] for i in wanted],
+                                             [0] * len(wanted), [self._sizes[i] for i in wanted],
+                                             on_error="return"), strict=True))
         out = []
         for i in indices:
-            data = got[self.samples[i][0].split("://", 1)[1]]
+            data = got[i]
             if isinstance(data, BaseException):
                 raise FileNotFoundError(f"cannot read {self.samples[i][0]}: {data}") from data
             out.append(self._item(i, bytes(data)))

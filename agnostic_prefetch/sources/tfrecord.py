@@ -11,8 +11,15 @@ import numpy as np
 
 from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._crc32c import masked_crc32c
+from agnostic_prefetch.sources._own_files import expand_data_paths
 from agnostic_prefetch.sources._tf_example import ExampleParseError, parse_example
-from agnostic_prefetch.sources._tfrecord_index import FOOTER, HEADER, TFRecordError, load_or_build
+from agnostic_prefetch.sources._tfrecord_index import (
+    FOOTER,
+    HEADER,
+    INDEX_SUFFIX,
+    TFRecordError,
+    load_or_build,
+)
 
 __all__ = ["ExampleParseError", "TFRecordError", "TFRecordSource"]
 
@@ -31,7 +38,8 @@ class TFRecordSource:
     ``<file>.apidx``, under ``index_dir`` if given, and for a URL or a read-only directory
     in ``~/.cache/agnostic_prefetch/tfrecord-index``. It is reused while the file's size
     and modification time (an object's ETag) are unchanged, and built again (logged) when
-    they changed. Several files form one index space, in the order given (globs sorted).
+    they changed. Several files form one index space, in the order given (globs sorted;
+    a glob leaves out the ``.apidx`` files it matches).
 
     Args:
         paths: a file, a glob, or a list of them; local paths or fsspec URLs.
@@ -61,7 +69,8 @@ class TFRecordSource:
         max_record_bytes: int = 1 << 30,
     ) -> None:
         self.storage_options = dict(storage_options) if storage_options else None
-        self.paths = _storage.expand_paths(paths, self.storage_options, what="TFRecord files")
+        self.paths = expand_data_paths(paths, self.storage_options, index_suffix=INDEX_SUFFIX,
+                                       what="TFRecord files")
         self.index_dir = None if index_dir is None else os.fspath(index_dir)
         self.max_record_bytes = int(max_record_bytes)
         built = [load_or_build(p, self.storage_options, self.index_dir) for p in self.paths]

@@ -9,7 +9,6 @@ then one ranged read of its members' bytes, and a batch one read per run of near
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from collections.abc import Iterable
@@ -18,7 +17,10 @@ from typing import IO, Any
 import numpy as np
 
 from agnostic_prefetch.sources import _storage
-from agnostic_prefetch.sources._tar_index import index_path, load_or_build
+from agnostic_prefetch.sources._open_files import DEFAULT_MAX_OPEN, OpenFiles
+from agnostic_prefetch.sources._own_files import expand_data_paths
+from agnostic_prefetch.sources._tar_index import INDEX_SUFFIX, index_path, load_or_build
+from agnostic_prefetch.sources._wds_arrays import DEFAULT_LIMIT
 from agnostic_prefetch.sources._wds_decode import decode_member, expand_braces, group_samples
 
 __all__ = ["WebDatasetSource"]
@@ -31,14 +33,13 @@ _STALE = ("Remedy: construct the source again, which rebuilds the index from the
 
 def list_shards(shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                 storage_options: _storage.StorageOptions = None) -> list[str]:
-    """Paths and URLs of the shards: brace patterns expanded, then globs; in the given order."""
+    """Paths and URLs of the shards: brace patterns expanded, then globs (less the indices
+    saved beside the shards that they match); in the given order."""
     items = [shards] if isinstance(shards, str | os.PathLike) else list(shards)
     out: list[str] = []
     for item in items:
         for pattern in expand_braces(os.fspath(item)):
-            found = _storage.expand_paths(pattern, storage_options, what="tar shards")
-            # a glob such as "shards/*" also matches the indices saved beside the shards
-            out += [f for f in found if not (glob.has_magic(pattern) and f.endswith(".tar.index.json"))]
+            out += expand_data_paths(pattern, storage_options, index_suffix=INDEX_SUFFIX, what="tar shards")
     if not out:
         raise ValueError("no shards given: pass a path, a brace pattern, a glob or a list of them")
     return out
@@ -71,12 +72,17 @@ class WebDatasetSource:
         storage_options: passed to fsspec for URLs (credentials otherwise come from the
             environment).
         decode: decode members as above (default), or give bytes.
+        max_open_files: local shards kept open per process, least recently read closed first.
+        max_sample_bytes: the largest sample read (its members' span in the shard, as the
+            index says, checked before reading) and the most a ``.gz`` member or an ``npz``
+            decompresses to; a bigger one is an error.
 
     Raises:
         FileNotFoundError: a shard that does not exist.
         TarFormatError: a compressed shard (refused: decompress it), a truncated or corrupt
             one, naming the shard and byte offset.
-        ValueError: no samples, or one extension twice in a sample.
+        ValueError: no samples, or one extension twice in a sample; when read, a sample over
+            ``max_sample_bytes`` or a shard changed since it was indexed.
 
     Example:
         >>> source = WebDatasetSource("shards/train-{000000..000009}.tar")  # doctest: +SKIP
@@ -84,14 +90,17 @@ class WebDatasetSource:
         ('000000', (256, 256, 3), 7)
     """
 
-    thread_safe = True  # positioned reads (os.pread) and a lock around opening
+    thread_safe = True  # positioned reads (os.pread) of leased handles; opening under a lock
 
     def __init__(self, shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *,
                  index_dir: str | os.PathLike[str] | None = None,
-                 storage_options: _storage.StorageOptions = None, decode: bool = True) -> None:
+                 storage_options: _storage.StorageOptions = None, decode: bool = True,
+                 max_sample_bytes: int = DEFAULT_LIMIT, max_open_files: int = DEFAULT_MAX_OPEN) -> None:
         self.storage_options = dict(storage_options) if storage_options else None
         self.index_dir = None if index_dir is None else os.fspath(index_dir)
         self.decode = bool(decode)
+        self.max_sample_bytes = int(max_sample_bytes)
+        self.max_open_files = int(max_open_files)
         self.shards = list_shards(shards, self.storage_options)
         self.index_paths = [index_path(s, self.index_dir) for s in self.shards]
         self._signatures: list[dict[str, Any]] = []
@@ -119,16 +128,17 @@ class WebDatasetSource:
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._keys_blob = b"".join(keys)
         self._key_ends = np.cumsum([len(k) for k in keys], dtype=np.int64)
-        self._lock = threading.Lock()
-        self._files: dict[int, IO[bytes]] = {}
-        self._checked: set[int] = set()
+        self._lock = threading.Lock()  # guards _checked for URLs
+        self._checked: set[int] = set()  # URL shards whose signature this process compared
+        self._files = OpenFiles(self.max_open_files)  # this process's open local shards
         self._pid = os.getpid()
 
     # -- per-process state ---------------------------------------------------------------
 
     def _state(self) -> None:
         if self._pid != os.getpid():  # a forked child: the parent's handles are not ours
-            self._files, self._checked, self._pid = {}, set(), os.getpid()
+            self._files = OpenFiles(self.max_open_files)
+            self._checked, self._pid = set(), os.getpid()
 
     def _check(self, shard: int) -> None:
         """Once per process and shard: the shard is still the one indexed."""
@@ -139,6 +149,11 @@ class WebDatasetSource:
                              f"{now}). {_STALE}")
         self._checked.add(shard)
 
+    def _open_shard(self, shard: int) -> IO[bytes]:
+        """A local shard opened, checked against its index on every (re)open."""
+        self._check(shard)
+        return _storage.open_binary(self.shards[shard], self.storage_options)
+
     def _read(self, shard: int, start: int, length: int) -> bytes:
         self._state()
         path = self.shards[shard]
@@ -148,14 +163,8 @@ class WebDatasetSource:
                     self._check(shard)
             data = _storage.read_range(path, start, length, self.storage_options)
         else:
-            f = self._files.get(shard)
-            if f is None:
-                with self._lock:
-                    f = self._files.get(shard)
-                    if f is None:
-                        self._check(shard)
-                        f = self._files[shard] = _storage.open_binary(path, self.storage_options)
-            data = os.pread(f.fileno(), length, start)
+            with self._files.lease(shard, self._open_shard) as f:
+                data = os.pread(f.fileno(), length, start)
         if len(data) != length:
             raise ValueError(f"{path}: {len(data)} of {length} bytes read at byte {start}: the shard is "
                              f"shorter than when it was indexed. {_STALE}")
@@ -164,14 +173,13 @@ class WebDatasetSource:
     def release(self) -> None:
         """Close this process's open shards (reads reopen them)."""
         with self._lock:
-            files, self._files, self._checked = self._files, {}, set()
+            self._checked = set()
         if self._pid == os.getpid():
-            for f in files.values():
-                f.close()
+            self._files.close_all()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_lock=None, _files={}, _checked=set(), _pid=-1)
+        state.update(_lock=None, _files=None, _checked=set(), _pid=-1)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -196,17 +204,29 @@ class WebDatasetSource:
 
     def locate(self, index: int) -> str:
         """Where sample ``index`` comes from: its key, members and bytes in its shard."""
-        index = self._check_index(index)
+        index = self._in_range(index)
         shard, start, end = self._span(index)
         exts = " ".join(f".{self.extensions[e]}" for e in
                         self._member_ext[self._starts[index]:self._starts[index + 1]])
         return (f"sample {index} (key {self.key(index)!r}: {exts}) at bytes {start}..{end} of "
                 f"{self.shards[shard]}")
 
-    def _check_index(self, index: int) -> int:
+    def _in_range(self, index: int) -> int:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples in {len(self.shards)} shard(s)")
+        return index
+
+    def _check_index(self, index: int) -> int:
+        """``index`` as an int, in range, and its sample within ``max_sample_bytes``."""
+        index = self._in_range(index)
+        _, start, end = self._span(index)
+        if end - start > self.max_sample_bytes:
+            raise ValueError(
+                f"{self.locate(index)}: {end - start} bytes as the shard's index says, more than "
+                f"max_sample_bytes={self.max_sample_bytes}; nothing was read. Remedy: pass a larger "
+                "max_sample_bytes if samples this large are expected, or on_error='skip' to the "
+                "Loader to leave the sample out.")
         return index
 
     # -- reading -------------------------------------------------------------------------
@@ -220,7 +240,7 @@ class WebDatasetSource:
             raw = data[offset - base:offset - base + size]
             if self.decode:
                 name = f"member {key}.{ext} (bytes {offset}..{offset + size}) of {path}"
-                item[ext] = decode_member(ext, raw, name=name)
+                item[ext] = decode_member(ext, raw, name=name, limit=self.max_sample_bytes)
             else:
                 item[ext] = raw
         return item
