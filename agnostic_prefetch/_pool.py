@@ -27,7 +27,7 @@ from agnostic_prefetch._messages import Done, Failed
 from agnostic_prefetch._orders import Order, pack_orders
 from agnostic_prefetch._pickling import dumps
 from agnostic_prefetch._ring import Ring
-from agnostic_prefetch._worker import THREAD_ENV_VARS, Filler, Job, serve
+from agnostic_prefetch._worker import ALLOCATOR_ENV_VARS, THREAD_ENV_VARS, Filler, Job, serve
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not `-m`: that puts the working directory first on sys.path, so a directory there named
@@ -131,6 +131,8 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: 
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
         env.setdefault(var, "1")
+    if not any(var in env for var in ALLOCATOR_ENV_VARS):
+        env.update(ALLOCATOR_ENV_VARS)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     use_pdeathsig = threading.current_thread() is threading.main_thread()
     handles: list[Worker] = []

@@ -50,6 +50,11 @@ from agnostic_prefetch._rows import RowBatch, RowLayout, batch_shapes, shaped_la
 from agnostic_prefetch.sampler import item_rng
 
 FRAMEWORKS = ("jax", "torch", "cupy", "tensorflow")
+# glibc's allocator in a worker process keeps freed memory for reuse (unless the user set
+# these): by default it gives the top of the heap back after each batch and faults it in
+# again for the next, which halved the rate of 100 KB records (24k -> 46k items/s, 2 workers,
+# benchmarks/bench_formats.py); large buffers (a decoded image) come from the heap too.
+ALLOCATOR_ENV_VARS = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS", "TF_NUM_INTEROP_THREADS",

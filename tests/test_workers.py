@@ -127,3 +127,26 @@ def test_a_torch_dataset_is_welcome_quietly_with_one_torch_thread_and_no_cuda(ca
     assert all((b["threads"] == 1).all() and (b["interop_threads"] == 1).all() for b in batches)
     assert not any(b["cuda_initialized"].any() for b in batches)
     assert not [r for r in caplog.records if r.levelno >= logging.INFO]  # not a word above DEBUG
+
+
+class _Env:
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import os
+
+        return {"trim": np.int64(os.environ.get("MALLOC_TRIM_THRESHOLD_", -1)),
+                "mmap": np.int64(os.environ.get("MALLOC_MMAP_THRESHOLD_", -1))}
+
+
+def test_worker_processes_keep_freed_memory_unless_the_user_tuned_the_allocator(monkeypatch):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with ap.Loader(_Env(), 2, workers=1) as loader:
+        batch = next(iter(loader))
+        assert batch["trim"].tolist() == [64 << 20] * 2 and batch["mmap"].tolist() == [32 << 20] * 2
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    with ap.Loader(_Env(), 2, workers=1) as loader:
+        batch = next(iter(loader))
+        assert batch["trim"].tolist() == [4096] * 2 and batch["mmap"].tolist() == [-1] * 2
