@@ -285,6 +285,9 @@ class SlotWriter:
                         f"{self.reference} is {spec.dtype}{list(spec.shape)}. Batches need equal "
                         "shapes and dtypes: crop, resize or pad in the transform (or the "
                         "source) so every record matches, or cast to one dtype."
+                        + (" For sequences of varying length, pass batching=ap.Pad(...), ap.Bucket(...) "
+                           "or ap.Pack(...) to the Loader (docs/sequences.md)."
+                           if a.ndim and a.shape[1:] == spec.shape[1:] and a.dtype == spec.dtype else "")
                         + self.remedy
                     )
             values.append(a)

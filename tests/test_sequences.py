@@ -341,3 +341,18 @@ def test_repr_names_the_batching_and_that_the_epoch_count_is_a_bound():
         text = repr(loader)
     assert "batches_per_epoch=at most " in text
     assert "batching=Pack(length=8, method='best_fit'" in text and "tokens_segment_ids" in text
+
+
+def test_items_of_varying_length_without_batching_are_refused_naming_the_batching_options():
+    with ap.Loader(Docs([5, 9, 3]), 3, workers=0) as loader, pytest.raises(ap.WorkerError, match=r"batching=ap\.Pad"):
+        next(iter(loader))
+
+    class Mixed:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"x": np.zeros((4, 4 + i), np.float32)}  # differs beyond the first axis: no hint
+    with ap.Loader(Mixed(), 2, workers=0) as loader, pytest.raises(ap.WorkerError) as info:
+        next(iter(loader))
+    assert "batching=" not in str(info.value)
