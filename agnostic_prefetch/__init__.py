@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
     from agnostic_prefetch.sources.arrayrecord import ArrayRecordSource
+    from agnostic_prefetch.sources.images import decode_image
     from agnostic_prefetch.sources.huggingface import HuggingFaceSource
     from agnostic_prefetch.sources.imagefolder import ImageFolderSource
     from agnostic_prefetch.sources.mixture import Mixture
@@ -65,6 +66,7 @@ __all__ = [
     "WorkerDiedError",
     "Prefetcher",
     "WorkerError",
+    "decode_image",
     "diagnose",
     "prefetch_to_device",
     "shard_for",
@@ -80,6 +82,7 @@ _LAZY = {
     "Prefetcher": "agnostic_prefetch.prefetch",
     "ArraySource": "agnostic_prefetch.sources",
     "Mixture": "agnostic_prefetch.sources.mixture",
+    "decode_image": "agnostic_prefetch.sources.images",
     "ArrayRecordSource": "agnostic_prefetch.sources.arrayrecord",
     "ParquetSource": "agnostic_prefetch.sources.parquet",
     "TFRecordSource": "agnostic_prefetch.sources.tfrecord",
