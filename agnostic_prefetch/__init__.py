@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
     from agnostic_prefetch.sources.arrayrecord import ArrayRecordSource
-    from agnostic_prefetch.sources.images import decode_image
     from agnostic_prefetch.sources.huggingface import HuggingFaceSource
     from agnostic_prefetch.sources.imagefolder import ImageFolderSource
+    from agnostic_prefetch.sources.images import decode_image
     from agnostic_prefetch.sources.mixture import Mixture
     from agnostic_prefetch.sources.parquet import ParquetSource
     from agnostic_prefetch.sources.tfrecord import TFRecordSource

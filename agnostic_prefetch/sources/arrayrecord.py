@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.sources import _storage
+from agnostic_prefetch.sources._files_index import place
 from agnostic_prefetch.sources._local_copy import local_copy
 from agnostic_prefetch.sources._open_files import DEFAULT_MAX_OPEN, OpenFiles
 from agnostic_prefetch.sources._tf_example import ExampleParseError, parse_example
@@ -144,10 +145,7 @@ class ArrayRecordSource:
 
     def _place(self, index: int) -> tuple[int, int]:
         """(file number, position in that file) of ``index``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records in {self!r}")
-        f = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return f, index - int(self._starts[f])
+        return place(self._starts, index, self)
 
     def locate(self, index: int) -> str:
         """Where record ``index`` is: its file and position in it."""

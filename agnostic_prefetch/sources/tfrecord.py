@@ -11,6 +11,7 @@ import numpy as np
 
 from agnostic_prefetch.sources import _storage
 from agnostic_prefetch.sources._crc32c import masked_crc32c
+from agnostic_prefetch.sources._files_index import place
 from agnostic_prefetch.sources._own_files import expand_data_paths
 from agnostic_prefetch.sources._tf_example import ExampleParseError, parse_example
 from agnostic_prefetch.sources._tfrecord_index import (
@@ -89,10 +90,7 @@ class TFRecordSource:
 
     def _place(self, index: int) -> tuple[int, int]:
         """(file number, record number within that file) of ``index``."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records in {self!r}")
-        f = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return f, index - int(self._starts[f])
+        return place(self._starts, index, self)
 
     def locate(self, index: int) -> str:
         """Where record ``index`` is: its file, record number in it and byte offset."""
