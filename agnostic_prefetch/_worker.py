@@ -137,12 +137,14 @@ class Filler:
         countdown = account.countdown
         now, cpu = time.perf_counter, time.thread_time
         started = t0 = now()
-        together = None  # the items of one __getitems__ call: its time is the first item's read
+        together = None  # the items of one __getitems__ call
         if self._getitems is not None and len(indices):
             c0 = cpu()
             together = _read_together(self._getitems, indices, job.source)
-            if together is not None:  # a CPU sample of the read it was (_accounts.py)
-                sampled = [0.0, now() - started, cpu() - c0, 0.0, 0.0, 0.0, 0.0]
+            t0 = now()
+            s0 -= t0 - started  # its time counts as reading (the sum of t1 - t0 below)
+            if together is not None:  # and as one CPU sample of reading (_accounts.py)
+                sampled = [0.0, t0 - started, cpu() - c0, 0.0, 0.0, 0.0, 0.0]
         for step, (index, position) in enumerate(zip(indices.tolist(), positions, strict=True)):
             header[H_PROGRESS] = step
             if countdown:
