@@ -1,0 +1,274 @@
+"""Benchmark S6: random-resized-crop and centre-crop inputs from ImageNet-sized JPEGs, in one run.
+
+Writes an image folder of ImageNet-sized JPEGs (bench_s6_data.py), then measures, batch 64,
+2 workers (DALI: 2 threads), every batch 64 float32 3×224×224 images normalised with
+ImageNet's mean and standard deviation:
+
+    train  ours: Loader + ap.RandomResizedCropDecode(224) (the box alone decoded, at a DCT scale)
+           ours, full decode: Loader + a user transform (ap.decode_image, then Pillow)
+           torchvision's pipeline (its Pillow operations in a torch DataLoader)
+           DALI's CPU pipeline (decoders.image_random_crop → resize → crop_mirror_normalize)
+    eval   the same four with the centre crop: resize the shorter side to 256, keep 224×224
+           (ours: ap.CenterCropDecode(224, resize=256))
+    S2     bench_s2_decode.py's scenario, ours against DALI's CPU pipeline only
+
+bench_s6_peers.py says what each peer runs. Every contender of a scenario is built and warmed
+up first, then measured in interleaved rounds: ``--idle`` seconds of idling, ``LEAD``
+untimed batches (the read-ahead built while idle), ``--batches`` timed ones. Reported:
+images/s as medians over rounds, and ours against each peer as the median of per-round ratios.
+
+    python benchmarks/bench_s6_crops.py [--count 3000] [--rounds 5] [--skip dali,torch] [--json out.json]
+    pytest -m bench benchmarks/bench_s6_crops.py        # a short run as a test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark modules
+
+import bench_s2_decode  # noqa: E402
+import bench_s6_data  # noqa: E402
+import bench_s6_peers as peers  # noqa: E402
+
+WORKERS = 2
+LEAD = 4  # untimed batches at the start of each window (drains the read-ahead built while idle)
+WARMUP = 6  # batches after start-up, before the first round
+# What issue 21 asks of ours (fused) against each peer, per scenario.
+TARGETS = {"train": {"dali": 1.5, "torch": 2.0}, "eval": {"dali": 1.3, "torch": 1.5}, "s2": {"dali": 1.0}}
+LABELS = {"ours": "ours: Loader + fused decode", "full": "ours: Loader + full decode (user transform)",
+          "torch": "torchvision's pipeline (torch DataLoader)", "dali": "DALI CPU pipeline"}
+S2_LABELS = {"ours": "ours: Loader + CaffeTransform", "dali": "DALI CPU pipeline (readers.caffe)"}
+
+
+def ours_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
+    import agnostic_prefetch as ap
+
+    options = {"dtype": "float32", "layout": "CHW", "mean": peers.MEAN, "std": peers.STD}
+    if train:
+        transform = ap.RandomResizedCropDecode(peers.SIZE, **options)
+    else:
+        transform = ap.CenterCropDecode(peers.SIZE, resize=peers.RESIZE, **options)
+    return _our_stream(peers.JpegFolder(root), transform, workers, stack)
+
+
+def full_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
+    transform = peers.FullDecodeTrain() if train else peers.FullDecodeEval()
+    return _our_stream(peers.JpegFolder(root), transform, workers, stack)
+
+
+def _our_stream(source: Any, transform: Any, workers: int, stack: ExitStack) -> Callable[[], Any]:
+    from agnostic_prefetch.loader import Loader
+
+    loader = stack.enter_context(Loader(source, peers.BATCH, workers=workers, shuffle=True, seed=0, epochs=None,
+                                        transform=transform))
+    it = iter(loader)
+    return lambda: next(it)["image"]
+
+
+def _with_close(make: Callable[[str, bool, int], tuple[Callable[[], Any], Callable[[], None]]]) -> Any:
+    def maker(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
+        next_batch, close = make(root, train, workers)
+        stack.callback(close)
+        return next_batch
+
+    return maker
+
+
+MAKERS = {"ours": ours_loader, "full": full_loader, "torch": _with_close(peers.torch_loader),
+          "dali": _with_close(peers.dali_loader)}
+
+
+def describe_batch(batch: Any) -> dict[str, Any]:
+    """What a contender hands over: type, shape, dtype, and the values' mean and spread."""
+    values = np.asarray(batch)
+    return {"type": f"{type(batch).__module__}.{type(batch).__name__}", "shape": list(values.shape),
+            "dtype": str(values.dtype), "mean": float(values.mean()), "std": float(values.std())}
+
+
+def window(next_batch: Callable[[], Any], batches: int) -> Callable[[], float]:
+    """Images/s over ``batches`` batches after ``LEAD`` untimed ones."""
+
+    def run() -> float:
+        for _ in range(LEAD):
+            next_batch()
+        start = time.perf_counter()
+        images = sum(len(next_batch()) for _ in range(batches))
+        return images / (time.perf_counter() - start)
+
+    return run
+
+
+def interleave(runs: dict[str, Callable[[], float]], rounds: int, idle: float, log: Callable[[str], None]
+               ) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Each run once per round, in turn, after ``idle`` seconds; one that raises drops out."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    failed: dict[str, str] = {}
+    for r in range(rounds):
+        for name, run in runs.items():
+            if name in failed:
+                continue
+            time.sleep(idle)
+            try:
+                rates[name].append(run())
+            except Exception as exc:
+                failed[name] = f"failed in round {r + 1}: {type(exc).__name__}: {exc}"
+                log(f"  {name}: {failed[name]}")
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items() if v and n not in failed))
+    return {n: v for n, v in rates.items() if n not in failed}, failed
+
+
+def summarise(name: str, rates: dict[str, list[float]], skipped: dict[str, str], extra: dict[str, Any]) -> dict[str, Any]:
+    """Medians, per-round ratios of ours against every peer, and the issue's targets."""
+    ours = rates.get("ours", [])
+    ratios = {}
+    for key, values in rates.items():
+        if key != "ours" and ours:
+            per_round = [a / b for a, b in zip(ours, values, strict=False)]
+            ratios[key] = {"median": statistics.median(per_round), "per_round": per_round}
+    targets = {key: {"at_least": need, "median": ratios[key]["median"], "met": ratios[key]["median"] >= need}
+               for key, need in TARGETS[name].items() if key in ratios}
+    return {"rates": rates, "medians": {k: statistics.median(v) for k, v in rates.items()}, "ratios": ratios,
+            "targets": targets, "skipped": skipped, **extra}
+
+
+def crops_scenario(name: str, root: str, args: argparse.Namespace, skip: set[str], log: Callable[[str], None]
+                   ) -> dict[str, Any]:
+    """train or eval: every contender over the image folder."""
+    log(f"S6 {name}")
+    train = name == "train"
+    runs: dict[str, Callable[[], float]] = {}
+    skipped: dict[str, str] = {}
+    outputs: dict[str, Any] = {}
+    with ExitStack() as stack:
+        for key, make in MAKERS.items():
+            if key in skip:
+                skipped[key] = "left out by --skip"
+                continue
+            try:
+                t0 = time.perf_counter()
+                next_batch = make(root, train, args.workers, stack)
+                outputs[key] = describe_batch(next_batch())
+                for _ in range(WARMUP - 1):
+                    next_batch()
+                log(f"  {key}: started and warmed up in {time.perf_counter() - t0:.1f} s; batch {outputs[key]}")
+            except Exception as exc:  # a peer that does not run here is reported, not fatal
+                skipped[key] = f"did not start: {type(exc).__name__}: {exc}"
+                log(f"  {key}: {skipped[key]}")
+                continue
+            runs[key] = window(next_batch, args.batches)
+        rates, failed = interleave(runs, args.rounds, args.idle, log)
+    return summarise(name, rates, {**skipped, **failed}, {"outputs": outputs, "images_per_window": args.batches * peers.BATCH})
+
+
+def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """bench_s2_decode.py's JPEG Datums + CaffeTransform: ours against DALI's CPU pipeline."""
+    from agnostic_prefetch.caffe.lmdb import LMDBSource
+
+    log("S2")
+    runs: dict[str, Callable[[], float]] = {}
+    skipped: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_s6_s2_") as tmp, ExitStack() as stack:
+        db = os.path.join(tmp, "db")
+        bench_s2_decode.build_db(db, args.s2_records)
+        source = LMDBSource(db)
+        transform = bench_s2_decode.s2_transform()
+        batches = max(1, 2 * len(source) // bench_s2_decode.BATCH)
+        for key, make in (("ours", bench_s2_decode.make_ours), ("dali", bench_s2_decode.make_dali)):
+            if key in skip:
+                skipped[key] = "left out by --skip"
+                continue
+            try:
+                timed = make(source, transform, args.workers, batches, stack)  # warms up for one epoch
+            except Exception as exc:
+                skipped[key] = f"did not start: {type(exc).__name__}: {exc}"
+                log(f"  {key}: {skipped[key]}")
+                continue
+            runs[key] = (lambda timed=timed: (lambda seconds, items: items / seconds)(*timed()))
+        rates, failed = interleave(runs, args.rounds, args.idle, log)
+    return summarise("s2", rates, {**skipped, **failed}, {"records": args.s2_records, "images_per_window": batches * 64})
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = []
+    for name, sc in results["scenarios"].items():
+        lines.append(f"\nS6 {name}" if name != "s2" else "\nS2 (JPEG Datums + CaffeTransform)")
+        lines.append(f"  {'contender':46} {'images/s':>9} {'ours vs it':>11}  per round")
+        labels = S2_LABELS if name == "s2" else LABELS
+        for key, values in sc["rates"].items():
+            ratio = sc["ratios"].get(key)
+            rtext = f"{ratio['median']:.2f}x" if ratio else ""
+            lines.append(f"  {labels.get(key, key):46} {sc['medians'][key]:9.0f} {rtext:>11}  "
+                         + ", ".join(f"{v:.0f}" for v in values))
+        for key, reason in sc["skipped"].items():
+            lines.append(f"  {labels.get(key, key):46} skipped: {reason}")
+        for key, t in sc["targets"].items():
+            lines.append(f"  target ours ≥ {t['at_least']}× {key}: {t['median']:.2f}× — {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=3000, help="JPEGs in the image folder")
+    parser.add_argument("--data", default=None, help="the image folder (written if missing; default: a temporary one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=WORKERS)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    parser.add_argument("--batches", type=int, default=24, help="timed batches per window")
+    parser.add_argument("--idle", type=float, default=1.0, help="seconds of idling before each window")
+    parser.add_argument("--s2-records", type=int, default=1000, help="JPEG Datums in S2's LMDB")
+    parser.add_argument("--only", default="train,eval,s2", help="comma-separated: train,eval,s2")
+    parser.add_argument("--skip", default="", help="comma-separated contenders to leave out: full,torch,dali")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    skip = set(filter(None, args.skip.split(",")))
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    results: dict[str, Any] = {"command": " ".join(["python benchmarks/bench_s6_crops.py", *(argv or sys.argv[1:])]),
+                               "cpus": len(os.sched_getaffinity(0)), "scenarios": {}}
+    with ExitStack() as stack:
+        root = args.data or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_s6_"))
+        t0 = time.perf_counter()
+        results["data"] = bench_s6_data.write_folder(root, args.count, args.seed)
+        log(f"{bench_s6_data.describe(results['data'])}; ready in {time.perf_counter() - t0:.1f} s")
+        for name in only:
+            if name == "s2":
+                results["scenarios"][name] = s2_scenario(args, skip, log)
+            else:
+                results["scenarios"][name] = crops_scenario(name, root, args, skip, log)
+    print(report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+@pytest.mark.bench
+def test_bench_s6_runs() -> None:
+    results = main(["--count", "160", "--rounds", "1", "--batches", "2", "--idle", "0.1", "--s2-records", "128",
+                    "--quiet"])
+    for name, sc in results["scenarios"].items():
+        assert sc["medians"].get("ours", 0) > 0, (name, sc["skipped"])
+        for key, described in sc.get("outputs", {}).items():
+            assert described["shape"] == [64, 3, 224, 224] and described["dtype"] == "float32", (name, key)
+
+
+if __name__ == "__main__":
+    main()
