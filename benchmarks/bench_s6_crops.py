@@ -54,26 +54,33 @@ S2_LABELS = {"ours": "ours: Loader + CaffeTransform", "dali": "DALI CPU pipeline
 
 
 def ours_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
+
+    transform = fused_transform(train, dct_scale=True)
+    return _our_stream(root, transform, workers, stack)
+
+
+def fused_transform(train: bool, *, dct_scale: bool) -> Any:
+    """Ours: the fused transform with the peers' output (mean and std in pixel units)."""
     import agnostic_prefetch as ap
 
-    options = {"dtype": "float32", "layout": "CHW", "mean": peers.MEAN, "std": peers.STD}
+    options = {"dtype": "float32", "layout": "CHW", "mean": [255 * m for m in peers.MEAN],
+               "std": [255 * s for s in peers.STD], "dct_scale": dct_scale}
     if train:
-        transform = ap.RandomResizedCropDecode(peers.SIZE, **options)
-    else:
-        transform = ap.CenterCropDecode(peers.SIZE, resize=peers.RESIZE, **options)
-    return _our_stream(peers.JpegFolder(root), transform, workers, stack)
+        return ap.RandomResizedCropDecode(peers.SIZE, scale=peers.SCALE, ratio=peers.RATIO, **options)
+    return ap.CenterCropDecode(peers.SIZE, resize=peers.RESIZE, **options)
 
 
 def full_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
     transform = peers.FullDecodeTrain() if train else peers.FullDecodeEval()
-    return _our_stream(peers.JpegFolder(root), transform, workers, stack)
+    return _our_stream(root, transform, workers, stack)
 
 
-def _our_stream(source: Any, transform: Any, workers: int, stack: ExitStack) -> Callable[[], Any]:
-    from agnostic_prefetch.loader import Loader
+def _our_stream(root: str, transform: Any, workers: int, stack: ExitStack) -> Callable[[], Any]:
+    import agnostic_prefetch as ap
 
-    loader = stack.enter_context(Loader(source, peers.BATCH, workers=workers, shuffle=True, seed=0, epochs=None,
-                                        transform=transform))
+    source = ap.ImageFolderSource(root, decode=False)  # the files' bytes as "image"
+    loader = stack.enter_context(ap.Loader(source, peers.BATCH, workers=workers, shuffle=True, seed=0, epochs=None,
+                                           transform=transform))
     it = iter(loader)
     return lambda: next(it)["image"]
 

@@ -1,7 +1,7 @@
 """S6's contenders other than our fused transforms: what each peer runs, per image.
 
 - our full-decode path: the user transform one writes today (``ap.decode_image``, then
-  Pillow crops and resizes), in our ``Loader``;
+  Pillow crops and resizes), in our ``Loader`` over ``ImageFolderSource(root, decode=False)``;
 - torchvision's pipeline: torchvision's wheel does not load beside the CPU torch here, so
   the Pillow operations its transforms perform on PIL images, in the same order and with the
   same rules (``RandomResizedCrop``'s box rule drawn from torch's generator, crop then
@@ -89,22 +89,6 @@ def crop_resize(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image
 
 
 # ---- our full-decode path: the user transform written today --------------------------------
-
-
-class JpegFolder:
-    """The image folder's files as encoded bytes: ``{"image": bytes, "label": int64}``."""
-
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.samples = ImageFolderSource(root).samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        path, label = self.samples[int(index)]
-        with open(path, "rb") as f:
-            return {"image": f.read(), "label": np.int64(label)}
 
 
 def _normalised_chw(img: Image.Image) -> np.ndarray:
