@@ -21,6 +21,7 @@ pixel for pixel (tests/test_decode_box.py).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -104,9 +105,7 @@ def _import_region_library() -> Any:
             saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
             try:
                 os.dup2(devnull, 2)
-                from nvidia import nvimgcodec
-
-                _module = nvimgcodec
+                _module = importlib.import_module("nvidia.nvimgcodec")
             except (ImportError, OSError):
                 _module = None
             finally:
@@ -145,18 +144,23 @@ def box_decoder() -> str:
 
 
 def _decode_region(data: bytes | memoryview, rows: tuple[int, int], cols: tuple[int, int],
-                   gray: bool) -> np.ndarray | None:
+                   gray: bool, width: int) -> np.ndarray | None:
     """libjpeg-turbo's region decode at scale 1, or None (no region library, or it declined)."""
     decoder = _region_decoder()
     if decoder is None:
         return None
     nv = _module
+    # libjpeg-turbo upsamples chroma without its "fancy" filter when a cropped row holds two
+    # chroma samples or fewer, which changes those pixels: a region at least 32 columns wide
+    # (from an iMCU boundary, where libjpeg starts a crop anyway) keeps the filter.
+    first = cols[0] - cols[0] % 16
+    last = min(width, max(cols[1], first + 32))
     stream = nv.CodeStream(data if isinstance(data, bytes) else bytes(data))
-    region = stream.get_sub_code_stream(region=nv.Region(start=(rows[0], cols[0]), end=(rows[1], cols[1])))
+    region = stream.get_sub_code_stream(region=nv.Region(start=(rows[0], first), end=(rows[1], last)))
     image = decoder.decode(region, params=_local.params[gray])
     if image is None:  # corrupt, truncated, unusual: the whole-image path decides and names it
         return None
-    return np.asarray(image.cpu())
+    return np.asarray(image.cpu())[:, cols[0] - first : cols[1] - first]
 
 
 # -- the box -----------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def _decode_stored(data: bytes | memoryview, header: ImageHeader, rows: tuple[in
         target = _images.fast_target(header.colorspace, color)
         if target is not None:
             if scale == 1:
-                region = _decode_region(data, rows, cols, gray=target == "GRAY")
+                region = _decode_region(data, rows, cols, gray=target == "GRAY", width=stored[1])
                 if region is not None:
                     return region
             whole = _images._decode_jpeg_fast(data, color, scale)
