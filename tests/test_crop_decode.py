@@ -105,13 +105,15 @@ def test_train_without_dct_scaling_equals_torchvisions_resized_crop_value_for_va
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(40, 400), st.integers(40, 400), st.sampled_from([0, 2]), st.sampled_from([(32, 36), (56, 64)]))
-def test_eval_without_dct_scaling_is_torchvisions_within_one_level(height, width, subsampling, sizes):
+def test_eval_without_dct_scaling_is_torchvisions_within_one_level_per_resampling_pass(height, width, subsampling,
+                                                                                      sizes):
     size, shorter = sizes
     data = jpeg(photo(height, width, 1), subsampling)
     got = ap.CenterCropDecode(size, resize=shorter, dct_scale=False)({"image": data}, None)["image"].astype(int)
     # Pillow places the filter from the crop's own start, torchvision's from the image's:
-    # where two taps weigh exactly the same, the rounding can differ by one level.
-    assert np.abs(got - torchvision_eval(data, shorter, size)).max() <= 1
+    # where two taps weigh exactly the same, the rounding can differ by one level, in each
+    # of the two passes (horizontal, vertical).
+    assert np.abs(got - torchvision_eval(data, shorter, size)).max() <= 2
 
 
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 500), (500, 400), (683, 1024)])
@@ -119,7 +121,7 @@ def test_eval_without_dct_scaling_differs_from_torchvision_at_rare_values_on_pho
     data = jpeg(photo(height, width, 2))
     got = ap.CenterCropDecode(224, dct_scale=False)({"image": data}, None)["image"].astype(int)
     diff = np.abs(got - torchvision_eval(data, 256, 224))
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.005 * diff.size
+    assert diff.max() <= 2 and np.count_nonzero(diff) <= 0.005 * diff.size
 
 
 @pytest.mark.parametrize("transform", ["train", "eval"])

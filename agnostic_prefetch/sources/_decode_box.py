@@ -35,7 +35,7 @@ from PIL import Image
 from agnostic_prefetch.sources import images as _images
 from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
 
-__all__ = ["ImageHeader", "box_decoder", "decode_box", "decode_box_of", "read_header"]
+__all__ = ["EncodedImage", "ImageHeader", "box_decoder", "decode_box", "decode_box_of", "read_header"]
 
 log = logging.getLogger("agnostic_prefetch")
 
@@ -296,3 +296,36 @@ def _drafted(data: bytes | memoryview, color: bool | None, scale: int, name: str
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode {name}: {exc}") from None
     return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's encoded bytes and how its source decodes them, left for the transform: a
+    transform that crops (:class:`CaffeTransform`, :class:`RandomResizedCropDecode`) then
+    decodes only its box. Sources give these with ``decode=False``.
+
+    ``color``, ``orient``: as :func:`decode_image` takes them; ``channel_order``: ``"bgr"``
+    reverses the colour channels after decoding (an alpha channel stays last).
+    """
+
+    data: bytes
+    name: str = "image"
+    color: bool | None = None
+    orient: bool = False
+    channel_order: str = "rgb"
+
+    def header(self) -> ImageHeader:
+        """The size as decoded, from the header."""
+        return read_header(self.data, name=self.name, orient=self.orient)
+
+    def decode(self, box: Sequence[int] | None = None, header: ImageHeader | None = None) -> np.ndarray:
+        """The whole image, or its ``box`` (top, left, height, width) alone, H×W×C uint8."""
+        header = header or self.header()
+        box = (0, 0, header.height, header.width) if box is None else box
+        arr = decode_box_of(self.data, header, box, color=self.color, name=self.name)
+        if self.channel_order == "bgr" and arr.shape[2] >= 3:
+            arr = np.ascontiguousarray(arr[:, :, [2, 1, 0, 3][: arr.shape[2]]])
+        return arr
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.name}, {len(self.data)} bytes)"

@@ -1,7 +1,8 @@
 """RandomResizedCropDecode and CenterCropDecode: torchvision's ImageNet inputs, decoding only the box they keep.
 
-Each reads the encoded image in one leaf of an example (``bytes``, or a 1-D uint8 array;
-a decoded H×W×C uint8 array works too, without the saving), decodes the box the crop keeps
+Each reads the encoded image in one leaf of an example (``bytes``, a 1-D uint8 array, or
+an :class:`EncodedImage` from a source's ``decode=False``; a decoded H×W×C uint8 array
+works too, without the saving), decodes the box the crop keeps
 (at a DCT scale where the box is at least that many times the output, ``dct_scale``),
 resizes it with Pillow's antialiased bilinear filter as torchvision does on PIL images,
 flips it, and writes the output dtype and layout straight into the loader's ring slot.
@@ -18,13 +19,14 @@ from PIL import Image
 
 from agnostic_prefetch.sources._crop_sampling import centre_box, random_resized_box
 from agnostic_prefetch.sources._decode_box import (
+    EncodedImage,
     ImageHeader,
     decode_box,
     decode_box_of,
     read_header,
 )
 
-__all__ = ["CenterCropDecode", "RandomResizedCropDecode", "decode_box"]
+__all__ = ["CenterCropDecode", "EncodedImage", "RandomResizedCropDecode", "decode_box"]
 
 _DTYPES = ("uint8", "float32", "bfloat16")
 
@@ -104,6 +106,8 @@ class _CropDecode:
             raise KeyError(f"{type(self).__name__} reads the leaf {self.key!r}, but the example has "
                            f"{list(example) if isinstance(example, dict) else type(example).__name__}; "
                            "remedy: key='<the image leaf>'") from None
+        if isinstance(value, EncodedImage):  # a source's decode=False: its bytes, decoded as RGB here
+            return value.data, value.header()
         if isinstance(value, np.ndarray) and value.ndim in (2, 3) and value.dtype == np.uint8:
             pixels = value if value.ndim == 3 else value[:, :, None]
             return pixels, ImageHeader(pixels.shape[0], pixels.shape[1])
