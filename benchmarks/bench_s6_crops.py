@@ -10,7 +10,8 @@ ImageNet's mean and standard deviation:
            DALI's CPU pipeline (decoders.image_random_crop → resize → crop_mirror_normalize)
     eval   the same four with the centre crop: resize the shorter side to 256, keep 224×224
            (ours: ap.CenterCropDecode(224, resize=256))
-    S2     bench_s2_decode.py's scenario, ours against DALI's CPU pipeline only
+    S2     bench_s2_decode.py's scenario, ours (the crop box decoded alone, and the whole
+           image decoded by the source) against DALI's CPU pipeline
 
 bench_s6_peers.py says what each peer runs. Every contender of a scenario is built and warmed
 up first, then measured in interleaved rounds: ``--idle`` seconds of idling, ``LEAD``
@@ -50,7 +51,8 @@ WARMUP = 6  # batches after start-up, before the first round
 TARGETS = {"train": {"dali": 1.5, "torch": 2.0}, "eval": {"dali": 1.3, "torch": 1.5}, "s2": {"dali": 1.0}}
 LABELS = {"ours": "ours: Loader + fused decode", "full": "ours: Loader + full decode (user transform)",
           "torch": "torchvision's pipeline (torch DataLoader)", "dali": "DALI CPU pipeline"}
-S2_LABELS = {"ours": "ours: Loader + CaffeTransform", "dali": "DALI CPU pipeline (readers.caffe)"}
+S2_LABELS = {"ours": "ours: LMDBSource(decode=False) + CaffeTransform", "full": "ours: LMDBSource + CaffeTransform",
+             "dali": "DALI CPU pipeline (readers.caffe)"}
 
 
 def ours_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Callable[[], Any]:
@@ -181,7 +183,8 @@ def crops_scenario(name: str, root: str, args: argparse.Namespace, skip: set[str
 
 
 def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], None]) -> dict[str, Any]:
-    """bench_s2_decode.py's JPEG Datums + CaffeTransform: ours against DALI's CPU pipeline."""
+    """bench_s2_decode.py's JPEG Datums + CaffeTransform: ours, decoding the crop box alone
+    (``decode=False``) or the whole image in the source, against DALI's CPU pipeline."""
     from agnostic_prefetch.caffe.lmdb import LMDBSource
 
     log("S2")
@@ -191,21 +194,23 @@ def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], N
         db = os.path.join(tmp, "db")
         bench_s2_decode.build_db(db, args.s2_records)
         source = LMDBSource(db)
+        encoded = LMDBSource(db, decode=False)  # CaffeTransform decodes its crop box alone
         transform = bench_s2_decode.s2_transform()
         batches = max(1, 2 * len(source) // bench_s2_decode.BATCH)
-        for key, make in (("ours", bench_s2_decode.make_ours), ("dali", bench_s2_decode.make_dali)):
+        for key, make, src in (("ours", bench_s2_decode.make_ours, encoded), ("full", bench_s2_decode.make_ours, source),
+                               ("dali", bench_s2_decode.make_dali, source)):
             if key in skip:
                 skipped[key] = "left out by --skip"
                 continue
             try:
-                timed = make(source, transform, args.workers, batches, stack)  # warms up for one epoch
+                timed = make(src, transform, args.workers, batches, stack)  # warms up for one epoch
             except Exception as exc:
                 skipped[key] = f"did not start: {type(exc).__name__}: {exc}"
                 log(f"  {key}: {skipped[key]}")
                 continue
             runs[key] = (lambda timed=timed: (lambda seconds, items: items / seconds)(*timed()))
         rates, failed = interleave(runs, args.rounds, args.idle, log)
-    return summarise("s2", rates, {**skipped, **failed}, {"records": args.s2_records, "images_per_window": batches * 64})
+    return summarise("s2", rates, {**skipped, **failed}, {"records": args.s2_records, "images_per_window": batches * bench_s2_decode.BATCH})
 
 
 def report(results: dict[str, Any]) -> str:
