@@ -100,6 +100,33 @@ MAKERS = {"ours": ours_loader, "full": full_loader, "torch": _with_close(peers.t
           "dali": _with_close(peers.dali_loader)}
 
 
+def eval_fidelity(root: str, count: int, skip: set[str]) -> dict[str, Any]:
+    """PSNR against torchvision's evaluation pipeline (the full-decode path, equal to it to
+    2e-6: test_bench_s6.py) of ours and of DALI's, over the first ``count`` images: how many
+    came out identical, and the median and worst PSNR of the others."""
+    import agnostic_prefetch as ap
+
+    source = ap.ImageFolderSource(root, decode=False)
+    count = min(count, len(source))
+    reference = [peers.FullDecodeEval()(source[i], None)["image"] for i in range(count)]
+    contenders = {"ours": lambda: [fused_transform(False, dct_scale=True)(source[i], None)["image"] for i in range(count)],
+                  "dali": lambda: list(peers.dali_eval_images([source.samples[i][0] for i in range(count)]))}
+    found: dict[str, Any] = {}
+    for key, images in contenders.items():
+        if key in skip:
+            continue
+        try:
+            values = sorted(peers.psnr(a, b) for a, b in zip(images(), reference, strict=True))
+        except Exception as exc:
+            found[key] = f"not measured: {type(exc).__name__}: {exc}"
+            continue
+        differing = [v for v in values if v != float("inf")]  # JSON has no infinity
+        found[key] = {"images": count, "identical": count - len(differing),
+                      "median_db": statistics.median(differing) if differing else None,
+                      "min_db": differing[0] if differing else None}
+    return found
+
+
 def describe_batch(batch: Any) -> dict[str, Any]:
     """What a contender hands over: type, shape, dtype, and the values' mean and spread."""
     values = np.asarray(batch)
@@ -179,7 +206,11 @@ def crops_scenario(name: str, root: str, args: argparse.Namespace, skip: set[str
                 continue
             runs[key] = window(next_batch, args.batches)
         rates, failed = interleave(runs, args.rounds, args.idle, log)
-    return summarise(name, rates, {**skipped, **failed}, {"outputs": outputs, "images_per_window": args.batches * peers.BATCH})
+    extra: dict[str, Any] = {"outputs": outputs, "images_per_window": args.batches * peers.BATCH}
+    if not train:
+        extra["psnr_against_torchvision"] = eval_fidelity(root, 64, skip)
+        log(f"  PSNR against torchvision's evaluation pipeline: {extra['psnr_against_torchvision']}")
+    return summarise(name, rates, {**skipped, **failed}, extra)
 
 
 def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], None]) -> dict[str, Any]:
@@ -226,6 +257,10 @@ def report(results: dict[str, Any]) -> str:
                          + ", ".join(f"{v:.0f}" for v in values))
         for key, reason in sc["skipped"].items():
             lines.append(f"  {labels.get(key, key):46} skipped: {reason}")
+        for key, f in sc.get("psnr_against_torchvision", {}).items():
+            text = f if isinstance(f, str) else (f"{f['identical']} of {f['images']} identical" + (
+                f"; the others median {f['median_db']:.1f} dB, worst {f['min_db']:.1f} dB" if f["min_db"] else ""))
+            lines.append(f"  PSNR against torchvision's eval, {LABELS.get(key, key)}: {text}")
         for key, t in sc["targets"].items():
             lines.append(f"  target ours ≥ {t['at_least']}× {key}: {t['median']:.2f}× — {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
@@ -238,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=WORKERS)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
-    parser.add_argument("--batches", type=int, default=24, help="timed batches per window")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per window")
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of idling before each window")
     parser.add_argument("--s2-records", type=int, default=1000, help="JPEG Datums in S2's LMDB")
     parser.add_argument("--only", default="train,eval,s2", help="comma-separated: train,eval,s2")

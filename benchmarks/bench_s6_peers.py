@@ -210,3 +210,28 @@ def dali_loader(root: str, train: bool, threads: int) -> tuple[Callable[[], Any]
         return np.asarray(images.as_tensor())
 
     return next_batch, holder.clear  # DALI frees its threads and buffers with the last reference
+
+
+def dali_eval_images(files: list[str]) -> np.ndarray:
+    """DALI's evaluation pipeline over ``files`` in order, as one float32 N×3×224×224 array."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(files), num_threads=1, device_id=None, seed=0)
+    def pipeline() -> Any:
+        jpegs, _ = fn.readers.file(files=files, random_shuffle=False)
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_shorter=RESIZE)
+        return fn.crop_mirror_normalize(images, crop=(SIZE, SIZE), mean=[255 * m for m in MEAN],
+                                        std=[255 * s for s in STD], dtype=types.FLOAT, output_layout="CHW")
+
+    pipe = pipeline()
+    pipe.build()
+    (images,) = pipe.run()
+    return np.array(images.as_tensor())
+
+
+def psnr(ours: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR in dB of two normalised C×H×W images, measured in grey levels (inf when equal)."""
+    levels = (ours - reference) * (255 * np.array(STD, np.float32)[:, None, None])
+    mse = float(np.mean(levels.astype(np.float64) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
