@@ -10,6 +10,8 @@ ImageNet's mean and standard deviation:
            DALI's CPU pipeline (decoders.image_random_crop → resize → crop_mirror_normalize)
     eval   the same four with the centre crop: resize the shorter side to 256, keep 224×224
            (ours: ap.CenterCropDecode(224, resize=256))
+    cost   the work per image on one core, no loader (DALI: a one-thread pipeline), train
+           and eval: what decides the ratios when every contender has the same two cores
     S2     bench_s2_decode.py's scenario, ours (the crop box decoded alone, and the whole
            image decoded by the source) against DALI's CPU pipeline
 
@@ -162,7 +164,7 @@ def interleave(runs: dict[str, Callable[[], float]], rounds: int, idle: float, l
             except Exception as exc:
                 failed[name] = f"failed in round {r + 1}: {type(exc).__name__}: {exc}"
                 log(f"  {name}: {failed[name]}")
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rates.items() if v and n not in failed))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.3g}" for n, v in rates.items() if v and n not in failed))
     return {n: v for n, v in rates.items() if n not in failed}, failed
 
 
@@ -213,6 +215,51 @@ def crops_scenario(name: str, root: str, args: argparse.Namespace, skip: set[str
     return summarise(name, rates, {**skipped, **failed}, extra)
 
 
+def cost_scenario(root: str, args: argparse.Namespace, skip: set[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Milliseconds of work per image, one contender at a time on one core (DALI: one thread),
+    no loader: what decides the ratios when every contender has the same two cores."""
+    import agnostic_prefetch as ap
+
+    log("cost per image, one core")
+    source = ap.ImageFolderSource(root, decode=False)
+    items = [source[i] for i in range(0, len(source), max(1, len(source) // 300))]
+    runs: dict[str, Callable[[], float]] = {}
+    skipped: dict[str, str] = {}
+    with ExitStack() as stack:
+        for train in (True, False):
+            phase = "train" if train else "eval"
+            steps = {"ours": fused_transform(train, dct_scale=True),
+                     "full": peers.FullDecodeTrain() if train else peers.FullDecodeEval()}
+            for key, step in steps.items():
+                runs[f"{phase} {key}"] = (lambda step=step: _per_image(
+                    lambda: [step(item, np.random.default_rng(i)) for i, item in enumerate(items)], len(items)))
+            folder = peers.TorchvisionFolder(root, train)
+            if "torch" not in skip:
+                runs[f"{phase} torch"] = (lambda folder=folder: _per_image(
+                    lambda: [folder[i] for i in range(0, len(folder), max(1, len(folder) // 300))], len(items)))
+            if "dali" not in skip:
+                try:
+                    next_batch = _with_close(lambda r, t, w: peers.dali_loader(r, t, 1))(root, train, 1, stack)
+                    next_batch()
+                    runs[f"{phase} dali"] = (lambda next_batch=next_batch: _per_image(
+                        lambda: [next_batch() for _ in range(4)], 4 * peers.BATCH))
+                except Exception as exc:
+                    skipped[f"{phase} dali"] = f"did not start: {type(exc).__name__}: {exc}"
+        rates, failed = interleave(runs, args.rounds, 0.0, log)
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    work = {f"{phase} {key}": statistics.median(rates[f"{phase} {key}"][i] / rates[f"{phase} ours"][i]
+                                                for i in range(len(rates[f"{phase} ours"])))
+            for phase in ("train", "eval") for key in ("full", "torch", "dali") if f"{phase} {key}" in rates}
+    return {"ms_per_image": rates, "medians": medians, "peer_over_ours": work, "skipped": {**skipped, **failed},
+            "images": len(items)}
+
+
+def _per_image(run: Callable[[], Any], images: int) -> float:
+    start = time.perf_counter()
+    run()
+    return 1000 * (time.perf_counter() - start) / images
+
+
 def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], None]) -> dict[str, Any]:
     """bench_s2_decode.py's JPEG Datums + CaffeTransform: ours, decoding the crop box alone
     (``decode=False``) or the whole image in the source, against DALI's CPU pipeline."""
@@ -247,6 +294,13 @@ def s2_scenario(args: argparse.Namespace, skip: set[str], log: Callable[[str], N
 def report(results: dict[str, Any]) -> str:
     lines = []
     for name, sc in results["scenarios"].items():
+        if name == "cost":
+            lines.append("\nWork per image, one core, no loader (ms; DALI: one thread); peer's time / ours")
+            for key, values in sc["ms_per_image"].items():
+                ratio = sc["peer_over_ours"].get(key)
+                lines.append(f"  {key:14} {sc['medians'][key]:6.2f} {f'{ratio:.2f}x' if ratio else '':>8}  "
+                             + ", ".join(f"{v:.2f}" for v in values))
+            continue
         lines.append(f"\nS6 {name}" if name != "s2" else "\nS2 (JPEG Datums + CaffeTransform)")
         lines.append(f"  {'contender':46} {'images/s':>9} {'ours vs it':>11}  per round")
         labels = S2_LABELS if name == "s2" else LABELS
@@ -276,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batches", type=int, default=40, help="timed batches per window")
     parser.add_argument("--idle", type=float, default=1.0, help="seconds of idling before each window")
     parser.add_argument("--s2-records", type=int, default=1000, help="JPEG Datums in S2's LMDB")
-    parser.add_argument("--only", default="train,eval,s2", help="comma-separated: train,eval,s2")
+    parser.add_argument("--only", default="train,eval,s2,cost", help="comma-separated: train,eval,s2,cost")
     parser.add_argument("--skip", default="", help="comma-separated contenders to leave out: full,torch,dali")
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--quiet", action="store_true")
@@ -298,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in only:
             if name == "s2":
                 results["scenarios"][name] = s2_scenario(args, skip, log)
+            elif name == "cost":
+                results["scenarios"][name] = cost_scenario(root, args, skip, log)
             else:
                 results["scenarios"][name] = crops_scenario(name, root, args, skip, log)
     print(report(results))
@@ -312,6 +368,9 @@ def test_bench_s6_runs() -> None:
     results = main(["--count", "160", "--rounds", "1", "--batches", "2", "--idle", "0.1", "--s2-records", "128",
                     "--quiet"])
     for name, sc in results["scenarios"].items():
+        if name == "cost":
+            assert sc["medians"]["train ours"] > 0 and sc["medians"]["eval ours"] > 0, sc["skipped"]
+            continue
         assert sc["medians"].get("ours", 0) > 0, (name, sc["skipped"])
         for key, described in sc.get("outputs", {}).items():
             assert described["shape"] == [64, 3, 224, 224] and described["dtype"] == "float32", (name, key)
