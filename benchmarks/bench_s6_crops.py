@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(msg, file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {"command": " ".join(["python benchmarks/bench_s6_crops.py", *(argv or sys.argv[1:])]),
-                               "cpus": len(os.sched_getaffinity(0)), "scenarios": {}}
+                               "cpus": len(os.sched_getaffinity(0)), "loadavg": {"before": _loadavg()}, "scenarios": {}}
     with ExitStack() as stack:
         root = args.data or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_s6_"))
         t0 = time.perf_counter()
@@ -356,11 +356,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["scenarios"][name] = cost_scenario(root, args, skip, log)
             else:
                 results["scenarios"][name] = crops_scenario(name, root, args, skip, log)
+    results["loadavg"]["after"] = _loadavg()
     print(report(results))
+    print(f"load average {results['loadavg']['before']} before, {results['loadavg']['after']} after")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 @pytest.mark.bench
