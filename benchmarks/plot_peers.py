@@ -25,7 +25,7 @@ A bar is the median over rounds, its whiskers the minimum and maximum. A peer th
 not import (or fails to start) is skipped: the reason is printed, kept in the JSON and
 written on the figure.
 
-    python benchmarks/plot_peers.py                  # full run (~10 min), docs/img/peers.{png,json}
+    python benchmarks/plot_peers.py                  # full run (~10 min, and ~7 more for S6), docs/img/peers.{png,json}
     python benchmarks/plot_peers.py --quick --out /tmp/p.png --json /tmp/p.json   # ~1 min
     python benchmarks/plot_peers.py --from-json docs/img/peers.json              # re-plot only
     pytest -m bench benchmarks/test_plot_peers.py    # the quick run as a test
