@@ -209,6 +209,13 @@ class LoaderCore:
             seq = (epoch + 1) * bpe
         return count - sum(1 for s in position.ahead if s < end)
 
+    def next_length(self) -> int:
+        """Batches the next iteration yields (``len(loader)``)."""
+        if self.epochs is None:
+            raise TypeError("a Loader with epochs=None never ends and has no length")
+        position = self.position()
+        return self.remaining(position, iteration_end(position, self.epochs, self.bpe))
+
     def cancel(self, cursor: Cursor) -> None:
         """End ``cursor``'s iteration from any thread; a ``next()`` waiting in it wakes at once."""
         if not cursor.ended:

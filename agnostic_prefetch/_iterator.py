@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch._core import CLOSED, Cursor, LoaderCore
+from agnostic_prefetch._inflight import Ready
 from agnostic_prefetch._resume import ENDLESS
-from agnostic_prefetch._schedule import Ready, Scheduler
+from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch.errors import LoaderError

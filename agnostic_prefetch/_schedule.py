@@ -17,14 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from agnostic_prefetch import _pool, _supervisor
 from agnostic_prefetch._accounts import Board
 from agnostic_prefetch._drive import Drive
+from agnostic_prefetch._inflight import InFlight, Ready
+from agnostic_prefetch._inflight import load as _load
 from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, MAGIC
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._messages import Done, Message, Note, StartFailed
@@ -46,35 +45,6 @@ log = logging.getLogger("agnostic_prefetch")
 # How long close() waits for the driving thread: a woken one leaves within microseconds; one
 # filling a batch itself (workers=0) cannot be interrupted, and releases all as it leaves.
 _LEAVE_S = 0.2
-
-
-def _load(worker: _pool.Worker) -> int:
-    return len(worker.outstanding)
-
-
-@dataclass(slots=True)
-class _Order:
-    seq: int
-    slot: int
-    worker: _pool.Worker
-    indices: np.ndarray
-    stale: bool = False  # no position needs it any more: its result is thrown away
-    progress: int = -1  # items filled when ``_progress`` last looked
-    progress_at: float = field(default_factory=time.monotonic)  # when the progress last moved
-    warned: bool = False  # this stall was logged
-
-
-@dataclass(slots=True)
-class Ready:
-    """A filled batch waiting its turn: its slot, item count, list leaves and skipped records."""
-
-    slot: int
-    count: int
-    objects: list[list[Any]]
-    skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
-    indices: np.ndarray  # the records ordered (skipped ones among them)
-    shapes: list[tuple[int, ...]] | None = None  # per array leaf, with shapes="per_batch"
-    outside: list[np.ndarray] | None = None  # array leaves of a batch larger than its slot
 
 
 class Scheduler:
@@ -128,8 +98,8 @@ class Scheduler:
         self._headers: memoryview | None = memoryview(ring.map)[: ring.extra_offset].cast("q")
         self._words_per_slot = ring.slot_bytes // 8
         self._progress = ProgressWatch(timeout, stall_warning, self._headers, self._words_per_slot, locate,
-                                       self._bpe)
-        self._orders: dict[int, _Order] = {}
+                                       self.epoch_number)
+        self._orders: dict[int, InFlight] = {}
         self._order_ids = itertools.count()
         self._ready: dict[int, Ready] = {}
         self._failed: dict[int, WorkerError] = {}
@@ -274,6 +244,10 @@ class Scheduler:
 
     # ---- bookkeeping --------------------------------------------------------------------
 
+    def epoch_number(self, seq: int) -> tuple[int, int]:
+        """The epoch and batch number that ``seq`` stands for."""
+        return divmod(seq, self._bpe)
+
     def _drop(self, ready: Ready) -> None:
         """Let go of a ready batch nobody will take (its slot, if it is in one)."""
         if ready.outside is None:
@@ -309,7 +283,7 @@ class Scheduler:
             return None
         slot = self.table.order()
         order_id = next(self._order_ids)
-        self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
+        self._orders[order_id] = InFlight(seq, slot, worker, batch.indices)
         self._pending.add(seq)
         worker.outstanding.append(order_id)
         return Order(order_id, slot, epoch, number, batch.indices, batch.first_position, batch.item_positions,
@@ -334,9 +308,9 @@ class Scheduler:
         if self.members.retiring:
             self.members.answered(worker)
         if kind is Done:
-            _, count, objects, skipped, trace, shapes, overflow = message
+            _, count, objects, skipped, trace, shapes, overflow, _ = message
             if trace is not None and self._trace.tracers:
-                self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), trace)
+                self._trace.worker_batch(worker, *self.epoch_number(order.seq), trace)
             self._check_header(order, count)
             if order.stale or overflow is not None:  # (a batch larger than its slot came here)
                 self.table.discard(order.slot)
@@ -348,13 +322,13 @@ class Scheduler:
             return
         self.table.discard(order.slot)
         if not order.stale:
-            self._failed[order.seq] = _supervisor.record_failed(worker, message, *divmod(order.seq, self._bpe))
+            self._failed[order.seq] = _supervisor.record_failed(worker, message, *self.epoch_number(order.seq))
 
-    def _check_header(self, order: _Order, count: int) -> None:
+    def _check_header(self, order: InFlight, count: int) -> None:
         words = self._headers
         assert words is not None
         at = order.slot * self._words_per_slot
-        epoch, number = divmod(order.seq, self._bpe)
+        epoch, number = self.epoch_number(order.seq)
         if (words[at + H_MAGIC], words[at + H_EPOCH], words[at + H_NUMBER], words[at + H_COUNT]) != (
                 MAGIC, epoch, number, count):
             raise LoaderError(  # pragma: no cover - guards the slot protocol itself

@@ -84,6 +84,7 @@ class Job:
     worker_init: Any = None
     board_offset: int = 0  # where the accounting block starts in the ring (_accounts.py)
     rows: RowLayout | None = None  # sequence batching (batching=): how rows are filled
+    stream: Any = None  # a stream source: the worker count and shard (_stream_read.StreamJob)
 
 
 class Filler:

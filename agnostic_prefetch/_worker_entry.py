@@ -28,7 +28,8 @@ from types import ModuleType
 from typing import Any
 
 from agnostic_prefetch._messages import StartFailed, encode
-from agnostic_prefetch._worker import Filler, Job, picklable, serve
+from agnostic_prefetch._stream_fill import make_filler
+from agnostic_prefetch._worker import Job, picklable, serve
 
 
 def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     view = memoryview(ring)
 
     worker_id = int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0"))
-    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes],
-                    view[job.board_offset :], worker_id)
+    filler = make_filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes],
+                         view[job.board_offset :], worker_id, own_process=True)
     serve(filler, orders, results, worker_id)
 
 

@@ -21,10 +21,12 @@ from agnostic_prefetch._describe import describe
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout
 from agnostic_prefetch._lengths import MEASURE_BATCH
-from agnostic_prefetch._resume import iteration_end
 from agnostic_prefetch._settings import LoaderOptions
+from agnostic_prefetch._stream_core import StreamCore
+from agnostic_prefetch._stream_iterator import StreamIterator
 from agnostic_prefetch.batching import Bucket, Pack, Pad
 from agnostic_prefetch.sources.huggingface import from_huggingface
+from agnostic_prefetch.streams import as_stream
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -42,7 +44,10 @@ class Loader:
             it should open files lazily. It may define ``__getitems__`` (one call per
             batch) and ``batch_order`` (see :class:`~agnostic_prefetch.BatchOrderSource`).
             A Hugging Face ``datasets.Dataset`` is taken as it is and read from its Arrow
-            table (:class:`~agnostic_prefetch.HuggingFaceSource`; docs/sources.md).
+            table (:class:`~agnostic_prefetch.HuggingFaceSource`; docs/sources.md). Or a
+            stream: a torch ``IterableDataset``, :class:`~agnostic_prefetch.Stream` or
+            :class:`~agnostic_prefetch.Fetcher`, each worker reading its own part, batches
+            from the workers in turn (docs/streams.md).
         batch_size: items per batch on this shard (this process).
         global_batch_size: instead of ``batch_size``: items per global batch, over all
             ``shard_count`` shards (``batch_size = global_batch_size / shard_count``).
@@ -163,7 +168,7 @@ class Loader:
             backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
             transform=transform, on_error=on_error, spec=spec, shapes=shapes, batching=batching,
             log_every=log_every, trace=trace)
-        source = from_huggingface(source) or source
+        source = from_huggingface(source) or as_stream(source) or source
         self._core = assemble(source, self.options, _measuring_pass(workers, backend))
         # What diagnose() reads: the core's timed snapshots of stats().
         self._snapshots = self._core.snapshots
@@ -239,14 +244,11 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches the next iteration yields (from where ``state_dict()`` says)."""
-        core = self._core
-        if core.epochs is None:
-            raise TypeError("a Loader with epochs=None never ends and has no length")
-        position = core.position()
-        return core.remaining(position, iteration_end(position, core.epochs, core.bpe))
+        return self._core.next_length()
 
     def __iter__(self) -> LoaderIterator:
-        return LoaderIterator(self._core, self._core.begin(None, None))
+        kind = StreamIterator if isinstance(self._core, StreamCore) else LoaderIterator
+        return kind(self._core, self._core.begin(None, None))
 
     def state_dict(self) -> dict[str, Any]:
         """The latest iterator's position (where the next ``iter()`` starts): small, JSON-able."""
