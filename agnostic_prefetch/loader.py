@@ -176,9 +176,13 @@ class Loader:
     # ---- public surface ---------------------------------------------------------------
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches one epoch yields (global batches: the same on every shard)."""
-        return self._core.bpe
+    def batches_per_epoch(self) -> int | None:
+        """Batches one epoch yields (global batches: the same on every shard); over a
+        stream, its ``batches_per_epoch``, ``None`` where it has none (known at its end)."""
+        core = self._core
+        if isinstance(core, StreamCore):
+            return core.stream.batches_per_epoch  # type: ignore[no-any-return]
+        return core.bpe
 
     @property
     def batch_size(self) -> int:
