@@ -227,6 +227,9 @@ class SlotWriter:
         self.header = buf[:HEADER_BYTES].view(np.int64)
         self.layout = layout
         self.reference = reference
+        td = layout.treedef
+        # A flat dict (the usual example): its leaves are read by key, without flattening.
+        self._flat_keys = td.keys if td.kind == "dict" and all(c.kind == "leaf" for c in td.children) else None
         self.leaves = [
             buf[a.offset : a.offset + a.item_bytes * layout.batch_size]
             .view(a.dtype)
@@ -260,13 +263,15 @@ class SlotWriter:
             LayoutError: the example's structure, shape or dtype differs from the layout.
         """
         layout = self.layout
-        leaves, treedef = flatten(example)
-        if treedef != layout.treedef:
-            raise LayoutError(
-                f"record {index} has structure {_describe_tree(leaves, treedef)}, but the "
-                f"first example had {layout.describe()}. Every record must have the same "
-                "keys; make the source or transform return the same structure."
-            )
+        leaves = self._flat_leaves(example)
+        if leaves is None:
+            leaves, treedef = flatten(example)
+            if treedef != layout.treedef:
+                raise LayoutError(
+                    f"record {index} has structure {_describe_tree(leaves, treedef)}, but the "
+                    f"first example had {layout.describe()}. Every record must have the same "
+                    "keys; make the source or transform return the same structure."
+                )
         values = []
         arrays = iter(layout.arrays)
         objects = []
@@ -298,6 +303,21 @@ class SlotWriter:
                     continue  # the transform wrote it in place (writes_into_slot)
             dest[j] = a
         return objects
+
+    def _flat_leaves(self, example: Any) -> list[Any] | None:
+        """A flat dict example's leaves in flatten order, if the layout is one and so is the
+        example (the same keys, no container among the values); else ``None``."""
+        keys = self._flat_keys
+        if keys is None or type(example) is not dict or len(example) != len(keys):
+            return None
+        try:
+            leaves = [example[k] for k in keys]
+        except KeyError:
+            return None
+        for value in leaves:
+            if isinstance(value, dict | list | tuple):
+                return None
+        return leaves
 
     @staticmethod
     def _check_scalar(a: np.ndarray, spec: ArrayLeaf, index: int) -> None:

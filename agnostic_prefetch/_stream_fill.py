@@ -124,7 +124,7 @@ class StreamFiller:
         objects: list[list[Any]] = [[] for _ in job.layout.object_paths]
         skipped: list[tuple[int, str]] = []
         spans: list[Any] | None = [] if keep_spans else None
-        times = [0.0, 0.0, 0.0]  # read, transform, write
+        read_s = transform_s = write_s = 0.0
         sampled = [0.0] * 7
         countdown = self.account.countdown
         now, cpu = time.perf_counter, time.thread_time
@@ -174,9 +174,9 @@ class StreamFiller:
                               traceback.format_exc(), where, remedy)
             failures = 0
             t3 = now()
-            times[0] += t1 - t0
-            times[1] += t2 - t1
-            times[2] += t3 - t2
+            read_s += t1 - t0
+            transform_s += t2 - t1
+            write_s += t3 - t2
             if sample:
                 c3 = cpu()
                 sampled[0] += 1
@@ -184,15 +184,16 @@ class StreamFiller:
                                sampled[4] + c2 - c1, sampled[5] + t3 - t2, sampled[6] + c3 - c2]
             if spans is not None:
                 spans.append((item - 1, t0, t1, t2, t3))
-            for column, value in zip(objects, item_objects, strict=True):
-                column.append(value)
+            if item_objects:
+                for column, value in zip(objects, item_objects, strict=True):
+                    column.append(value)
             count += 1
             header[H_PROGRESS] = count
         reader.items = item if not reader.ended else item - 1
         self.account.countdown = countdown
         if sampled[0]:
             self.account.add_sampled(sampled)
-        return count, objects, skipped, spans, times
+        return count, objects, skipped, spans, (read_s, transform_s, write_s)
 
 
 def make_filler(job: Job, slot_view: Any, board: memoryview | None, row: int, *,
