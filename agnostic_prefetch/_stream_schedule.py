@@ -132,42 +132,56 @@ class StreamScheduler(Scheduler):
                 worker = by_id[0] if 0 in by_id else next(iter(by_id.values()))
                 batches[worker] = [self._stream_order(seq, worker, PAD_ONLY)]
                 free -= 1
+        ahead_count = [ahead]
+
+        def orderable(w: int) -> tuple[int, int] | None:
+            """Worker ``w``'s next batch to order, if one may be ordered now (slots aside)."""
+            e, j = self._next[w]
+            stop = self._ends.get((e, w))
+            if stop is not None and j >= stop:  # its stream ended: on to the next epoch's
+                self._next[w] = (e, j) = (e + 1, 0)
+            if e >= limit or (self._cap is not None and j >= self._cap):
+                return None
+            if e > epoch:
+                if ahead_count[0] < 0:
+                    ahead_count[0] = sum(1 for s in self._pending if _unkey(s)[0] > epoch)
+                if ahead_count[0] >= self._ahead_limit:
+                    return None
+            return e, j
+
         while free:
+            # The worker whose next batch comes first, among those with room; it is then
+            # topped up to its capacity in one write (each write wakes a worker).
             best = None
             for w in range(self._workers):
-                e, j = self._next[w]
-                stop = self._ends.get((e, w))
-                if stop is not None and j >= stop:
-                    self._next[w] = (e, j) = (e + 1, 0)
-                if e >= limit or (self._cap is not None and j >= self._cap):
-                    continue
-                if e > epoch:
-                    if ahead < 0:
-                        ahead = sum(1 for s in self._pending if _unkey(s)[0] > epoch)
-                    if ahead >= self._ahead_limit:
-                        continue
                 worker = by_id.get(w)
-                if worker is None:
+                turn = orderable(w) if worker is not None else None
+                if turn is None:
                     continue
                 load = len(worker.outstanding)
                 if load >= worker.capacity or (worker not in batches and load > worker.capacity // 2):
                     continue
                 if worker.on_demand and self._takeable(position):
                     continue
-                if best is None or (e, j, w) < best:
-                    best = (e, j, w)
+                if best is None or (*turn, w) < best:
+                    best = (*turn, w)
             if best is None:
                 break
-            e, j, w = best
+            w = best[2]
             worker = by_id[w]
-            reopen = w in self._reopen
-            state = self._reopen.pop(w, None)
-            order = self._stream_order(key(e, w, j), worker, RESTART if reopen else 0, state)
-            batches.setdefault(worker, []).append(order)
-            self._next[w] = (e, j + 1)
-            if e > epoch:
-                ahead += 1
-            free -= 1
+            while free and len(worker.outstanding) < worker.capacity:
+                turn = orderable(w)
+                if turn is None:
+                    break
+                e, j = turn
+                reopen = w in self._reopen
+                state = self._reopen.pop(w, None)
+                batches.setdefault(worker, []).append(
+                    self._stream_order(key(e, w, j), worker, RESTART if reopen else 0, state))
+                self._next[w] = (e, j + 1)
+                if e > epoch:
+                    ahead_count[0] += 1
+                free -= 1
         if not free and not self._full_since:
             self._full_since = time.perf_counter()
         for worker, orders in batches.items():
