@@ -236,6 +236,12 @@ class SlotWriter:
             .reshape((layout.batch_size, *a.shape))
             for a in layout.arrays
         ]
+        # A flat dict of numpy scalars (tiny items): each written by key when it has its
+        # leaf's exact scalar type, with nothing to check.
+        scalars_only = (self._flat_keys is not None and len(layout.arrays) == len(td.keys)
+                        and all(a.shape == () for a in layout.arrays))
+        self._scalars = ([(k, leaf, a.dtype.type) for k, leaf, a in zip(td.keys, self.leaves, layout.arrays, strict=True)]
+                         if scalars_only else None)
 
     def arrays(self, count: int) -> list[np.ndarray]:
         """The first ``count`` items of every array leaf."""
@@ -262,6 +268,18 @@ class SlotWriter:
         Raises:
             LayoutError: the example's structure, shape or dtype differs from the layout.
         """
+        scalars = self._scalars
+        if scalars is not None and type(example) is dict and len(example) == len(scalars):
+            try:
+                for key, dest, kind in scalars:
+                    value = example[key]
+                    if type(value) is not kind:
+                        break
+                    dest[j] = value
+                else:
+                    return []
+            except KeyError:
+                pass  # the general path names the difference
         layout = self.layout
         leaves = self._flat_leaves(example)
         if leaves is None:
