@@ -74,6 +74,31 @@ def scenario(name: str, large: bool, args: argparse.Namespace, log: Callable[[st
     return out
 
 
+def in_process(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, float]:
+    """Tiny items with ``workers=0``: one core filling and delivering, the per-item cost alone."""
+    import time
+
+    import agnostic_prefetch as ap
+
+    def rate(source: Any, batches: int = 3000) -> float:
+        with ap.Loader(source, core.BATCH, workers=0, epochs=None) as loader:
+            it = iter(loader)
+            for _ in range(200):
+                next(it)
+            start = time.perf_counter()
+            for _ in range(batches):
+                next(it)
+            return batches / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {"stream": [], "map-style": []}
+    for _ in range(args.repeats):
+        rates["stream"].append(rate(EndlessStream(False)))
+        rates["map-style"].append(rate(core.TinyRecords(core.BATCH * 1_000_000)))
+    out = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    log(f"workers=0, tiny items: stream {out['stream']:,.0f}, map-style {out['map-style']:,.0f} batches/s")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -84,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     results = {"machine": {"cpus": os.cpu_count(), "cpu": core.cpu_model()},
                "tiny": scenario("tiny items (one int64)", False, args, print),
-               "large": scenario("224x224x3 uint8 items", True, args, print)}
+               "large": scenario("224x224x3 uint8 items", True, args, print),
+               "in_process": in_process(args, print)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
