@@ -94,7 +94,7 @@ class Stream:
 
     def __init__(self, make_iterator: Callable[[int, int], Iterator[Any]] | Iterable[Any], *,
                  batches_per_epoch: int | None = None, thread_safe: bool = False) -> None:
-        if hasattr(make_iterator, "__next__"):
+        if hasattr(make_iterator, "__next__") and not isinstance(make_iterator, type):
             raise TypeError(
                 f"ap.Stream was given an iterator ({type(make_iterator).__name__}); a stream is read once per "
                 "worker and epoch, so give the function that makes it: ap.Stream(lambda worker_id, num_workers: "

@@ -110,3 +110,10 @@ def reshaped(worker_id, num_workers):
 
 def ragged_fetch(worker_id, batch_size):
     return {"x": np.zeros(4), "y": np.zeros(3)}
+
+
+class Three(Items):
+    """An iterator class given to ap.Stream as it is: three items per worker."""
+
+    def __init__(self, worker_id, num_workers):
+        super().__init__(worker_id, num_workers, (3,))

@@ -251,6 +251,7 @@ def test_what_a_stream_cannot_do_is_refused_with_the_remedy():
         ap.Loader(gen(), 2)
     with pytest.raises(TypeError, match="give the function that makes it"):
         ap.Stream(gen())
+    assert xs(run(ap.Stream(ss.Three), 2, workers=0)) == [[0, 1], [2]]  # an iterator class makes iterators
     stream = ap.Stream(ss.stateful((4,)))
     with pytest.raises(ValueError, match="shuffle=True with a stream"):
         ap.Loader(stream, 2, shuffle=True)
