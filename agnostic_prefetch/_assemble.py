@@ -95,8 +95,9 @@ def assemble(source: Any, options: LoaderOptions, measure: Callable[[Any], Itera
         started: list[_pool.Worker] = []
         cleanup.callback(_pool.stop, started, 0.0)  # the list fills as workers start
         started += _pool.start(workers, backend, job, ring, plan.orders_per_worker)
-        spawn = (functools.partial(_start_more, job, ring, plan.orders_per_worker) if auto else None)
-        members = Membership(started, backend, spawn, ProgressWatch.period_for(pool.timeout, pool.stall_warning))
+        start_more = functools.partial(_start_more, job, ring, plan.orders_per_worker)
+        members = Membership(started, backend, start_more if auto else None,
+                             ProgressWatch.period_for(pool.timeout, pool.stall_warning), start_more)
         cleanup.callback(members.stop, 0.0)
         board = Board(ring.map, ring.extra_offset, rows)
         trace = TraceLink(board)
@@ -110,6 +111,7 @@ def assemble(source: Any, options: LoaderOptions, measure: Callable[[Any], Itera
                          timeout=pool.timeout, stall_warning=pool.stall_warning,
                          locate=getattr(source, "locate", None), lookahead=plan.slots, ordered=order.ordered, trace=trace,
                          tuner=tuner, on_released=functools.partial(_released, source),
+                         max_deaths=pool.max_worker_deaths, skip=items.skip,
                          **(scheduler_extra if stream is not None else {}))
         core = core_kind(scheduler, sampler, layout, epochs=order.epochs, ordered=order.ordered,
                          mask_key=order.mask, source=source, tuner=tuner, trace=trace,

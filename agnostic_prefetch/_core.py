@@ -250,6 +250,8 @@ class LoaderCore:
                  "slots_needed": table.slots_needed}
         if "items_per_source" in stats:
             stats["items_per_source"] = dict(stats["items_per_source"])
+        stats["deaths"] = scheduler.deaths()
+        stats["worker_deaths"] = len(stats["deaths"])
         stats.update(stage_times(scheduler, stats["wait_s"]))
         if self.tuner is not None:
             stats["auto"] = self.tuner.report()

@@ -30,6 +30,7 @@ class InFlight:
     progress: int = -1  # items filled when ``_progress`` last looked
     progress_at: float = field(default_factory=time.monotonic)  # when the progress last moved
     warned: bool = False  # this stall was logged
+    probe: bool = False  # one record read alone: does it kill its worker? (_redo.py)
 
 
 @dataclass(slots=True)

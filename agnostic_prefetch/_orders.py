@@ -22,7 +22,7 @@ __all__ = ["Order", "pack_orders", "unpack_orders"]
 # segment count (-1: none), rows and keys (its positions, row lengths and segments follow);
 # for a stream batch -2, its flags and the length of the pickled state that follows
 _ORDER_HEADER = struct.Struct("<9q")
-_STREAM = -2
+_STREAM, _POISONED = -2, -3
 RESTART, PAD_ONLY = 1, 2  # a stream order's flags
 
 
@@ -47,6 +47,9 @@ class Order:
     # ``PAD_ONLY`` fills a batch of padding only.
     stream_flags: int | None = None
     state: Any = None
+    # Records found to kill their worker are given as ``-1 - index``: the worker leaves them
+    # out as skipped records (``on_error="skip"``) instead of reading them.
+    poisoned: bool = False
 
 
 def pack_orders(orders: list[Order]) -> bytes:
@@ -62,7 +65,7 @@ def pack_orders(orders: list[Order]) -> bytes:
             continue
         if plan is None:
             parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position,
-                                            len(o.indices), -1, 0, 0))
+                                            len(o.indices), _POISONED if o.poisoned else -1, 0, 0))
             parts.append(o.indices.astype(np.int64, copy=False).tobytes())
             continue
         assert o.positions is not None
@@ -87,7 +90,7 @@ def unpack_orders(message: bytes) -> list[Order]:
             orders.append(Order(order_id, slot, epoch, number, indices, first, stream_flags=rows, state=state))
             continue
         if segments < 0:
-            orders.append(Order(order_id, slot, epoch, number, indices, first))
+            orders.append(Order(order_id, slot, epoch, number, indices, first, poisoned=segments == _POISONED))
             continue
         positions = np.frombuffer(message, np.int64, n, offset)
         offset += 8 * n

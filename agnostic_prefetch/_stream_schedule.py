@@ -254,6 +254,11 @@ class StreamScheduler(Scheduler):
         worker.outstanding.append(order_id)
         return Order(order_id, slot, epoch, j, _NO_ITEMS, 0, stream_flags=flags, state=state)
 
+    def _on_death(self, worker: Any) -> None:
+        raise _supervisor.died(worker, "a stream's worker cannot be replaced with its batches redone, as its place "
+                               "in its stream died with it; build a new loader (load_state_dict resumes a "
+                               "stream that keeps state exactly)")
+
     def _on_message(self, worker: Any, message: Message) -> None:
         order = self._orders.get(message[0]) if type(message) is Done else None
         super()._on_message(worker, message)

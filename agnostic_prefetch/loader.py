@@ -93,6 +93,14 @@ class Loader:
         stall_warning: seconds a worker may go without progress before a WARNING is logged
             with the record it is on and its Python stack (once per stall; the loader keeps
             waiting); ``None``: no warning.
+        max_worker_deaths: a worker process that dies (killed, out of memory, a crash in a
+            decoder) is replaced and the batches it was filling are filled again, the same
+            items with the same draws, so nothing is lost or repeated; a WARNING names each
+            death and ``stats()["worker_deaths"]`` counts them. A record that kills every
+            worker reading it is found and follows ``on_error`` (named, or left out). More
+            than this many deaths in any 60 s stop the loader, naming every one; 0: the
+            first death does (``WorkerDiedError``). Threads, ``workers=0`` and streams
+            cannot be replaced: a death there stops the loader.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
         spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
             for the slot layout instead of reading one example in the parent; with
@@ -154,6 +162,7 @@ class Loader:
         on_error: str = "raise",
         timeout: float | None = None,
         stall_warning: float | None = 60.0,
+        max_worker_deaths: int = 8,
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
         shapes: str = "fixed",
@@ -165,7 +174,8 @@ class Loader:
             batch_size=batch_size, global_batch_size=global_batch_size, shuffle=shuffle, seed=seed,
             epochs=epochs, drop_remainder=drop_remainder, remainder=remainder, mask_key=mask_key,
             ordered=ordered, shard_index=shard_index, shard_count=shard_count, workers=workers,
-            backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
+            backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning,
+            max_worker_deaths=max_worker_deaths, worker_init=worker_init,
             transform=transform, on_error=on_error, spec=spec, shapes=shapes, batching=batching,
             log_every=log_every, trace=trace)
         source = from_huggingface(source) or as_stream(source) or source
