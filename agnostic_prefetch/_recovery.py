@@ -7,8 +7,8 @@ draws: the caller sees the batches of a run without the fault. The scheduler
 account: each death (worker, exit, the OOM killer where the cgroup says, the batches redone),
 the limit (more than ``max_deaths`` in any :data:`WINDOW_S` seconds stops the loader, naming
 every one), and the record under suspicion. A worker's slot header says which item it was
-on when it died (``H_PROGRESS``); a batch that kills twice on the same item has that record
-read alone in a fresh worker (a *probe*): if the probe dies too, the record is to blame and
+on when it died (``H_PROGRESS``); a record two workers died on (in any batch) is read alone
+in a fresh worker (a *probe*): if the probe dies too, the record is to blame and
 ``on_error`` decides (``"raise"`` names it, ``"skip"`` leaves it out of the batch); if the probe
 survives, the deaths came from outside (a kill, the OOM killer) and the batch is simply
 filled again.
@@ -60,7 +60,7 @@ class Recovery:
     max_deaths: int
     skip: bool = False  # on_error="skip": a record found to kill is left out
     deaths: list[Death] = field(default_factory=list)
-    _strikes: dict[tuple[int, int], list[Death]] = field(default_factory=dict)  # (seq, record) -> deaths
+    _strikes: dict[int, list[Death]] = field(default_factory=dict)  # record -> the deaths on it
     _oom: int | None = field(default_factory=lambda: oom_kills())
 
     def reason(self, exit_reason: str) -> str:
@@ -83,7 +83,7 @@ class Recovery:
         self.deaths.append(death)
         action = REDO
         if seq is not None and record is not None:
-            strikes = self._strikes.setdefault((seq, record), [])
+            strikes = self._strikes.setdefault(record, [])
             strikes.append(death)
             if probe:
                 action = CULPRIT
@@ -102,16 +102,9 @@ class Recovery:
                 "load_state_dict resumes exactly in a new loader.")
         return action
 
-    def cleared(self, seq: int, record: int) -> None:
-        """The record read alone did not kill its worker: the deaths came from outside."""
-        self._strikes.pop((seq, record), None)
-
-    def forget(self, seq: int) -> None:
-        """Batch ``seq`` was filled: its suspicions end."""
-        if not self._strikes:
-            return
-        for key in [k for k in self._strikes if k[0] == seq]:
-            del self._strikes[key]
+    def cleared(self, record: int) -> None:
+        """The record read alone did not kill its worker: the deaths on it came from outside."""
+        self._strikes.pop(record, None)
 
 
 def oom_kills() -> int | None:
@@ -132,10 +125,11 @@ def oom_kills() -> int | None:
 
 
 def warn_death(death: Death, replacement: str, recent: int, limit: int) -> None:
+    count = ("the record is to blame: its deaths do not count against max_worker_deaths" if death.blamed else
+             f"death {recent} in the last {WINDOW_S:.0f} s; more than max_worker_deaths={limit} stop the loader")
     log.warning("%s %s while loading%s; %s replaces it and batches %s (epoch, number) are filled again, so "
-                "nothing is lost or repeated (death %d in the last %.0f s; more than max_worker_deaths=%d stop "
-                "the loader)", death.worker, death.reason, f" (on {death.record})" if death.record else "",
-                replacement, death.batches, recent, WINDOW_S, limit)
+                "nothing is lost or repeated (%s)", death.worker, death.reason,
+                f" (on {death.record})" if death.record else "", replacement, death.batches, count)
 
 
 def now() -> float:

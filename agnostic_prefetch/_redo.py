@@ -117,7 +117,7 @@ class Redo:
         """The record read alone did not kill its worker: the deaths came from outside."""
         self.table.discard(order.slot)
         assert self._recovery is not None
-        self._recovery.cleared(order.seq, int(order.indices[0]))
+        self._recovery.cleared(int(order.indices[0]))
         self._pending.discard(order.seq)
         self._dispatch_seq = min(self._dispatch_seq, order.seq)
 

@@ -331,8 +331,6 @@ class Scheduler(Redo):
         if order.probe:
             self._probe_answered(order)
             return
-        if self._recovery is not None:
-            self._recovery.forget(order.seq)
         if kind is Done:
             _, count, objects, skipped, trace, shapes, overflow, _ = message
             if trace is not None and self._trace.tracers:
