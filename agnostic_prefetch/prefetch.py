@@ -48,6 +48,8 @@ class Prefetcher:
       ``place_s``, ``transfer_s``, ``full_s`` (see :meth:`stats`);
     * ``close()``, a ``with`` block, or garbage collection stop the thread and let go of
       every batch in flight.
+    * In a child made by ``os.fork()``, a prefetcher of the parent's raises ``LoaderError``
+      (its thread runs in the parent only); build a new one there.
 
     At its peak it holds :meth:`held_at_peak` batches of the source at once (see there).
 
