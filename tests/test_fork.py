@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 
 import pytest
+import stream_sources as ss
 from concurrent_sources import numbered, rows, with_draw
 from sources_for_tests import OnHost
 
@@ -210,3 +211,23 @@ def test_a_child_that_exits_normally_releases_nothing_of_the_parents(backend, tm
                                  trace=str(tmp_path / "trace.json"))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "parent ok" in done.stdout, done.stderr
+
+
+def test_a_loader_over_a_stream_is_refused_in_a_forked_child_too():
+    def stream_loader() -> ap.Loader:
+        return ap.Loader(ap.Stream(ss.stateful((9, 7))), 2, workers=2, stall_warning=None)
+
+    with stream_loader() as loader:
+        expected = [b["x"].tolist() for b in loader]
+    with stream_loader() as loader:
+        it = iter(loader)
+        got = [next(it)["x"].tolist() for _ in range(2)]
+
+        def child() -> None:
+            for use in (lambda: next(it), lambda: iter(loader), lambda: loader.load_state_dict(loader.state_dict())):
+                with pytest.raises(LoaderError, match="belongs to process .*Build a new Loader"):
+                    use()
+
+        in_child(child)
+        got += [b["x"].tolist() for b in it]
+    assert got == expected
