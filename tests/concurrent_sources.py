@@ -71,3 +71,11 @@ class ListsItsSubprocessDescriptors:
             if "agnostic_prefetch" in target:
                 rings += 1
         return {"pipes": pipes, "rings": rings}
+
+
+def note_clean_exit(folder: str, worker_id: int) -> None:
+    """A ``worker_init``: the worker writes ``folder/<worker_id>`` as it exits by itself
+    (atexit runs on a normal exit, not when the process is killed)."""
+    import atexit
+
+    atexit.register(lambda: open(os.path.join(folder, str(worker_id)), "w").close())
