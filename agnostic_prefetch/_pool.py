@@ -23,6 +23,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from agnostic_prefetch import _fork
 from agnostic_prefetch._messages import Done, Failed
 from agnostic_prefetch._orders import Order, pack_orders
 from agnostic_prefetch._pickling import dumps
@@ -159,6 +160,7 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: 
                     os.close(fd)
             handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
                                   Connection(result_r, writable=False), capacity)
+            _fork.close_in_child(handle.orders, handle.results)  # a forked child's copies hold no pipe open
             handle.process = process
             handle.stack_fd = stack_r
             os.set_blocking(stack_r, False)
@@ -195,6 +197,7 @@ def _start_threads(count: int, job: Job, ring: Ring, capacity: int, first_id: in
         handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
                               Connection(result_r, writable=False), capacity)
         worker_orders, worker_results = Connection(order_r, writable=False), Connection(result_w, readable=False)
+        _fork.close_in_child(handle.orders, handle.results, worker_orders, worker_results)
         filler = make_filler(job, ring.slot_view, ring.extra_view(), worker_id, own_process=False)
 
         def run(filler: Filler | StreamFiller = filler, o: Connection = worker_orders, r: Connection = worker_results,

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
+    for fd in (order_fd, result_fd, stack_fd, ring_fd):
+        # pass_fds made them inheritable; a process the user's source starts must not hold
+        # them (a helper that outlives this worker would keep its pipes open, and the ring).
+        os.set_inheritable(fd, False)
     _die_with_parent(parent_pid, bool(use_pdeathsig))
     sys.meta_path.insert(0, _AfterImport("torch", _one_torch_thread))
     faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)

@@ -128,6 +128,11 @@ class Loader:
     raises ``StopIteration``) and continues where ``loader.state_dict()`` says: the end of
     an iteration that was broken off, or else the next epoch.
 
+    Threads and forks: loaders are independent, and may be built, read and closed from any
+    thread. In a child made by ``os.fork()``, a loader of the parent's refuses to load
+    (``LoaderError``; build a new one there) and its ``close()`` leaves the parent's alone
+    (docs/design.md).
+
     Raises:
         ValueError: bad arguments, naming the remedy.
         RingTooLargeError: the ring does not fit in memory.
