@@ -17,27 +17,38 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import struct
 import tempfile
 import tracemalloc
+import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import fuzz_seeds as seeds
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agnostic_prefetch.caffe import _net_text, prototxt
+from agnostic_prefetch.caffe import _net_text, _protowire, prototxt
 from agnostic_prefetch.caffe._datum import decode_blobproto, decode_datum
-from agnostic_prefetch.caffe._protowire import WireError
+from agnostic_prefetch.caffe._protowire import (
+    I32,
+    WireError,
+    encode_key,
+    encode_len_field,
+    encode_varint,
+    encode_varint_field,
+)
 from agnostic_prefetch.caffe.image_list import ImageListError, parse_image_list
 from agnostic_prefetch.caffe.window import WindowFileError, parse_window_file
 from agnostic_prefetch.sources._tar_index import TarFormatError, scan_tar
 from agnostic_prefetch.sources._tf_example import ExampleParseError, parse_example
 from agnostic_prefetch.sources.images import ImageDecodeError, ImageTooLargeError, decode_image
-from agnostic_prefetch.sources.packed_arrays import RecordError, decode_record
+from agnostic_prefetch.sources.packed_arrays import MAGIC, RecordError, decode_record
 from agnostic_prefetch.sources.tfrecord import TFRecordError, TFRecordSource
 
 MiB = 1 << 20
@@ -196,8 +207,16 @@ def traced() -> Iterator[None]:
         tracemalloc.stop()
 
 
+def fuzz_warm(parser: Parser) -> None:
+    """Seeds built (and cached) before hypothesis draws from them, and the parser called on
+    good and bad bytes once: the lazy imports of a first call (Pillow's plugins) are not ours."""
+    for data in (*parser.seeds(), b"", bytes(64)):
+        with contextlib.suppress(*parser.errors):
+            parser.parse(data)
+
+
 def fuzz(parser: Parser, examples: int) -> None:
-    parser.seeds()  # built (and cached) before hypothesis draws from them
+    fuzz_warm(parser)
     @settings(max_examples=examples, deadline=timedelta(seconds=5), derandomize=not LONG,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
     @given(data=hostile(parser))
@@ -226,3 +245,104 @@ def test_hostile_bytes_raise_only_documented_errors_within_memory_and_time(parse
 @pytest.mark.parametrize("parser", PARSERS, ids=repr)
 def test_long_fuzz_hostile_bytes(parser):
     fuzz(parser, LONG_EXAMPLES)
+
+
+# -- regressions: the inputs that found each bug -------------------------------------------
+
+def _tar_with(field: slice, value: bytes, repair: bool = True) -> bytes:
+    data = bytearray(seeds.tar_seeds()[0])
+    data[field] = value
+    return seeds.repair_tar(bytes(data)) if repair else bytes(data)
+
+
+def _pax_tar(size: bytes) -> bytes:
+    data = seeds.tar_seeds()[2]
+    return seeds.repair_tar(data.replace(b" size=600\n", b" size=" + size + b"\n"))
+
+
+def _shape(*dims: int) -> bytes:
+    return encode_len_field(7, encode_len_field(1, b"".join(encode_varint(d) for d in dims)))
+
+
+def _record(header: str, payload: bytes = b"") -> bytes:
+    return MAGIC + struct.pack("<I", len(header)) + header.encode() + payload
+
+
+def _field(name: str, shape: str, nbytes: int = 0, offset: int = 0) -> str:
+    return f'{{"name":"{name}","dtype":"|u1","shape":{shape},"offset":{offset},"nbytes":{nbytes}}}'
+
+
+def _example(feature: bytes) -> bytes:
+    return encode_len_field(1, encode_len_field(1, encode_len_field(1, b"x") + encode_len_field(2, feature)))
+
+
+def _png16_bomb() -> bytes:
+    """A 1×1 16-bit RGB PNG whose image data inflates to 20 MB (Pillow reads its first row only)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    rows = zlib.compress(b"\0" + b"\x12\x34" * 3 + bytes(20 << 20), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _by_name(name: str) -> Parser:
+    return next(p for p in PARSERS if p.name == name)
+
+
+FOUND = {  # parser, the input, and what escaped (or what it cost) before the fix
+    "tar: checksum field no octal number (ValueError)": ("tar index", lambda: _tar_with(slice(148, 156), b"0\x02\x12\x86~T06", False)),
+    "tar: size field no octal number, checksum right (ValueError)": ("tar index", lambda: _tar_with(slice(124, 136), b"xxxxxxxxxxx\0")),
+    "tar: pax size no number (ValueError)": ("tar index", lambda: _pax_tar(b"6x0")),
+    "blobproto: dims past 2**63 with a zero (numpy ValueError)": ("blobproto", lambda: _shape(2**63, 2**63, 0)),
+    "blobproto: dims whose int64 product wraps to 0 (numpy ValueError)": ("blobproto", lambda: _shape(2**32, 2**32)),
+    "blobproto: negative legacy dims (numpy ValueError)": ("blobproto", lambda: encode_varint_field(1, -1) + encode_varint_field(2, -1)),
+    "packed arrays: a dimension of Infinity (OverflowError)": ("packed arrays", lambda: _record(f'{{"fields":[{_field("a", "[Infinity]")}]}}')),
+    "packed arrays: a header nested 100000 deep (RecursionError)": ("packed arrays", lambda: _record("[" * 100000 + "]" * 100000)),
+    "packed arrays: dims whose int64 product wraps to 0 (numpy ValueError)": ("packed arrays", lambda: _record(f'{{"fields":[{_field("a", "[4294967296,4294967296]")}]}}')),
+    "packed arrays: a huge dimension beside a zero (numpy ValueError)": ("packed arrays", lambda: _record(f'{{"fields":[{_field("a", "[1e30,0]")}]}}')),
+    "packed arrays: 40 fields over one 1 MiB span (40x the input)": ("packed arrays", lambda: _record(
+        '{"fields":[' + ",".join(_field(f"a{i}", "[1048576]", 1 << 20) for i in range(40)) + "]}", bytes(1 << 20))),
+    "tf.train.Example: 100000 unpacked int64 values (196x the input)": ("tf.train.Example", lambda: _example(
+        encode_len_field(3, (encode_key(1, 0) + encode_varint(1)) * 100000))),
+    "png gray: a 16-bit zlib bomb behind a 1x1 image (400x the input)": ("png gray", _png16_bomb),
+    "prototxt: blocks nested 5000 deep (RecursionError)": ("prototxt", lambda: b'layer { name: "a" type: "Data" ' + b"p { " * 5000 + b"}" * 5001),
+    "prototxt: bytes that are no UTF-8 (UnicodeDecodeError)": ("prototxt", lambda: b'layer { name: "\xff" }'),
+    "prototxt: 20000 layers (scanned in quadratic time and memory)": ("prototxt layers", lambda: b'layer { name: "a" type: "Conv" }\n' * 20000),
+}
+PARSERS_FOR_REGRESSIONS = [*PARSERS, Parser("prototxt layers", lambda data: _net_text.layers_of(data.decode(), "x.prototxt"),
+                                            (ValueError,), seeds.prototxt_seeds)]
+
+
+@pytest.mark.parametrize("case", list(FOUND), ids=list(FOUND))
+def test_an_input_that_found_a_bug_raises_only_documented_errors_within_memory_and_time(case):
+    name, make = FOUND[case]
+    parser = next(p for p in PARSERS_FOR_REGRESSIONS if p.name == name)
+    data = make()
+    fuzz_warm(parser)
+    with traced():
+        check(parser, data)
+
+
+def test_a_datum_of_many_short_float_runs_is_read_in_linear_time(monkeypatch):
+    """Each run of unpacked floats looked at every record after it: quadratic in the message."""
+    looked = []
+
+    class CountingNumpy:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(np, name)
+
+        def frombuffer(self, buffer: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+            looked.append(len(buffer))
+            return np.frombuffer(buffer, *args, **kwargs)
+
+    monkeypatch.setattr(_protowire, "np", CountingNumpy())
+    data = (encode_key(6, I32) + bytes(4) + encode_varint_field(5, 1)) * 20000
+    assert decode_datum(data).float_data.size == 20000
+    assert sum(looked) <= 4 * len(data)
+
+
+def test_a_double_beyond_float32_in_a_blobproto_becomes_inf_without_a_warning():
+    data = _shape(1) + encode_len_field(8, struct.pack("<d", 1e300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode_blobproto(data).tolist() == [np.inf]

@@ -104,7 +104,7 @@ def unpacked_float_run(view: memoryview, pos: int, number: int) -> tuple[np.ndar
     key = (number << 3) | I32
     assert key < 0x80
     total = (len(view) - pos) // 5
-    run, window = 0, 64
+    run, window = 0, 1
     while run < total:
         n = min(window, total - run)
         keys = np.frombuffer(view[pos + 5 * run : pos + 5 * (run + n)], dtype=np.uint8)[::5]
