@@ -28,6 +28,7 @@ log = logging.getLogger("agnostic_prefetch")
 __all__ = ["WINDOW_S", "Death", "Recovery", "oom_kills"]
 
 WINDOW_S = 60.0
+_OOM_HINT = " (SIGKILL is what the kernel's OOM killer sends: check memory)"  # _supervisor.exit_reason's
 REDO, PROBE, CULPRIT = "redo", "probe", "culprit"
 
 
@@ -67,9 +68,13 @@ class Recovery:
         """``exit_reason`` with what the cgroup says of the OOM killer since the last look."""
         now = oom_kills()
         before, self._oom = self._oom, now
-        if now is not None and before is not None and now > before:
-            return (f"{exit_reason}: the kernel's OOM killer (this cgroup's memory.events counts {now - before} "
-                    "more oom_kill); lower the memory per worker or raise the limit")
+        if now is not None and before is not None:
+            bare = exit_reason.replace(_OOM_HINT, "")
+            if now > before:
+                return (f"{bare}: the kernel's OOM killer (this cgroup counts {now - before} "
+                        "more oom_kill); lower the memory per worker or raise the limit")
+            if bare != exit_reason:
+                return f"{bare} (not by the OOM killer: this cgroup counts no new oom_kill)"
         return exit_reason
 
     def died(self, death: Death, seq: int | None, record: int | None, probe: bool) -> str:
@@ -108,19 +113,28 @@ class Recovery:
 
 
 def oom_kills() -> int | None:
-    """The ``oom_kill`` count of this process's cgroup (v2 ``memory.events``), if readable."""
+    """The ``oom_kill`` count of this process's memory cgroup (v2 ``memory.events``, v1
+    ``memory.oom_control``), if the kernel shows one here."""
     try:
         with open("/proc/self/cgroup") as f:
-            path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
-        if path is None:
-            return None
-        with open(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "memory.events")) as f:
-            for line in f:
-                name, _, value = line.partition(" ")
-                if name == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError):
+            lines = [line.strip().split(":", 2) for line in f]
+    except OSError:
         return None
+    places = []
+    for _, controllers, path in (parts for parts in lines if len(parts) == 3):
+        if controllers == "":
+            places.append(os.path.join("/sys/fs/cgroup", path.lstrip("/"), "memory.events"))
+        elif "memory" in controllers.split(","):
+            places.append(os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.oom_control"))
+    for place in places:
+        try:
+            with open(place) as f:
+                for line in f:
+                    name, _, value = line.partition(" ")
+                    if name == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
     return None
 
 

@@ -130,3 +130,14 @@ def test_max_worker_deaths_0_fails_at_the_first_as_before():
 def test_max_worker_deaths_is_checked():
     with pytest.raises(ValueError, match="max_worker_deaths"):
         ap.Loader(Slowish(8), 2, workers=0, max_worker_deaths=-1)
+
+
+def test_a_death_says_whether_the_oom_killer_did_it(monkeypatch):
+    from agnostic_prefetch import _recovery
+
+    counts = iter([0, 0, 1])
+    monkeypatch.setattr(_recovery, "oom_kills", lambda: next(counts))
+    recovery = _recovery.Recovery(3)
+    killed = "was killed by SIGKILL (SIGKILL is what the kernel's OOM killer sends: check memory)"
+    assert "not by the OOM killer" in recovery.reason(killed)
+    assert "the kernel's OOM killer (this cgroup counts 1 more oom_kill)" in recovery.reason(killed)
