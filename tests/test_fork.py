@@ -162,7 +162,12 @@ def test_a_child_alive_while_the_parent_closes_holds_none_of_the_workers_pipes_o
     try:
         os.read(started_r, 1)
         loader.close()
-        workers = [t.name for t in threading.enumerate() if t.name.startswith("agnostic_prefetch-worker")]
+        deadline = time.monotonic() + 10  # a busy machine: a thread in a batch ends after it
+        while True:
+            workers = [t.name for t in threading.enumerate() if t.name.startswith("agnostic_prefetch-worker")]
+            if not workers or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         os.write(release_w, b"!")
         os.waitpid(pid, 0)
