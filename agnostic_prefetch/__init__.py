@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from agnostic_prefetch.sharding import shard_for
     from agnostic_prefetch.sources import ArraySource
     from agnostic_prefetch.sources.arrayrecord import ArrayRecordSource
+    from agnostic_prefetch.sources.crops import (
+        CenterCropDecode,
+        RandomResizedCropDecode,
+        decode_box,
+    )
     from agnostic_prefetch.sources.huggingface import HuggingFaceSource
     from agnostic_prefetch.sources.imagefolder import ImageFolderSource
     from agnostic_prefetch.sources.images import decode_image
@@ -46,6 +51,7 @@ __all__ = [
     "BatchOrderSource",
     "Bucket",
     "CaffeTransform",
+    "CenterCropDecode",
     "Diagnosis",
     "Fetcher",
     "HuggingFaceSource",
@@ -69,7 +75,9 @@ __all__ = [
     "WebDatasetSource",
     "WorkerDiedError",
     "Prefetcher",
+    "RandomResizedCropDecode",
     "WorkerError",
+    "decode_box",
     "decode_image",
     "diagnose",
     "prefetch_to_device",
@@ -88,6 +96,9 @@ _LAZY = {
     "ArraySource": "agnostic_prefetch.sources",
     "Mixture": "agnostic_prefetch.sources.mixture",
     "decode_image": "agnostic_prefetch.sources.images",
+    "decode_box": "agnostic_prefetch.sources.crops",
+    "RandomResizedCropDecode": "agnostic_prefetch.sources.crops",
+    "CenterCropDecode": "agnostic_prefetch.sources.crops",
     "ArrayRecordSource": "agnostic_prefetch.sources.arrayrecord",
     "ParquetSource": "agnostic_prefetch.sources.parquet",
     "TFRecordSource": "agnostic_prefetch.sources.tfrecord",

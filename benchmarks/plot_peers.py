@@ -15,6 +15,11 @@ round), writes the raw figures as JSON and draws one bar chart, one panel per sc
                   per batch (bench_s3_device.py's sleep step): the share of wall time spent
                   waiting for the next batch. Ours: prefetch_to_device over the Loader;
                   peers: flax.jax_utils.prefetch_to_device over torch's and Grain's loaders.
+    S6 train      ImageNet-sized JPEGs → random-resized crop 224 + flip, float32 CHW
+                  normalised, batch 64 (bench_s6_crops.py). Images/s: ours (fused decode),
+                  ours with a full-decode user transform, torchvision's Pillow operations in
+                  a torch DataLoader, and DALI's CPU pipeline (decoders.image_random_crop).
+    S6 eval       the same, shorter side to 256 and the centre 224×224.
 
 A bar is the median over rounds, its whiskers the minimum and maximum. A peer that does
 not import (or fails to start) is skipped: the reason is printed, kept in the JSON and
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib
 import importlib.metadata
 import io
@@ -57,13 +63,15 @@ sys.path.insert(0, HERE)  # the sibling benchmark modules, whatever the working 
 
 import bench_core  # noqa: E402
 import bench_s2_decode  # noqa: E402
+import bench_s6_crops  # noqa: E402
+import bench_s6_data  # noqa: E402
 
 T = TypeVar("T")
 Log = Callable[[str], None]
 
 DEFAULT_PNG = os.path.join(REPO, "docs", "img", "peers.png")
 DEFAULT_JSON = os.path.join(REPO, "docs", "img", "peers.json")
-SCENARIOS = ("S1", "S2", "S5", "S3")
+SCENARIOS = ("S1", "S2", "S5", "S3", "S6T", "S6E")
 PEERS = ("torch", "grain", "dali")
 WORKERS = 2
 S3_STEP_RATIO = 1.25  # the step as a multiple of our loader's own time per batch
@@ -77,7 +85,7 @@ IMPORTS = {
     "jax": ("jax",),
     "skimage": ("skimage.data",),
 }
-COLOURS = {"ours": "#1f77b4", "torch": "#ff7f0e", "grain": "#2ca02c", "dali": "#9467bd"}
+COLOURS = {"ours": "#1f77b4", "full": "#aec7e8", "torch": "#ff7f0e", "grain": "#2ca02c", "dali": "#9467bd"}
 
 
 @dataclass
@@ -92,12 +100,14 @@ class Settings:
     s2_epochs: int  # epochs per S2 window
     s3_records: int
     s3_steps: int
+    s6_count: int  # JPEGs in S6's image folder
+    s6_batches: int  # per S6 window
 
     @classmethod
     def for_run(cls, quick: bool, rounds: int | None) -> Settings:
         if quick:
-            return cls(rounds or 2, 0.3, 0.3, 0.3, 256, 1, 400, 30)
-        return cls(rounds or 5, 2.0, 1.0, 1.5, 2000, 2, 2400, 300)
+            return cls(rounds or 2, 0.3, 0.3, 0.3, 256, 1, 400, 30, 160, 2)
+        return cls(rounds or 5, 2.0, 1.0, 1.5, 2000, 2, 2400, 300, 3000, 24)
 
 
 @dataclass
@@ -356,6 +366,47 @@ def s3(cfg: Settings, skip: set[str], log: Log) -> Scenario:
     return scenario
 
 
+def s6(cfg: Settings, skip: set[str], log: Log, *, root: str, train: bool) -> Scenario:
+    """S6 train or eval over an image folder under ``root`` (written once, for both)."""
+    what = "random-resized crop 224 + flip" if train else "shorter side to 256, centre 224×224"
+    scenario = Scenario(
+        f"S6 {'train' if train else 'eval'}", f"ImageNet-sized JPEGs → {what}, float32 CHW normalised, "
+        f"batch 64, {WORKERS} workers (DALI: {WORKERS} threads)", "images/s", True,
+        {"ours": f"ours: Loader +\n{'RandomResized-' if train else 'CenterCrop-'}\n{'CropDecode' if train else 'Decode'}",
+         "full": "ours: Loader +\nfull-decode\nuser transform", "torch": "torchvision ops\nin torch\nDataLoader",
+         "dali": "DALI CPU\npipeline"})
+    log(scenario.title)
+    reason = import_problem(("skimage",))
+    if reason:  # the photographs the images are made from
+        scenario.skipped.update(dict.fromkeys(scenario.labels, reason))
+        return scenario
+    manifest = bench_s6_data.write_folder(root, cfg.s6_count)
+    scenario.extra["data"] = manifest
+    with ExitStack() as stack:
+        runs: dict[str, Callable[[], float]] = {}
+        for key, make in bench_s6_crops.MAKERS.items():
+            reason = _skip_reason(key, skip, (key,) if key in PEERS else ())
+            if reason:
+                scenario.skipped[key] = reason
+                log(f"  {key}: skipped: {reason}")
+                continue
+            try:
+                t0 = time.perf_counter()
+                next_batch = make(root, train, WORKERS, stack)
+                for _ in range(bench_s6_crops.WARMUP):
+                    next_batch()
+                log(f"  {key}: started and warmed up in {time.perf_counter() - t0:.1f} s")
+            except Exception as exc:
+                scenario.skipped[key] = f"failed to start: {type(exc).__name__}: {exc}"
+                log(f"  {key}: {scenario.skipped[key]}")
+                continue
+            runs[key] = bench_s6_crops.window(next_batch, cfg.s6_batches)
+        readings, failed = interleave(runs, cfg.rounds, cfg.idle, log, lambda v: f"{v:9.0f} images/s")
+    scenario.skipped.update(failed)
+    scenario.values.update({k: v for k, v in readings.items() if k not in failed})
+    return scenario
+
+
 def _skip_reason(key: str, skip: set[str], needs: tuple[str, ...]) -> str | None:
     if key in skip:
         return "left out by --skip"
@@ -421,7 +472,8 @@ def plot(results: dict[str, Any], out: str) -> None:
     caption = [
         f"Bars: median of {rounds} round{'s' if rounds != 1 else ''}, contenders alternating within each; whiskers: "
         "min–max over the rounds. Ratios are medians of per-round ratios (> 1: ours better).",
-        "DALI runs in S2 only (its own Caffe LMDB reader, JPEG decoder and crop_mirror_normalize, device_id=None); "
+        "DALI runs in S2 (its own Caffe LMDB reader, JPEG decoder and crop_mirror_normalize, device_id=None) and S6 "
+        "(its file reader and CPU decoders); "
         "S3's peers are flax.jax_utils.prefetch_to_device(size=2) over each loader.",
         f"Shared VM (load average {loads.get('before', '?')} before, "
         f"{loads.get('after', '?')} after). Command: {meta['command']}",
@@ -499,13 +551,16 @@ def measure(argv: list[str], cfg: Settings, only: list[str], skip: set[str], log
         "python": platform.python_version(), "versions": _versions(), "package": _package_tree(),
         "settings": vars(cfg), "loadavg": {"before": _loadavg()},
     }
-    makers = {"S1": s1, "S2": s2, "S5": s5, "S3": s3}
     scenarios: dict[str, Any] = {}
     started = time.perf_counter()
-    for name in only:
-        t0 = time.perf_counter()
-        scenarios[name] = makers[name](cfg, skip, log).to_json()
-        log(f"{name} took {time.perf_counter() - t0:.0f} s")
+    with tempfile.TemporaryDirectory(prefix="plot_peers_s6_") as s6_root:
+        makers = {"S1": s1, "S2": s2, "S5": s5, "S3": s3,
+                  "S6T": functools.partial(s6, root=s6_root, train=True),
+                  "S6E": functools.partial(s6, root=s6_root, train=False)}
+        for name in only:
+            t0 = time.perf_counter()
+            scenarios[name] = makers[name](cfg, skip, log).to_json()
+            log(f"{name} took {time.perf_counter() - t0:.0f} s")
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["loadavg"]["after"] = _loadavg()
     time.sleep(0.5)  # let just-closed workers finish exiting
@@ -538,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows, small databases (a smoke run)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
-    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios of S1,S2,S5,S3")
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios of S1,S2,S5,S3,S6T,S6E")
     parser.add_argument("--skip", default="", help="comma-separated peers to leave out: torch,grain,dali")
     parser.add_argument("--out", default=DEFAULT_PNG, help="the figure (PNG)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="the raw figures")

@@ -16,7 +16,8 @@ import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot_peers.py")
 CONTENDERS = {"S1": {"ours", "torch", "grain"}, "S2": {"ours", "torch", "grain", "dali"},
-              "S5": {"ours", "torch", "grain"}, "S3": {"ours", "torch", "grain"}}
+              "S5": {"ours", "torch", "grain"}, "S3": {"ours", "torch", "grain"},
+              "S6T": {"ours", "full", "torch", "dali"}, "S6E": {"ours", "full", "torch", "dali"}}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

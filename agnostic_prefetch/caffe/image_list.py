@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.caffe._resize import resize_bilinear
+from agnostic_prefetch.sources.crops import EncodedImage
 from agnostic_prefetch.sources.images import load_image, probe_file
 
 __all__ = ["ImageListSource", "parse_image_list", "read_image_list", "ImageListError"]
@@ -83,6 +84,9 @@ class ImageListSource:
             geometry as in Caffe); both or neither.
         is_color: True gives 3 channels (gray images are expanded), False gives one (H×W×1).
         channel_order: ``"rgb"`` (default) or ``"bgr"`` (Caffe's order).
+        decode: decode each image (default), or give an :class:`EncodedImage` (the file's
+            bytes and these settings) for a transform that decodes only its crop
+            (``CaffeTransform``, ``RandomResizedCropDecode``); not with a resize.
 
     Raises:
         ImageListError: a malformed line (file and line number).
@@ -107,7 +111,13 @@ class ImageListSource:
         new_width: int = 0,
         is_color: bool = True,
         channel_order: str = "rgb",
+        decode: bool = True,
     ) -> None:
+        if not decode and new_height > 0:
+            raise ValueError(
+                "decode=False leaves decoding to the transform, which crops the stored image: it "
+                "cannot resize first; pass decode=True with new_height/new_width")
+        self.decode = bool(decode)
         if (new_height > 0) != (new_width > 0):
             raise ValueError(
                 f"set both new_height and new_width, or neither; got new_height={new_height}, "
@@ -140,6 +150,16 @@ class ImageListSource:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images in {self.list_file!r}")
+        if not self.decode:
+            path = self.path(index)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"image file not found: {path!r}") from None
+            encoded = EncodedImage(data, name=repr(path), color=self.is_color, orient=True,
+                                   channel_order=self.channel_order)
+            return {"image": encoded, "label": self.labels[index]}
         image = load_image(self.path(index), color=self.is_color)
         if self.new_height:
             image = resize_bilinear(image, self.new_height, self.new_width)

@@ -21,6 +21,7 @@ from agnostic_prefetch.caffe._datum import decode_datum
 from agnostic_prefetch.caffe._lmdb_env import acquire_env, release_env
 from agnostic_prefetch.caffe._lmdb_write import LMDBWriter
 from agnostic_prefetch.caffe._protowire import WireError
+from agnostic_prefetch.sources.crops import EncodedImage
 from agnostic_prefetch.sources.images import decode_image, probe_image
 from agnostic_prefetch.sources.packed_arrays import (
     RecordError,
@@ -88,6 +89,9 @@ class LMDBSource:
             crop or resize them to one size). Default: refuse them, since a batch needs one size.
         readahead: OS readahead on the memory map; default on when the database fits in
             half the RAM, off otherwise (random reads over a bigger-than-RAM file thrash).
+        decode: decode encoded Datums (default), or give each as an :class:`EncodedImage`
+            (its bytes and these settings) for a transform that decodes only its crop
+            (``CaffeTransform``, ``RandomResizedCropDecode``). Raw Datums are arrays either way.
 
     Raises:
         FileNotFoundError: no database at ``path`` (nothing is created there).
@@ -113,7 +117,9 @@ class LMDBSource:
         force_gray: bool = False,
         allow_varying_sizes: bool = False,
         readahead: bool | None = None,
+        decode: bool = True,
     ) -> None:
+        self.decode = bool(decode)
         self.path = os.fspath(path)
         self.channel_order = _check_channel_order(channel_order)
         if force_color and force_gray:
@@ -315,17 +321,20 @@ class LMDBSource:
         else:
             image, label = self._datum_item(value, index)
             item = {"image": image, "label": label}
-        if not self.allow_varying_sizes:
+        if not self.allow_varying_sizes and not isinstance(item.get("image"), EncodedImage):
             shapes = {k: (v.shape, v.dtype.str) for k, v in item.items()}
             if shapes != self.item_shapes:
                 raise ValueError(self._size_message(0, self.item_shapes, index, shapes))
         return item
 
-    def _datum_item(self, value: memoryview, index: int) -> tuple[np.ndarray, np.int32]:
+    def _datum_item(self, value: memoryview, index: int) -> tuple[np.ndarray | EncodedImage, np.int32]:
         # The datum's data is a view into the memory map, valid only until the cursor
         # moves: everything below copies before returning.
         datum = self._decode_datum(value, index)
         label = np.int32(datum.label)
+        if datum.encoded and not self.decode:  # copied out of the memory map
+            return EncodedImage(bytes(datum.data), name=self._describe(index), color=self._color,
+                                channel_order=self.channel_order), label
         if datum.encoded:
             # the bytes are read in place from the memory map (no copy): decoding ends before the cursor moves
             image = decode_image(datum.data, name=self._describe(index), color=self._color)

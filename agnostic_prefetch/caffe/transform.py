@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.caffe._mean import describe_mean, mean_for, resolve_mean
+from agnostic_prefetch.sources.crops import EncodedImage
 
 __all__ = ["CaffeTransform"]
 
@@ -71,6 +72,9 @@ class CaffeTransform:
 
     Random draws, all from ``rng``: the mirror coin first (when ``mirror``), then the crop
     offsets (when training with a crop) — Caffe's order.
+
+    Given an :class:`EncodedImage` (``LMDBSource``/``ImageListSource`` with ``decode=False``)
+    it decodes the crop box alone (:func:`decode_box`): the same pixels, less work.
 
     Args:
         crop_size: side of the square crop; 0 for none.
@@ -135,10 +139,15 @@ class CaffeTransform:
     def __call__(self, example: dict[str, Any], rng: np.random.Generator,
                  out: dict[str, Any] | None = None) -> dict[str, Any]:
         """Transform one example; with ``out``, write the image into ``out["image"]`` when it fits."""
-        image = np.asarray(example["image"])
-        if image.ndim != 3:
-            raise ValueError(f"CaffeTransform expects an H×W×C image, got shape {image.shape}")
-        h, w, c = image.shape
+        encoded = example["image"] if isinstance(example["image"], EncodedImage) else None
+        if encoded is not None:  # a source's decode=False: only the crop box is decoded, below
+            header = encoded.header()
+            h, w = header.height, header.width
+        else:
+            image = np.asarray(example["image"])
+            if image.ndim != 3:
+                raise ValueError(f"CaffeTransform expects an H×W×C image, got shape {image.shape}")
+            h, w, c = image.shape
         do_mirror = self.mirror and bool(rng.integers(0, 2))
         top = left = 0
         size_h, size_w = h, w
@@ -156,7 +165,11 @@ class CaffeTransform:
                 top, left = (h - size_h) // 2, (w - size_w) // 2
         # Crop and mirror are views of the input; the only pass over the pixels writes the
         # laid-out output at once, casting (and subtracting the mean) on the way.
-        crop = image[top : top + size_h, left : left + size_w]
+        if encoded is not None:
+            crop = encoded.decode((top, left, size_h, size_w), header)
+            c = crop.shape[2]
+        else:
+            crop = image[top : top + size_h, left : left + size_w]
         mean = row = None
         if self.mean is not None:
             mean = mean_for(self.mean, c, f"the {h}×{w}×{c} image")

@@ -61,6 +61,9 @@ class ImageFolderSource:
         extensions: file name endings to keep (torchvision's ``IMG_EXTENSIONS`` by default).
         storage_options: passed to fsspec for URLs.
         allow_empty: accept class folders without images (torchvision's ``allow_empty``).
+        decode: decode each image (default), or give the file's bytes as ``"image"``, for
+            a transform that decodes only what it keeps (:class:`RandomResizedCropDecode`,
+            :class:`CenterCropDecode`).
 
     Raises:
         FileNotFoundError: no class folders, or a class without images (unless
@@ -75,8 +78,10 @@ class ImageFolderSource:
     thread_safe = True
 
     def __init__(self, root: str | os.PathLike[str], *, extensions: str | Iterable[str] | None = None,
-                 storage_options: _storage.StorageOptions = None, allow_empty: bool = False) -> None:
+                 storage_options: _storage.StorageOptions = None, allow_empty: bool = False,
+                 decode: bool = True) -> None:
         self.root = os.fspath(root)
+        self.decode = bool(decode)
         self.extensions = IMG_EXTENSIONS if extensions is None else (
             (extensions,) if isinstance(extensions, str) else tuple(extensions))
         self.storage_options = dict(storage_options) if storage_options else None
@@ -161,6 +166,8 @@ class ImageFolderSource:
 
     def _item(self, index: int, data: bytes) -> dict[str, Any]:
         path, label = self.samples[index]
+        if not self.decode:
+            return {"image": data, "label": label}
         return {"image": decode_image(data, name=path, color=True), "label": label}
 
     def _check_index(self, index: int) -> int:
@@ -203,4 +210,4 @@ class ImageFolderSource:
 
     def __repr__(self) -> str:
         return (f"ImageFolderSource({self.root!r}, images={len(self)}, classes={len(self.classes)}, "
-                f"extensions={self.extensions})")
+                f"extensions={self.extensions}{'' if self.decode else ', decode=False'})")

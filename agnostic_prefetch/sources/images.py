@@ -174,19 +174,32 @@ def _decode(data: bytes | memoryview, name: str, color: bool | None, is_jpeg: bo
 _FAST_COLORSPACES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "GRAY"}
 
 
-def _decode_jpeg_fast(data: bytes | memoryview, color: bool | None) -> np.ndarray | None:
-    """simplejpeg's decoding when it gives what the Pillow path would, else None (use Pillow)."""
+def fast_target(colorspace: str, color: bool | None) -> str | None:
+    """The libjpeg-turbo output (``"RGB"`` or ``"GRAY"``) that gives what the Pillow path
+    would for a JPEG of ``colorspace``, or None where only Pillow's rules apply."""
+    target = _FAST_COLORSPACES.get(colorspace)
+    if target == "RGB" and color is False and colorspace == "YCbCr":
+        target = "GRAY"  # libjpeg-turbo's gray output of YCbCr: the Y plane, unconverted
+    if target is None or (color is not None and color != (target == "RGB")):
+        return None  # CMYK/YCCK, or a colour conversion: Pillow's own conversion rules
+    return target
+
+
+def _decode_jpeg_fast(data: bytes | memoryview, color: bool | None, scale: int = 1) -> np.ndarray | None:
+    """simplejpeg's decoding when it gives what the Pillow path would, else None (use Pillow);
+    at 1/``scale`` of the size (libjpeg's DCT scaling, ``ceil(H / scale)`` rows) when ``scale > 1``."""
     try:
         h, w, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-        target = _FAST_COLORSPACES.get(colorspace)
-        if target == "RGB" and color is False and colorspace == "YCbCr":
-            target = "GRAY"  # libjpeg-turbo's gray output of YCbCr: the Y plane, unconverted
-        if target is None or (color is not None and color != (target == "RGB")):
-            return None  # CMYK/YCCK, or a colour conversion: Pillow's own conversion rules
+        target = fast_target(colorspace, color)
+        if target is None:
+            return None
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and h * w > limit:
             return None  # Pillow raises ImageTooLargeError with its message
-        return _simplejpeg.decode_jpeg(data, colorspace=target, strict=True)
+        if scale == 1:
+            return _simplejpeg.decode_jpeg(data, colorspace=target, strict=True)
+        return _simplejpeg.decode_jpeg(data, colorspace=target, strict=True,
+                                       min_height=-(-h // scale), min_width=-(-w // scale))
     except (ValueError, TypeError, OSError):
         return None  # corrupt or unusual: Pillow decides (and names the image in its error)
 
