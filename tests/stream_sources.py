@@ -117,3 +117,23 @@ class Three(Items):
 
     def __init__(self, worker_id, num_workers):
         super().__init__(worker_id, num_workers, (3,))
+
+
+class Photos:
+    """Worker ``w`` yields ``n`` JPEG-encoded photos (bytes) of varying sizes, with their numbers."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, worker_id, num_workers):
+        import io
+
+        from PIL import Image
+
+        for k in range(self.n):
+            rng = np.random.default_rng([worker_id, k])
+            h, w = int(rng.integers(200, 400)), int(rng.integers(200, 400))
+            img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            yield {"image": buf.getvalue(), "n": np.int64(worker_id * 1000 + k)}

@@ -305,3 +305,17 @@ def test_a_stream_loader_feeds_prefetch_to_device():
     with ap.Loader(stream, 2, workers=2) as loader:
         got = [np.asarray(b["x"]).tolist() for b in ap.prefetch_to_device(loader, size=2)]
     assert got == expected
+
+
+@pytest.mark.parametrize("transform", ["train", "eval"])
+def test_the_fused_crop_decoders_run_over_a_stream_of_encoded_images(transform):
+    crop = ap.RandomResizedCropDecode(64) if transform == "train" else ap.CenterCropDecode(64)
+    stream = ap.Stream(ss.Photos(5))
+    with ap.Loader(stream, 4, workers=2, transform=crop, seed=3) as loader:
+        got = [(b["n"].tolist(), b["image"].copy()) for b in loader]
+    again = []
+    with ap.Loader(stream, 4, workers=2, transform=crop, seed=3) as loader:
+        again = [(b["n"].tolist(), b["image"].copy()) for b in loader]
+    assert [n for n, _ in got] == [[0, 1, 2, 3], [1000, 1001, 1002, 1003], [4], [1004]]
+    assert all(img.shape[1:] == (64, 64, 3) and img.dtype == np.uint8 for _, img in got)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, again, strict=True))  # deterministic
