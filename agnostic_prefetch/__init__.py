@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from agnostic_prefetch.sources.parquet import ParquetSource
     from agnostic_prefetch.sources.tfrecord import TFRecordSource
     from agnostic_prefetch.sources.webdataset import WebDatasetSource
+    from agnostic_prefetch.streams import Fetcher, Stream, StreamInfo, stream_info
     from agnostic_prefetch.tracing import trace
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "CaffeTransform",
     "CenterCropDecode",
     "Diagnosis",
+    "Fetcher",
     "HuggingFaceSource",
     "ImageFolderSource",
     "ImageListSource",
@@ -67,6 +69,8 @@ __all__ = [
     "Pad",
     "ParquetSource",
     "RingTooLargeError",
+    "Stream",
+    "StreamInfo",
     "TFRecordSource",
     "WebDatasetSource",
     "WorkerDiedError",
@@ -78,6 +82,7 @@ __all__ = [
     "diagnose",
     "prefetch_to_device",
     "shard_for",
+    "stream_info",
     "trace",
 ]
 __version__ = "0.1.0"
@@ -112,6 +117,10 @@ _LAZY = {
     "Diagnosis": "agnostic_prefetch.diagnosis",
     "trace": "agnostic_prefetch.tracing",
     "shard_for": "agnostic_prefetch.sharding",
+    "Stream": "agnostic_prefetch.streams",
+    "Fetcher": "agnostic_prefetch.streams",
+    "StreamInfo": "agnostic_prefetch.streams",
+    "stream_info": "agnostic_prefetch.streams",
 }
 
 

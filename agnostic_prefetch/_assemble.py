@@ -30,9 +30,13 @@ from agnostic_prefetch._sequences import SequenceSampler
 from agnostic_prefetch._settings import LoaderOptions
 from agnostic_prefetch._sizing import plan_ring
 from agnostic_prefetch._slots import SlotTable
+from agnostic_prefetch._stream_core import StreamCore, StreamOrder
+from agnostic_prefetch._stream_pool import read_stream_example, stream_pool
+from agnostic_prefetch._stream_schedule import StreamScheduler
 from agnostic_prefetch._worker import FillRules, Job
 from agnostic_prefetch.batching import Pack
 from agnostic_prefetch.sampler import Sampler
+from agnostic_prefetch.streams import Fetcher, Stream
 from agnostic_prefetch.tracing import TraceLink, Tracer
 
 __all__ = ["assemble"]
@@ -53,7 +57,14 @@ def assemble(source: Any, options: LoaderOptions, measure: Callable[[Any], Itera
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(let_go, source)  # what a failed construction opened in this process
         row_layout: RowLayout | None = None
-        if items.batching is not None:
+        stream = source if isinstance(source, Stream | Fetcher) else None
+        if stream is not None:
+            stream_job = stream_pool(stream, options)
+            sampler = StreamOrder(stream, order.batch_size, seed=order.seed, remainder=order.remainder,
+                                  shard_index=order.shard_index, shard_count=order.shard_count)
+            example = items.spec if items.spec is not None else read_stream_example(
+                stream, items.transform, order.seed, stream_job, items.skip)
+        elif items.batching is not None:
             assert measure is not None
             sampler, example = _sequence_order(source, options, measure)
             cleanup.callback(sampler.close)
@@ -69,31 +80,42 @@ def assemble(source: Any, options: LoaderOptions, measure: Callable[[Any], Itera
         if isinstance(sampler, SequenceSampler):
             row_layout = _row_layout(layout, sampler, order.mask)
         auto = (_autotune.plan_auto(source, items.transform, pool.backend, layout.slot_bytes, pool.slots)
-                if pool.workers == "auto" else None)
-        workers, backend = auto.first if auto else (int(pool.workers), pool.backend)
+                if pool.workers == "auto" and stream is None else None)
+        if stream is not None:
+            workers, backend = stream_job.started, stream_job.backend
+        else:
+            workers, backend = auto.first if auto else (int(pool.workers), pool.backend)
         plan = plan_ring(auto.limit if auto else workers, layout.slot_bytes, pool.slots)
         rows = auto.rows if auto else max(1, workers)
         ring = Ring(plan.slots, layout.slot_bytes, board_bytes(rows))
         cleanup.callback(ring.close)
         job = Job(source, items.transform, layout,
                   FillRules(sampler.seed, items.skip, order.mask, items.shapes == "per_batch"),
-                  pool.worker_init, ring.extra_offset, row_layout)
+                  pool.worker_init, ring.extra_offset, row_layout, stream_job.job if stream is not None else None)
         started: list[_pool.Worker] = []
         cleanup.callback(_pool.stop, started, 0.0)  # the list fills as workers start
         started += _pool.start(workers, backend, job, ring, plan.orders_per_worker)
-        spawn = (functools.partial(_start_more, job, ring, plan.orders_per_worker) if auto else None)
-        members = Membership(started, backend, spawn, ProgressWatch.period_for(pool.timeout, pool.stall_warning))
+        start_more = functools.partial(_start_more, job, ring, plan.orders_per_worker)
+        members = Membership(started, backend, start_more if auto else None,
+                             ProgressWatch.period_for(pool.timeout, pool.stall_warning), start_more)
         cleanup.callback(members.stop, 0.0)
         board = Board(ring.map, ring.extra_offset, rows)
         trace = TraceLink(board)
         tuner = _autotune.Tuner(auto) if auto else None
-        scheduler = Scheduler(sampler, ring, SlotTable(plan.slots, plan.max_held), members, board,
-                              timeout=pool.timeout, stall_warning=pool.stall_warning,
-                              locate=getattr(source, "locate", None), lookahead=plan.slots, ordered=order.ordered, trace=trace,
-                              tuner=tuner, on_released=functools.partial(_released, source))
-        core = LoaderCore(scheduler, sampler, layout, epochs=order.epochs, ordered=order.ordered,
-                          mask_key=order.mask, source=source, tuner=tuner, trace=trace,
-                          own_tracer=own_tracer, log_every=watch.log_every)
+        kind, core_kind, extra = Scheduler, LoaderCore, {}
+        if stream is not None:
+            kind, core_kind = StreamScheduler, StreamCore  # type: ignore[assignment]
+            extra = {"workers": stream_job.job.workers}
+            scheduler_extra = {**extra, "batches_per_epoch": stream.batches_per_epoch, "pad": order.mask is not None}
+        scheduler = kind(sampler, ring, SlotTable(plan.slots, plan.max_held), members, board,
+                         timeout=pool.timeout, stall_warning=pool.stall_warning,
+                         locate=getattr(source, "locate", None), lookahead=plan.slots, ordered=order.ordered, trace=trace,
+                         tuner=tuner, on_released=functools.partial(_released, source),
+                         max_deaths=pool.max_worker_deaths, skip=items.skip,
+                         **(scheduler_extra if stream is not None else {}))
+        core = core_kind(scheduler, sampler, layout, epochs=order.epochs, ordered=order.ordered,
+                         mask_key=order.mask, source=source, tuner=tuner, trace=trace,
+                         own_tracer=own_tracer, log_every=watch.log_every, **extra)
         cleanup.pop_all()
     return core
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from agnostic_prefetch import _fork
 from agnostic_prefetch._accounts import per_worker, worker_totals
 from agnostic_prefetch._autotune import Tuner
 from agnostic_prefetch._layout import Layout
@@ -39,6 +40,8 @@ from agnostic_prefetch.tracing import TraceLink, Tracer, register
 __all__ = ["CLOSED", "Cursor", "LoaderCore"]
 
 CLOSED = "this Loader is closed; build a new one (load_state_dict resumes exactly)"
+FORKED = ("Build a new Loader in this process: old.state_dict() works here and says where the "
+          "parent's stood at the fork, for the new one's load_state_dict()")
 
 
 class Cursor:
@@ -110,6 +113,7 @@ class LoaderCore:
         self.start: Position = START  # where the next iteration starts when there is no latest
         self._finalizer = weakref.finalize(self, _shut_down, scheduler, trace, own_tracer,
                                            getattr(sampler, "close", None))
+        self.pid = _fork.adopt(self._finalizer)  # the process it loads for (a forked child's copy refuses)
         register(trace)
         if own_tracer is not None:
             trace.attach(own_tracer)
@@ -209,11 +213,18 @@ class LoaderCore:
             seq = (epoch + 1) * bpe
         return count - sum(1 for s in position.ahead if s < end)
 
+    def next_length(self) -> int:
+        """Batches the next iteration yields (``len(loader)``)."""
+        if self.epochs is None:
+            raise TypeError("a Loader with epochs=None never ends and has no length")
+        position = self.position()
+        return self.remaining(position, iteration_end(position, self.epochs, self.bpe))
+
     def cancel(self, cursor: Cursor) -> None:
         """End ``cursor``'s iteration from any thread; a ``next()`` waiting in it wakes at once."""
         if not cursor.ended:
             cursor.ended = True
-            if not self.scheduler.closed:
+            if not self.scheduler.closed and self.pid == _fork.pid:  # (a forked child's copy wakes nobody)
                 self.scheduler.wake()
 
     def _cancel_latest(self, keep: Cursor | None) -> None:
@@ -243,6 +254,8 @@ class LoaderCore:
                  "slots_needed": table.slots_needed}
         if "items_per_source" in stats:
             stats["items_per_source"] = dict(stats["items_per_source"])
+        stats["deaths"] = scheduler.deaths()
+        stats["worker_deaths"] = len(stats["deaths"])
         stats.update(stage_times(scheduler, stats["wait_s"]))
         if self.tuner is not None:
             stats["auto"] = self.tuner.report()
@@ -258,6 +271,7 @@ class LoaderCore:
         return self.scheduler.closed
 
     def check_open(self) -> None:
+        _fork.check(self.pid, "Loader", FORKED)
         if self.scheduler.closed:
             raise LoaderError(CLOSED)
 

@@ -11,8 +11,10 @@ def describe(core: LoaderCore) -> str:
     pool = tuner.summary() if tuner is not None else f"workers={members.count}, backend={members.backend!r}"
     batching = getattr(core.sampler, "batching", None)
     bound = "at most " if core.ends_early else ""
+    stream = getattr(core.sampler, "stream", None)
+    epoch = f"stream={stream!r}" if stream is not None else f"batches_per_epoch={bound}{core.bpe}"
     return (
-        f"Loader(batch_size={core.sampler.batch_size}, batches_per_epoch={bound}{core.bpe}, "
+        f"Loader(batch_size={core.sampler.batch_size}, {epoch}, "
         f"{f'batching={batching!r}, ' if batching is not None else ''}"
         f"{_shard(core)}{pool}, ring={ring.slots} slots x {layout.slot_bytes:,} B + "
         f"{ring.nbytes - ring.extra_offset:,} B of counters = {ring.nbytes:,} B [{layout.describe()}]"

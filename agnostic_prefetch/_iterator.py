@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from agnostic_prefetch._core import CLOSED, Cursor, LoaderCore
+from agnostic_prefetch import _fork
+from agnostic_prefetch._core import CLOSED, FORKED, Cursor, LoaderCore
+from agnostic_prefetch._inflight import Ready
 from agnostic_prefetch._resume import ENDLESS
-from agnostic_prefetch._schedule import Ready, Scheduler
+from agnostic_prefetch._schedule import Scheduler
 from agnostic_prefetch._slots import SlotTable
 from agnostic_prefetch._tree import unflatten
 from agnostic_prefetch.errors import LoaderError
@@ -135,6 +137,8 @@ class LoaderIterator:
 
     def __next__(self) -> Any:
         cursor = self._cursor
+        if self._core.pid != _fork.pid:  # before the drive: a thread of the parent's may hold it
+            _fork.check(self._core.pid, "Loader", FORKED)
         if cursor.ended:
             raise StopIteration
         scheduler = self._scheduler

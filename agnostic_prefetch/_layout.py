@@ -227,12 +227,21 @@ class SlotWriter:
         self.header = buf[:HEADER_BYTES].view(np.int64)
         self.layout = layout
         self.reference = reference
+        td = layout.treedef
+        # A flat dict (the usual example): its leaves are read by key, without flattening.
+        self._flat_keys = td.keys if td.kind == "dict" and all(c.kind == "leaf" for c in td.children) else None
         self.leaves = [
             buf[a.offset : a.offset + a.item_bytes * layout.batch_size]
             .view(a.dtype)
             .reshape((layout.batch_size, *a.shape))
             for a in layout.arrays
         ]
+        # A flat dict of numpy scalars (tiny items): each written by key when it has its
+        # leaf's exact scalar type, with nothing to check.
+        scalars_only = (self._flat_keys is not None and len(layout.arrays) == len(td.keys)
+                        and all(a.shape == () for a in layout.arrays))
+        self._scalars = ([(k, leaf, a.dtype.type) for k, leaf, a in zip(td.keys, self.leaves, layout.arrays, strict=True)]
+                         if scalars_only else None)
 
     def arrays(self, count: int) -> list[np.ndarray]:
         """The first ``count`` items of every array leaf."""
@@ -259,14 +268,28 @@ class SlotWriter:
         Raises:
             LayoutError: the example's structure, shape or dtype differs from the layout.
         """
+        scalars = self._scalars
+        if scalars is not None and type(example) is dict and len(example) == len(scalars):
+            try:
+                for key, dest, kind in scalars:
+                    value = example[key]
+                    if type(value) is not kind:
+                        break
+                    dest[j] = value
+                else:
+                    return []
+            except KeyError:
+                pass  # the general path names the difference
         layout = self.layout
-        leaves, treedef = flatten(example)
-        if treedef != layout.treedef:
-            raise LayoutError(
-                f"record {index} has structure {_describe_tree(leaves, treedef)}, but the "
-                f"first example had {layout.describe()}. Every record must have the same "
-                "keys; make the source or transform return the same structure."
-            )
+        leaves = self._flat_leaves(example)
+        if leaves is None:
+            leaves, treedef = flatten(example)
+            if treedef != layout.treedef:
+                raise LayoutError(
+                    f"record {index} has structure {_describe_tree(leaves, treedef)}, but the "
+                    f"first example had {layout.describe()}. Every record must have the same "
+                    "keys; make the source or transform return the same structure."
+                )
         values = []
         arrays = iter(layout.arrays)
         objects = []
@@ -298,6 +321,21 @@ class SlotWriter:
                     continue  # the transform wrote it in place (writes_into_slot)
             dest[j] = a
         return objects
+
+    def _flat_leaves(self, example: Any) -> list[Any] | None:
+        """A flat dict example's leaves in flatten order, if the layout is one and so is the
+        example (the same keys, no container among the values); else ``None``."""
+        keys = self._flat_keys
+        if keys is None or type(example) is not dict or len(example) != len(keys):
+            return None
+        try:
+            leaves = [example[k] for k in keys]
+        except KeyError:
+            return None
+        for value in leaves:
+            if isinstance(value, dict | list | tuple):
+                return None
+        return leaves
 
     @staticmethod
     def _check_scalar(a: np.ndarray, spec: ArrayLeaf, index: int) -> None:

@@ -41,7 +41,7 @@ class Membership:
     """
 
     def __init__(self, workers: list[_pool.Worker], backend: str, spawn: Spawn | None,
-                 period: float | None) -> None:
+                 period: float | None, start: Spawn | None = None) -> None:
         self.serving: list[_pool.Worker] = list(workers)
         self.starting: list[_pool.Worker] = []  # watched; given orders once their row says they serve
         self.retiring: list[_pool.Worker] = []  # no new orders; let go once their orders are answered
@@ -50,6 +50,7 @@ class Membership:
         self.count = 0 if in_process else len(workers)
         self.backend = backend
         self._spawn = spawn
+        self._start = start  # starts a worker of a given id: a replacement (None: none are made)
         self._next_id = len(workers)  # ids are rows of the accounting block: never reused
         self.supervisor = Supervisor(workers, period)
 
@@ -93,6 +94,27 @@ class Membership:
         for worker in current:
             if worker not in keep:
                 self._retire(worker)
+
+    def replace(self, dead: _pool.Worker) -> _pool.Worker | None:
+        """A new worker in ``dead``'s place (its id, so its accounting row and, for a stream, its
+        part), or ``None`` for a retiring one; ``dead`` is let go (reaped at close).
+
+        Raises:
+            RuntimeError: no worker can be started here (no ``start``).
+            OSError, ...: whatever starting it raised.
+        """
+        if self._start is None:
+            raise RuntimeError("this pool cannot start workers")
+        self.supervisor.remove(dead)
+        self._retired.append(dead)
+        if dead in self.retiring:
+            self.retiring.remove(dead)
+            return None
+        new = self._start(1, self.backend, dead.worker_id)[0]
+        self.supervisor.add(new)
+        group = self.serving if dead in self.serving else self.starting
+        group[group.index(dead)] = new
+        return new
 
     def answered(self, worker: _pool.Worker) -> None:
         """``worker`` answered an order: a retiring one with nothing left is let go (the

@@ -27,6 +27,7 @@ class Done(NamedTuple):
     trace: tuple[float, float, list[Any] | None] | None  # (start, end, item spans) while a trace records
     shapes: list[tuple[int, ...]] | None  # per array leaf, with shapes="per_batch"
     overflow: list[Any] | None = None  # a batch larger than its slot: its array leaves, here
+    stream: tuple[bool, Any] | None = None  # a stream's batch: (its stream ended, its state after it)
 
 
 class Failed(NamedTuple):

@@ -7,8 +7,10 @@ worker).
 
 from __future__ import annotations
 
+import pickle
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +19,11 @@ from agnostic_prefetch._plan import RowPlan, segment_width
 __all__ = ["Order", "pack_orders", "unpack_orders"]
 
 # order_id, slot, epoch, number, first position, item count, then for a sequence batch its
-# segment count (-1: none), rows and keys (its positions, row lengths and segments follow)
+# segment count (-1: none), rows and keys (its positions, row lengths and segments follow);
+# for a stream batch -2, its flags and the length of the pickled state that follows
 _ORDER_HEADER = struct.Struct("<9q")
+_STREAM, _POISONED = -2, -3
+RESTART, PAD_ONLY = 1, 2  # a stream order's flags
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,14 @@ class Order:
     first_position: int
     positions: np.ndarray | None = None
     plan: RowPlan | None = None
+    # A stream's batch ``number`` of ``epoch`` from the worker's own stream (no indices):
+    # ``RESTART`` opens the epoch's stream afresh, where ``state`` says if it is not ``None``;
+    # ``PAD_ONLY`` fills a batch of padding only.
+    stream_flags: int | None = None
+    state: Any = None
+    # Records found to kill their worker are given as ``-1 - index``: the worker leaves them
+    # out as skipped records (``on_error="skip"``) instead of reading them.
+    poisoned: bool = False
 
 
 def pack_orders(orders: list[Order]) -> bytes:
@@ -45,9 +58,14 @@ def pack_orders(orders: list[Order]) -> bytes:
     parts = []
     for o in orders:
         plan = o.plan
+        if o.stream_flags is not None:
+            blob = pickle.dumps(o.state) if o.stream_flags & RESTART and o.state is not None else b""
+            parts += [_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, 0, 0, _STREAM, o.stream_flags,
+                                         len(blob)), blob]
+            continue
         if plan is None:
             parts.append(_ORDER_HEADER.pack(o.order_id, o.slot, o.epoch, o.number, o.first_position,
-                                            len(o.indices), -1, 0, 0))
+                                            len(o.indices), _POISONED if o.poisoned else -1, 0, 0))
             parts.append(o.indices.astype(np.int64, copy=False).tobytes())
             continue
         assert o.positions is not None
@@ -66,8 +84,13 @@ def unpack_orders(message: bytes) -> list[Order]:
         offset += _ORDER_HEADER.size
         indices = np.frombuffer(message, np.int64, n, offset)
         offset += 8 * n
+        if segments == _STREAM:
+            state = pickle.loads(message[offset : offset + keys]) if keys else None
+            offset += keys
+            orders.append(Order(order_id, slot, epoch, number, indices, first, stream_flags=rows, state=state))
+            continue
         if segments < 0:
-            orders.append(Order(order_id, slot, epoch, number, indices, first))
+            orders.append(Order(order_id, slot, epoch, number, indices, first, poisoned=segments == _POISONED))
             continue
         positions = np.frombuffer(message, np.int64, n, offset)
         offset += 8 * n

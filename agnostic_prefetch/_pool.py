@@ -23,10 +23,12 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from agnostic_prefetch import _fork
 from agnostic_prefetch._messages import Done, Failed
 from agnostic_prefetch._orders import Order, pack_orders
 from agnostic_prefetch._pickling import dumps
 from agnostic_prefetch._ring import Ring
+from agnostic_prefetch._stream_fill import StreamFiller, make_filler
 from agnostic_prefetch._worker import ALLOCATOR_ENV_VARS, THREAD_ENV_VARS, Filler, Job, serve
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +89,8 @@ class InProcessWorker:
     def __init__(self, job: Job, ring: Ring) -> None:
         self.outstanding: collections.deque[int] = collections.deque()
         self._orders: collections.deque[Order] = collections.deque()
-        self._filler: Filler | None = Filler(job, ring.slot_view, ring.extra_view(), 0)
+        self._filler: Filler | StreamFiller | None = make_filler(job, ring.slot_view, ring.extra_view(), 0,
+                                                                 own_process=False)
         self._filler.always_flush = True
         if job.worker_init is not None:
             job.worker_init(0)
@@ -157,6 +160,7 @@ def _start_processes(count: int, job: Job, ring: Ring, capacity: int, first_id: 
                     os.close(fd)
             handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
                                   Connection(result_r, writable=False), capacity)
+            _fork.close_in_child(handle.orders, handle.results)  # a forked child's copies hold no pipe open
             handle.process = process
             handle.stack_fd = stack_r
             os.set_blocking(stack_r, False)
@@ -193,9 +197,10 @@ def _start_threads(count: int, job: Job, ring: Ring, capacity: int, first_id: in
         handle = WorkerHandle(worker_id, Connection(order_w, readable=False),
                               Connection(result_r, writable=False), capacity)
         worker_orders, worker_results = Connection(order_r, writable=False), Connection(result_w, readable=False)
-        filler = Filler(job, ring.slot_view, ring.extra_view(), worker_id)
+        _fork.close_in_child(handle.orders, handle.results, worker_orders, worker_results)
+        filler = make_filler(job, ring.slot_view, ring.extra_view(), worker_id, own_process=False)
 
-        def run(filler: Filler = filler, o: Connection = worker_orders, r: Connection = worker_results,
+        def run(filler: Filler | StreamFiller = filler, o: Connection = worker_orders, r: Connection = worker_results,
                 worker_id: int = worker_id) -> None:
             try:
                 serve(filler, o, r, worker_id)

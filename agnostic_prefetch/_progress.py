@@ -36,16 +36,16 @@ class ProgressWatch:
             ``s * words_per_slot + w``).
         words_per_slot: int64 words per slot.
         locate: where record ``index`` comes from (the source's ``locate``), or ``None``.
-        batches_per_epoch: to name a batch by epoch and number.
+        batch_of: a batch's epoch and number from its sequence number (``Scheduler.epoch_number``).
     """
 
     def __init__(self, timeout: float | None, stall_warning: float | None, words: Any, words_per_slot: int,
-                 locate: Callable[[int], str] | None, batches_per_epoch: int) -> None:
+                 locate: Callable[[int], str] | None, batch_of: Callable[[int], tuple[int, int]]) -> None:
         self.period = self.period_for(timeout, stall_warning)
         self._timeout, self._stall = timeout, stall_warning
         self._words, self._per_slot = words, words_per_slot
         self._locate = locate
-        self._bpe = batches_per_epoch
+        self._batch_of = batch_of
         self._next = 0.0
 
     @staticmethod
@@ -77,11 +77,11 @@ class ProgressWatch:
             stalled = now - order.progress_at
             if self._timeout is not None and stalled >= self._timeout:
                 raise _supervisor.hung(worker, stalled, self._timeout, *self._record(order, progress),
-                                       *divmod(order.seq, self._bpe))
+                                       *self._batch_of(order.seq))
             if self._stall is not None and stalled >= self._stall and not order.warned:
                 order.warned = True
                 log.warning("%s", _supervisor.stalled(worker, stalled, self._stall, *self._record(order, progress),
-                                                      *divmod(order.seq, self._bpe)))
+                                                      *self._batch_of(order.seq)))
 
     def _record(self, order: Any, progress: int) -> tuple[int | None, str | None]:
         """The record a worker is on, and where it comes from (``None``: padding only)."""

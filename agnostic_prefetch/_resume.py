@@ -107,6 +107,9 @@ def decode(state: dict[str, Any] | list[dict[str, Any]], settings: dict[str, Any
     """
     if isinstance(state, list | tuple):
         state = pick(list(state), settings)
+    if state.get("kind") == "stream":
+        raise ValueError(f"this state was saved by a loader over a stream ({state.get('stream')}), and this "
+                         "loader reads a map-style source: resume it with a loader over the same stream")
     version = state.get("version")
     if version == 1:
         state = _from_version_1(state, settings)

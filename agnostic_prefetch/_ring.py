@@ -22,6 +22,7 @@ import tempfile
 
 import numpy as np
 
+from agnostic_prefetch import _fork
 from agnostic_prefetch.errors import RingTooLargeError
 
 
@@ -102,6 +103,7 @@ class Ring:
             os.close(self.fd)
             raise
         self.address = np.frombuffer(self.map, dtype=np.uint8, count=1).ctypes.data
+        _fork.close_in_child(self)  # a forked child lets go of its copy (close() leaves the parent's)
 
     def _create(self) -> tuple[str, int]:
         if hasattr(os, "memfd_create"):

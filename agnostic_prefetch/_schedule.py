@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,11 +24,15 @@ import numpy as np
 from agnostic_prefetch import _pool, _supervisor
 from agnostic_prefetch._accounts import Board
 from agnostic_prefetch._drive import Drive
+from agnostic_prefetch._inflight import InFlight, Ready
+from agnostic_prefetch._inflight import load as _load
 from agnostic_prefetch._layout import H_COUNT, H_EPOCH, H_MAGIC, H_NUMBER, MAGIC
 from agnostic_prefetch._membership import Membership
 from agnostic_prefetch._messages import Done, Message, Note, StartFailed
 from agnostic_prefetch._orders import Order
 from agnostic_prefetch._progress import ProgressWatch
+from agnostic_prefetch._recovery import Recovery
+from agnostic_prefetch._redo import Redo
 from agnostic_prefetch._resume import ENDLESS, Position
 from agnostic_prefetch._ring import Ring
 from agnostic_prefetch._slots import SlotTable
@@ -48,36 +51,7 @@ log = logging.getLogger("agnostic_prefetch")
 _LEAVE_S = 0.2
 
 
-def _load(worker: _pool.Worker) -> int:
-    return len(worker.outstanding)
-
-
-@dataclass(slots=True)
-class _Order:
-    seq: int
-    slot: int
-    worker: _pool.Worker
-    indices: np.ndarray
-    stale: bool = False  # no position needs it any more: its result is thrown away
-    progress: int = -1  # items filled when ``_progress`` last looked
-    progress_at: float = field(default_factory=time.monotonic)  # when the progress last moved
-    warned: bool = False  # this stall was logged
-
-
-@dataclass(slots=True)
-class Ready:
-    """A filled batch waiting its turn: its slot, item count, list leaves and skipped records."""
-
-    slot: int
-    count: int
-    objects: list[list[Any]]
-    skipped: list[tuple[int, str]]  # counted and logged when the batch is delivered
-    indices: np.ndarray  # the records ordered (skipped ones among them)
-    shapes: list[tuple[int, ...]] | None = None  # per array leaf, with shapes="per_batch"
-    outside: list[np.ndarray] | None = None  # array leaves of a batch larger than its slot
-
-
-class Scheduler:
+class Scheduler(Redo):
     """Orders, results and the wait for one loader's workers and ring; closes them.
 
     Threads: every method but :meth:`close` is called by the thread that holds
@@ -106,7 +80,8 @@ class Scheduler:
     def __init__(self, sampler: Sampler, ring: Ring, table: SlotTable, members: Membership, board: Board, *,
                  timeout: float | None, stall_warning: float | None, locate: Callable[[int], str] | None,
                  lookahead: int, ordered: bool, trace: TraceLink,
-                 tuner: Tuner | None = None, on_released: Callable[[bool], None] | None = None) -> None:
+                 tuner: Tuner | None = None, on_released: Callable[[bool], None] | None = None,
+                 max_deaths: int = 0, skip: bool = False) -> None:
         self.drive = Drive()
         self.closed = False
         self.blocked_s = 0.0  # the driving thread blocked waiting for workers
@@ -128,14 +103,17 @@ class Scheduler:
         self._headers: memoryview | None = memoryview(ring.map)[: ring.extra_offset].cast("q")
         self._words_per_slot = ring.slot_bytes // 8
         self._progress = ProgressWatch(timeout, stall_warning, self._headers, self._words_per_slot, locate,
-                                       self._bpe)
-        self._orders: dict[int, _Order] = {}
+                                       self.epoch_number)
+        self._orders: dict[int, InFlight] = {}
         self._order_ids = itertools.count()
         self._ready: dict[int, Ready] = {}
         self._failed: dict[int, WorkerError] = {}
         self._pending: set[int] = set()  # seqs ordered (not stale), ready or failed
         self._dispatch_seq = 0
         self._noted = False
+        self._recovery = Recovery(max_deaths, skip) if max_deaths > 0 else None  # None: a death raises
+        self._poison: set[int] = set()
+        self._locate = locate
 
     # ---- what an iterator calls, holding ``drive`` ------------------------------------------
 
@@ -213,10 +191,13 @@ class Scheduler:
         if not free and not self._full_since and seq < limit:
             self._full_since = time.perf_counter()
         for worker, orders in batches.items():
-            try:
-                worker.send(orders)
-            except OSError:
-                raise _supervisor.died(worker) from None
+            self._send_order(worker, orders)
+
+    def _send_order(self, worker: _pool.Worker, orders: list[Order]) -> None:
+        try:
+            worker.send(orders)
+        except OSError:  # it died: replaced now (or the loader stops), its orders filled again
+            self._on_death(worker)
 
     def take(self, position: Position, end: int) -> tuple[int, Ready] | None:
         """A ready batch for ``position``: the next in order, or with ``ordered=False`` any."""
@@ -239,13 +220,15 @@ class Scheduler:
         if not self._orders:
             raise LoaderError("internal: nothing in flight and nothing ready")  # pragma: no cover
         started = time.perf_counter()
-        reports = self.members.supervisor.wait()
+        reports, dead = self.members.supervisor.wait()
         ended = time.perf_counter()
         self.blocked_s += ended - started
         if self._trace.tracers:
             self._trace.span("wait for workers", started, ended)
         for worker, message in reports:
             self._on_message(worker, message)
+        for worker in dead:
+            self._on_death(worker)
         self._progress.check(self.members.watched, self._orders)
 
     def wake(self) -> None:
@@ -273,6 +256,10 @@ class Scheduler:
                               "fixed workers= count to continue without it.") from exc
 
     # ---- bookkeeping --------------------------------------------------------------------
+
+    def epoch_number(self, seq: int) -> tuple[int, int]:
+        """The epoch and batch number that ``seq`` stands for."""
+        return divmod(seq, self._bpe)
 
     def _drop(self, ready: Ready) -> None:
         """Let go of a ready batch nobody will take (its slot, if it is in one)."""
@@ -308,12 +295,20 @@ class Scheduler:
         if batch is None:
             return None
         slot = self.table.order()
+        order_id = self._new_order(seq, slot, worker, batch.indices)
+        indices, poisoned = batch.indices, False
+        if self._poison and batch.plan is None and self._poison.intersection(indices.tolist()):
+            indices, poisoned = np.array([-1 - i if i in self._poison else i for i in indices.tolist()]), True
+        return Order(order_id, slot, epoch, number, indices, batch.first_position, batch.item_positions,
+                     batch.plan, poisoned=poisoned)
+
+    def _new_order(self, seq: int, slot: int, worker: _pool.Worker, indices: np.ndarray, probe: bool = False) -> int:
+        """Note an order in flight (to ``worker``, into ``slot``); its id."""
         order_id = next(self._order_ids)
-        self._orders[order_id] = _Order(seq, slot, worker, batch.indices)
+        self._orders[order_id] = InFlight(seq, slot, worker, indices, probe=probe)
         self._pending.add(seq)
         worker.outstanding.append(order_id)
-        return Order(order_id, slot, epoch, number, batch.indices, batch.first_position, batch.item_positions,
-                     batch.plan)
+        return order_id
 
     def _on_message(self, worker: _pool.Worker, message: Message) -> None:
         kind = type(message)
@@ -333,10 +328,13 @@ class Scheduler:
             outstanding.remove(order_id)
         if self.members.retiring:
             self.members.answered(worker)
+        if order.probe:
+            self._probe_answered(order)
+            return
         if kind is Done:
-            _, count, objects, skipped, trace, shapes, overflow = message
+            _, count, objects, skipped, trace, shapes, overflow, _ = message
             if trace is not None and self._trace.tracers:
-                self._trace.worker_batch(worker, *divmod(order.seq, self._bpe), trace)
+                self._trace.worker_batch(worker, *self.epoch_number(order.seq), trace)
             self._check_header(order, count)
             if order.stale or overflow is not None:  # (a batch larger than its slot came here)
                 self.table.discard(order.slot)
@@ -348,13 +346,13 @@ class Scheduler:
             return
         self.table.discard(order.slot)
         if not order.stale:
-            self._failed[order.seq] = _supervisor.record_failed(worker, message, *divmod(order.seq, self._bpe))
+            self._failed[order.seq] = _supervisor.record_failed(worker, message, *self.epoch_number(order.seq))
 
-    def _check_header(self, order: _Order, count: int) -> None:
+    def _check_header(self, order: InFlight, count: int) -> None:
         words = self._headers
         assert words is not None
         at = order.slot * self._words_per_slot
-        epoch, number = divmod(order.seq, self._bpe)
+        epoch, number = self.epoch_number(order.seq)
         if (words[at + H_MAGIC], words[at + H_EPOCH], words[at + H_NUMBER], words[at + H_COUNT]) != (
                 MAGIC, epoch, number, count):
             raise LoaderError(  # pragma: no cover - guards the slot protocol itself

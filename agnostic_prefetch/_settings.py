@@ -51,6 +51,7 @@ class PoolOptions:
     timeout: float | None = None
     worker_init: Callable[[int], None] | None = None
     stall_warning: float | None = 60.0  # seconds without progress before a warning with the stack
+    max_worker_deaths: int = 8  # worker deaths survived in any 60 s (each replaced, its batches redone)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class LoaderOptions:
                        drop_remainder: bool = False, remainder: str | None = None,
                        mask_key: str = "mask", ordered: bool = True, shard_index: int = 0,
                        shard_count: int = 1, workers: int | str = 2, backend: str = "process",
-                       slots: int | None = None, timeout: float | None = None,
+                       slots: int | None = None, timeout: float | None = None, max_worker_deaths: int = 8,
                        worker_init: Callable[[int], None] | None = None, stall_warning: float | None = 60.0,
                        transform: Callable[..., Any] | None = None, on_error: str = "raise",
                        spec: Any = None, shapes: str = "fixed", batching: Pad | Bucket | Pack | None = None,
@@ -120,7 +121,7 @@ class LoaderOptions:
         order = OrderOptions(_local_batch_size(batch_size, global_batch_size, shard_count), shuffle, seed,
                              epochs, "drop" if drop_remainder else (remainder or "short"), mask_key,
                              shard_index, shard_count, ordered)
-        return cls(order, PoolOptions(workers, backend, slots, timeout, worker_init, stall_warning),
+        return cls(order, PoolOptions(workers, backend, slots, timeout, worker_init, stall_warning, max_worker_deaths),
                    ItemOptions(transform, on_error, spec, shapes, batching), WatchOptions(log_every, trace))
 
     def validate(self) -> None:
@@ -168,6 +169,9 @@ def _check_pool(pool: PoolOptions) -> None:
         raise ValueError(f"timeout must be positive seconds or None, got {pool.timeout}")
     if pool.stall_warning is not None and not pool.stall_warning > 0:
         raise ValueError(f"stall_warning must be positive seconds or None (no warning), got {pool.stall_warning}")
+    if not _is_int(pool.max_worker_deaths) or pool.max_worker_deaths < 0:
+        raise ValueError(f"max_worker_deaths must be an integer >= 0 (0: the first death stops the loader), got "
+                         f"{pool.max_worker_deaths!r}")
 
 
 def _check_shapes(items: ItemOptions, order: OrderOptions) -> None:

@@ -88,37 +88,35 @@ class Supervisor:
         except (BlockingIOError, OSError):
             pass  # a byte is already waiting, or the pipe is closed: either way nobody sleeps
 
-    def wait(self) -> list[tuple[Worker, Message]]:
-        """Block until a worker reports or dies, a wake-up, or the period; return the reports.
+    def wait(self) -> tuple[list[tuple[Worker, Message]], list[Worker]]:
+        """Block until a worker reports or dies, a wake-up, or the period; return the reports
+        and the workers that died (after their last reports: one that answered, then died,
+        has its answer taken in).
 
         An in-process worker with an order is run now instead, in this thread.
-
-        Raises:
-            WorkerDiedError: a worker process ended or closed its pipe.
         """
         for w in self._local:
             if w.has_work:
-                return [(w, w.run_next())]
+                return [(w, w.run_next())], []
         events = self.selector.select(self._period)
         messages = []
+        dead: list[Worker] = []
         for key, _ in events:
             worker, kind = key.data
             if kind == _WAKE:
                 self._drain_wake()
-            elif kind == "results":
+            elif kind == "results" and worker not in dead:
                 try:
                     messages.append((worker, decode(worker.results.recv())))
                 except (EOFError, OSError):
-                    raise died(worker) from None
-        for key, _ in events:  # after the results: a worker that answered, then died, is reported
+                    dead.append(worker)
+        for key, _ in events:
             worker, kind = key.data
-            if kind == "sentinel" and exit_reason(worker) is not None:
-                raise died(worker)
+            if kind == "sentinel" and worker not in dead and exit_reason(worker) is not None:
+                dead.append(worker)
         if not events and self._poll_for_deaths:
-            for w in self._workers:
-                if w.process is not None and exit_reason(w) is not None:
-                    raise died(w)
-        return messages
+            dead += [w for w in self._workers if w.process is not None and exit_reason(w) is not None]
+        return messages, dead
 
     def _drain_wake(self) -> None:
         try:
@@ -157,19 +155,25 @@ def exit_reason(worker: Worker) -> str | None:
     return f"exited with code {code}"
 
 
-def died(worker: Worker) -> WorkerDiedError:
+def died(worker: Worker, remedy: str | None = None) -> WorkerDiedError:
     """The error for a worker that ended, or closed its pipe, while the loader needed it."""
+    return WorkerDiedError(
+        f"{worker.describe()} {final_reason(worker)} unexpectedly while loading. The loader has "
+        f"stopped; {remedy or 'build a new one to continue (load_state_dict resumes exactly)'}."
+    )
+
+
+def final_reason(worker: Worker) -> str:
+    """Why a worker that is gone (or closed its pipe) ended; a process still running is killed."""
     reason = exit_reason(worker)
     if worker.process is not None and reason is None:
         try:
             worker.process.wait(1.0)  # the pipe closed first: the exit status follows shortly
         except Exception:
-            pass
+            worker.process.kill()  # alive without its pipe: of no use, and must not linger
+            worker.process.wait()
         reason = exit_reason(worker) or "closed its pipe"
-    return WorkerDiedError(
-        f"{worker.describe()} {reason or 'ended'} unexpectedly while loading. The loader has "
-        "stopped; build a new one to continue (load_state_dict resumes exactly)."
-    )
+    return reason or "ended"
 
 
 def failed_to_start(worker: Worker, message: StartFailed) -> WorkerError:

@@ -84,6 +84,7 @@ class Job:
     worker_init: Any = None
     board_offset: int = 0  # where the accounting block starts in the ring (_accounts.py)
     rows: RowLayout | None = None  # sequence batching (batching=): how rows are filled
+    stream: Any = None  # a stream source: the worker count and shard (_stream_read.StreamJob)
 
 
 class Filler:
@@ -97,11 +98,15 @@ class Filler:
         self._writers: dict[int, SlotWriter] = {}
         self._shaped: dict[tuple[int, tuple[Any, ...]], SlotWriter] = {}  # per_batch writers
         self._getitems = getattr(job.source, "__getitems__", None)  # batched reads, where offered
+        self._read = getattr(job.source, "__getitem__", None)
 
     def fill(self, order: Order) -> Done | Failed:
         """Carry out one order; return the message for the parent."""
         order_id, slot, epoch, number = order.order_id, order.slot, order.epoch, order.number
         indices = order.indices
+        read = self._read
+        if order.poisoned:  # records that killed their worker: left out as skipped ones
+            indices, read = _unpoisoned(indices, read)
         positions = range(order.first_position, order.first_position + len(indices))
         job = self.job
         rules = job.rules
@@ -138,7 +143,7 @@ class Filler:
         now, cpu = time.perf_counter, time.thread_time
         started = t0 = now()
         together = None  # the items of one __getitems__ call
-        if self._getitems is not None and len(indices):
+        if self._getitems is not None and len(indices) and not order.poisoned:
             c0 = cpu()
             together = _read_together(self._getitems, indices, job.source)
             t0 = now()
@@ -155,7 +160,7 @@ class Filler:
                 sample = True
                 c0 = cpu()
             try:
-                example = job.source[index] if together is None else together[step]
+                example = read(index) if together is None else together[step]
                 t1 = now()
                 if sample:
                     c1 = cpu()
@@ -292,6 +297,24 @@ def picklable(exc: BaseException) -> BaseException | None:
         return exc
     except Exception:
         return None
+
+
+class RecordKillsWorker(RuntimeError):
+    """A record that killed the worker reading it, each time: left out (``on_error="skip"``)."""
+
+
+def _unpoisoned(indices: np.ndarray, read: Any) -> tuple[np.ndarray, Any]:
+    """The order's records (``-1 - i`` marks a record that kills its worker) and a reader
+    that raises :class:`RecordKillsWorker` for those instead of reading them."""
+    poison = set((-1 - indices[indices < 0]).tolist())
+
+    def careful(index: int) -> Any:
+        if index in poison:
+            raise RecordKillsWorker(f"record {index} killed the worker reading it, in a fresh worker too; "
+                                    "it is left out (the loader's warning says how it died)")
+        return read(index)
+
+    return np.where(indices < 0, -1 - indices, indices), careful
 
 
 def _read_together(getitems: Any, indices: np.ndarray, source: Any) -> list[Any] | None:

@@ -28,7 +28,8 @@ from types import ModuleType
 from typing import Any
 
 from agnostic_prefetch._messages import StartFailed, encode
-from agnostic_prefetch._worker import Filler, Job, picklable, serve
+from agnostic_prefetch._stream_fill import make_filler
+from agnostic_prefetch._worker import Job, picklable, serve
 
 
 def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns shutdown
     args = [int(a) for a in (sys.argv[1:] if argv is None else argv)]
     order_fd, result_fd, stack_fd, ring_fd, ring_bytes, parent_pid, use_pdeathsig = args
+    for fd in (order_fd, result_fd, stack_fd, ring_fd):
+        # pass_fds made them inheritable; a process the user's source starts must not hold
+        # them (a helper that outlives this worker would keep its pipes open, and the ring).
+        os.set_inheritable(fd, False)
     _die_with_parent(parent_pid, bool(use_pdeathsig))
     sys.meta_path.insert(0, _AfterImport("torch", _one_torch_thread))
     faulthandler.register(signal.SIGUSR1, file=os.fdopen(stack_fd, "w"), all_threads=True)
@@ -113,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     view = memoryview(ring)
 
     worker_id = int(os.environ.get("AGNOSTIC_PREFETCH_WORKER_ID", "0"))
-    filler = Filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes],
-                    view[job.board_offset :], worker_id)
+    filler = make_filler(job, lambda slot: view[slot * slot_bytes : (slot + 1) * slot_bytes],
+                         view[job.board_offset :], worker_id, own_process=True)
     serve(filler, orders, results, worker_id)
 
 

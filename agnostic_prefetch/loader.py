@@ -21,10 +21,12 @@ from agnostic_prefetch._describe import describe
 from agnostic_prefetch._iterator import LoaderIterator
 from agnostic_prefetch._layout import Layout
 from agnostic_prefetch._lengths import MEASURE_BATCH
-from agnostic_prefetch._resume import iteration_end
 from agnostic_prefetch._settings import LoaderOptions
+from agnostic_prefetch._stream_core import StreamCore
+from agnostic_prefetch._stream_iterator import StreamIterator
 from agnostic_prefetch.batching import Bucket, Pack, Pad
 from agnostic_prefetch.sources.huggingface import from_huggingface
+from agnostic_prefetch.streams import as_stream
 
 __all__ = ["Loader", "LoaderIterator"]
 
@@ -42,7 +44,10 @@ class Loader:
             it should open files lazily. It may define ``__getitems__`` (one call per
             batch) and ``batch_order`` (see :class:`~agnostic_prefetch.BatchOrderSource`).
             A Hugging Face ``datasets.Dataset`` is taken as it is and read from its Arrow
-            table (:class:`~agnostic_prefetch.HuggingFaceSource`; docs/sources.md).
+            table (:class:`~agnostic_prefetch.HuggingFaceSource`; docs/sources.md). Or a
+            stream: a torch ``IterableDataset``, :class:`~agnostic_prefetch.Stream` or
+            :class:`~agnostic_prefetch.Fetcher`, each worker reading its own part, batches
+            from the workers in turn (docs/streams.md).
         batch_size: items per batch on this shard (this process).
         global_batch_size: instead of ``batch_size``: items per global batch, over all
             ``shard_count`` shards (``batch_size = global_batch_size / shard_count``).
@@ -88,6 +93,14 @@ class Loader:
         stall_warning: seconds a worker may go without progress before a WARNING is logged
             with the record it is on and its Python stack (once per stall; the loader keeps
             waiting); ``None``: no warning.
+        max_worker_deaths: a worker process that dies (killed, out of memory, a crash in a
+            decoder) is replaced and the batches it was filling are filled again, the same
+            items with the same draws, so nothing is lost or repeated; a WARNING names each
+            death and ``stats()["worker_deaths"]`` counts them. A record that kills every
+            worker reading it is found and follows ``on_error`` (named, or left out). More
+            than this many deaths in any 60 s stop the loader, naming every one; 0: the
+            first death does (``WorkerDiedError``). Threads, ``workers=0`` and streams
+            cannot be replaced: a death there stops the loader.
         worker_init: ``worker_init(worker_id)`` run once in each worker.
         spec: an explicit example tree (arrays, or objects with ``shape`` and ``dtype``)
             for the slot layout instead of reading one example in the parent; with
@@ -114,6 +127,11 @@ class Loader:
     (``state_dict()``). A second ``iter()`` ends the first iterator (its next ``next()``
     raises ``StopIteration``) and continues where ``loader.state_dict()`` says: the end of
     an iteration that was broken off, or else the next epoch.
+
+    Threads and forks: loaders are independent, and may be built, read and closed from any
+    thread. In a child made by ``os.fork()``, a loader of the parent's refuses to load
+    (``LoaderError``; build a new one there) and its ``close()`` leaves the parent's alone
+    (docs/design.md).
 
     Raises:
         ValueError: bad arguments, naming the remedy.
@@ -149,6 +167,7 @@ class Loader:
         on_error: str = "raise",
         timeout: float | None = None,
         stall_warning: float | None = 60.0,
+        max_worker_deaths: int = 8,
         worker_init: Callable[[int], None] | None = None,
         spec: Any = None,
         shapes: str = "fixed",
@@ -160,10 +179,11 @@ class Loader:
             batch_size=batch_size, global_batch_size=global_batch_size, shuffle=shuffle, seed=seed,
             epochs=epochs, drop_remainder=drop_remainder, remainder=remainder, mask_key=mask_key,
             ordered=ordered, shard_index=shard_index, shard_count=shard_count, workers=workers,
-            backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning, worker_init=worker_init,
+            backend=backend, slots=slots, timeout=timeout, stall_warning=stall_warning,
+            max_worker_deaths=max_worker_deaths, worker_init=worker_init,
             transform=transform, on_error=on_error, spec=spec, shapes=shapes, batching=batching,
             log_every=log_every, trace=trace)
-        source = from_huggingface(source) or source
+        source = from_huggingface(source) or as_stream(source) or source
         self._core = assemble(source, self.options, _measuring_pass(workers, backend))
         # What diagnose() reads: the core's timed snapshots of stats().
         self._snapshots = self._core.snapshots
@@ -171,9 +191,13 @@ class Loader:
     # ---- public surface ---------------------------------------------------------------
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches one epoch yields (global batches: the same on every shard)."""
-        return self._core.bpe
+    def batches_per_epoch(self) -> int | None:
+        """Batches one epoch yields (global batches: the same on every shard); over a
+        stream, its ``batches_per_epoch``, ``None`` where it has none (known at its end)."""
+        core = self._core
+        if isinstance(core, StreamCore):
+            return core.stream.batches_per_epoch  # type: ignore[no-any-return]
+        return core.bpe
 
     @property
     def batch_size(self) -> int:
@@ -239,14 +263,11 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches the next iteration yields (from where ``state_dict()`` says)."""
-        core = self._core
-        if core.epochs is None:
-            raise TypeError("a Loader with epochs=None never ends and has no length")
-        position = core.position()
-        return core.remaining(position, iteration_end(position, core.epochs, core.bpe))
+        return self._core.next_length()
 
     def __iter__(self) -> LoaderIterator:
-        return LoaderIterator(self._core, self._core.begin(None, None))
+        kind = StreamIterator if isinstance(self._core, StreamCore) else LoaderIterator
+        return kind(self._core, self._core.begin(None, None))
 
     def state_dict(self) -> dict[str, Any]:
         """The latest iterator's position (where the next ``iter()`` starts): small, JSON-able."""

@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from agnostic_prefetch import _fork
 from agnostic_prefetch._channel import END, Entry
 from agnostic_prefetch._placement import Placement
 from agnostic_prefetch._stage import InlineStage, ThreadedStage
@@ -27,6 +28,8 @@ from agnostic_prefetch._window import Snapshots
 from agnostic_prefetch.tracing import TraceLink, Tracer, register
 
 __all__ = ["Placement", "Prefetcher"]
+
+_FORKED = "Build a new Loader and a new prefetcher over it in this process"
 
 
 class Prefetcher:
@@ -45,6 +48,8 @@ class Prefetcher:
       ``place_s``, ``transfer_s``, ``full_s`` (see :meth:`stats`);
     * ``close()``, a ``with`` block, or garbage collection stop the thread and let go of
       every batch in flight.
+    * In a child made by ``os.fork()``, a prefetcher of the parent's raises ``LoaderError``
+      (its thread runs in the parent only); build a new one there.
 
     At its peak it holds :meth:`held_at_peak` batches of the source at once (see there).
 
@@ -87,6 +92,7 @@ class Prefetcher:
         self._stage.own_tracer = own_tracer
         self._snapshots = Snapshots(weakref.WeakMethod(self._snapshot_stats))
         self._finalizer = weakref.finalize(self, self._stage.close)
+        self._pid = _fork.adopt(self._finalizer)  # its thread runs in this process only
         register(self._trace)
         if own_tracer is not None:
             self._trace.attach(own_tracer)
@@ -117,6 +123,8 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Any:
+        if self._pid != _fork.pid:
+            _fork.check(self._pid, "prefetcher", _FORKED)
         stage = self._stage
         if stage.closed:
             raise StopIteration
@@ -160,6 +168,7 @@ class Prefetcher:
         Raises:
             TypeError: the source cannot load a state (a generator, say).
             RuntimeError: the prefetcher is closed.
+            LoaderError: this is a forked child's copy of a prefetcher (docs/design.md).
             ValueError: the source refused the state (another seed, say); nothing changed.
         """
         load = getattr(self._iterable, "load_state_dict", None)
@@ -168,6 +177,7 @@ class Prefetcher:
                 f"{self._name}: its source ({type(self._iterable).__name__}) has no "
                 "load_state_dict(). Pass a Loader (or its iterator) to resume in place, or "
                 "resume the source yourself and build a new prefetcher over it.")
+        _fork.check(self._pid, "prefetcher", _FORKED)
         if self._stage.closed:
             raise RuntimeError(f"{self._name}: this prefetcher is closed; build a new one")
         self._stage.stop_reading()

@@ -69,7 +69,8 @@ def _kill_while_waiting(loader, box):
 
 
 def test_sigkill_of_a_worker_is_reported_with_pid_and_signal_within_a_second():
-    loader = ap.Loader(Counting(8, slow=set(range(8)), delay=30), 2, workers=2)
+    loader = ap.Loader(Counting(8, slow=set(range(8)), delay=30), 2, workers=2,
+                       max_worker_deaths=0)  # fail fast: what is checked is how soon a death is seen
     box = {}
     killer = _kill_while_waiting(loader, box)
     with pytest.raises(ap.WorkerDiedError) as info:
@@ -84,7 +85,7 @@ def test_sigkill_of_a_worker_is_reported_with_pid_and_signal_within_a_second():
 def test_killed_worker_detection_latency_p95():
     latencies = []
     for _ in range(8):
-        loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
+        loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1, max_worker_deaths=0)
         box = {}
         killer = _kill_while_waiting(loader, box)
         with pytest.raises(ap.WorkerDiedError):
@@ -186,7 +187,7 @@ def test_close_from_another_thread_wakes_a_thread_waiting_in_the_loader(backend)
 
 def test_without_pidfds_a_killed_worker_is_still_noticed_by_the_documented_poll(monkeypatch):
     monkeypatch.delattr(os, "pidfd_open")  # an OS without pidfds
-    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
+    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1, max_worker_deaths=0)
     box = {}
     killer = _kill_while_waiting(loader, box)
     with pytest.raises(ap.WorkerDiedError, match="SIGKILL"):
@@ -203,7 +204,7 @@ def test_a_kernel_that_refuses_pidfds_falls_back_to_the_poll(monkeypatch, error)
     monkeypatch.setattr(os, "pidfd_open", refuse)  # old kernel (ENOSYS) or a seccomp filter (EPERM)
     with ap.Loader(Counting(8), 2, workers=1) as loader:
         assert [b["i"].tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1)
+    loader = ap.Loader(Counting(4, slow={0, 1, 2, 3}, delay=30), 1, workers=1, max_worker_deaths=0)
     box = {}
     killer = _kill_while_waiting(loader, box)
     with pytest.raises(ap.WorkerDiedError, match="SIGKILL"):

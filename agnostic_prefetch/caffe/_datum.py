@@ -18,6 +18,7 @@ protobuf encoder may legally produce (any field order, repeats, packed or unpack
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,14 +152,19 @@ def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
             data.append(values)
         elif number == 8:
             _expect(number, wire_type, LEN, "BlobProto")
-            data.append(decode_floats(view, wire_type, a, b, "<f8").astype(np.float32))
+            with np.errstate(over="ignore"):  # a double beyond float32 becomes inf, as Caffe's cast gives
+                data.append(decode_floats(view, wire_type, a, b, "<f8").astype(np.float32))
         elif number == 7:
             _expect(number, wire_type, LEN, "BlobProto")
             dims = _blobshape_dims(view[a:b])
     values = np.concatenate(data) if data else np.zeros(0, np.float32)
     shape = tuple(dims) if dims is not None else tuple(legacy[k] for k in (1, 2, 3, 4))
-    if int(np.prod(shape)) != values.size:
-        raise WireError(f"BlobProto has {values.size} values but its shape is {shape}")
+    # Python's products: numpy's would wrap around 2**63 and let a corrupt shape match the
+    # values; and numpy refuses a shape whose nonzero dimensions multiply past its index range
+    if (min(shape, default=0) < 0 or len(shape) > 32 or math.prod(shape) != values.size
+            or math.prod(max(d, 1) for d in shape) >= 1 << 60):
+        raise WireError(f"BlobProto has {values.size} values but its shape is {shape} "
+                        "(at most 32 dimensions, none negative, their product the number of values)")
     return values.astype(np.float32, copy=False).reshape(shape)
 
 
@@ -180,12 +186,6 @@ def _blobshape_dims(view: memoryview) -> list[int]:
                 value, p = read_varint(inner, p)
                 dims.append(value)
     return dims
-
-
-def _varint_at(view: memoryview, pos: int) -> tuple[int, int]:
-    from agnostic_prefetch.caffe._protowire import _read_varint
-
-    return _read_varint(view, pos)
 
 
 def encode_blobproto(array: np.ndarray) -> bytes:

@@ -12,16 +12,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Layer", "included", "layers_of"]
+__all__ = ["Layer", "included", "layers_of", "read_net_text"]
 
+
+_MAX_DEPTH = 100  # blocks nested deeper are refused, as protobuf's C++ parser refuses them
 
 @dataclass(frozen=True)
 class Layer:
-    """One layer block: its text (padded so that parse errors give the file's line numbers)."""
+    """One layer block: the text between its braces, and the file's line that text starts on."""
 
     text: str
     line: int
     legacy: bool  # a V1 ``layers { }`` block
+
+
+def read_net_text(path: str) -> str:
+    """A prototxt's text (UTF-8, as protobuf's text format is).
+
+    Raises:
+        ValueError: bytes that are not UTF-8, naming the line, the byte offset and the remedy.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}, line {line} (byte {exc.start}): {raw[exc.start:exc.start + 4]!r} is not "
+                         "UTF-8. Remedy: save the prototxt as UTF-8 text.") from None
 
 
 def _skip_space(text: str, at: int) -> int:
@@ -58,6 +76,10 @@ def _close_of(text: str, at: int, path: str, opens: str = "{<", closes: str = "}
             continue
         if ch in opens:
             depth += 1
+            if depth > _MAX_DEPTH:
+                line = text.count("\n", 0, at) + 1
+                raise ValueError(f"{path}, line {line}: blocks nested more than {_MAX_DEPTH} deep, which "
+                                 "protobuf's parser refuses too: the file is corrupt or no prototxt")
         elif ch in closes:
             depth -= 1
             if depth == 0:
@@ -70,6 +92,7 @@ def _close_of(text: str, at: int, path: str, opens: str = "{<", closes: str = "}
 def layers_of(text: str, path: str) -> list[Layer]:
     """Every ``layer``/``layers`` block of a NetParameter, in order; other fields are skipped."""
     found, at, n = [], _skip_space(text, 0), len(text)
+    counted, lines = 0, 1  # the line of text[counted], counted as the scan goes (once per byte)
     while at < n:
         start = at
         while at < n and (text[at].isalnum() or text[at] in "_."):
@@ -84,9 +107,8 @@ def layers_of(text: str, path: str) -> list[Layer]:
         if at < n and text[at] in "{<":
             end = _close_of(text, at, path)
             if key in ("layer", "layers"):
-                line = text.count("\n", 0, at) + 1
-                body = text[at + 1 : end - 1]
-                found.append(Layer("\n" * (line - 1) + body, line, key == "layers"))
+                lines, counted = lines + text.count("\n", counted, at), at
+                found.append(Layer(text[at + 1 : end - 1], lines, key == "layers"))
             at = end
         elif at < n and text[at] == "[":
             at = _close_of(text, at, path, "[", "]")

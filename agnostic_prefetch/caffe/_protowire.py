@@ -96,16 +96,25 @@ def unpacked_float_run(view: memoryview, pos: int, number: int) -> tuple[np.ndar
 
     proto2 writes ``repeated float`` without ``packed`` as key + 4 bytes per value (Caffe's
     ``Datum.float_data``). Walking that one value at a time in Python would cost a loop
-    iteration per pixel, so the run is found with one vectorised look at 5-byte records.
+    iteration per pixel, so the run is found with vectorised looks at 5-byte records, in
+    windows that double: each look costs at most twice the run it finds, so a message of many
+    short runs (hostile bytes) costs time in proportion to its length, not its square.
     Only single-byte keys (field numbers below 16) take this path.
     """
     key = (number << 3) | I32
     assert key < 0x80
-    n = (len(view) - pos) // 5
-    records = np.frombuffer(view[pos : pos + 5 * n], dtype=np.uint8).reshape(n, 5)
-    is_float = records[:, 0] == key
-    run = n if is_float.all() else int(np.argmin(is_float))
-    values = records[:run, 1:].copy().view("<f4").reshape(-1)
+    total = (len(view) - pos) // 5
+    run, window = 0, 1
+    while run < total:
+        n = min(window, total - run)
+        keys = np.frombuffer(view[pos + 5 * run : pos + 5 * (run + n)], dtype=np.uint8)[::5]
+        other = keys != key
+        if other.any():
+            run += int(np.argmax(other))
+            break
+        run, window = run + n, window * 2
+    records = np.frombuffer(view[pos : pos + 5 * run], dtype=np.uint8).reshape(run, 5)
+    values = records[:, 1:].copy().view("<f4").reshape(-1)
     return values, pos + 5 * run
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from agnostic_prefetch.caffe._caffe_proto import messages
-from agnostic_prefetch.caffe._net_text import Layer, included, layers_of
+from agnostic_prefetch.caffe._net_text import Layer, included, layers_of, read_net_text
 
 __all__ = ["from_prototxt"]
 
@@ -79,8 +79,7 @@ def from_prototxt(
     if channel_order not in ("bgr", "rgb") or layout not in ("NCHW", "NHWC"):
         raise ValueError(f"channel_order must be 'bgr' or 'rgb' and layout 'NCHW' or 'NHWC'; got {channel_order!r}, {layout!r}")
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_net_text(path)
     from agnostic_prefetch.caffe._layers import build
 
     state = (0 if phase == "TRAIN" else 1, int(level), frozenset(stages))
@@ -151,6 +150,7 @@ def _parse(block: Layer, kind: str, path: str, lenient: bool) -> Any:
         text_format.Parse(block.text, message, allow_unknown_field=lenient)
     except text_format.ParseError as exc:
         line, column = exc.GetLine(), exc.GetColumn()
+        line = None if line is None else line + block.line - 1  # the text starts on the block's line
         what = str(exc).split(" : ", 1)[-1].replace("agnostic_prefetch_caffe.", "caffe.")
         at = f"line {line}, column {column}" if line is not None else f"the layer at line {block.line}"
         raise ValueError(f"{path}, {at} (in the layer that starts at line {block.line}): {what}") from None

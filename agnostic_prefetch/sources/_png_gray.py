@@ -142,15 +142,31 @@ def _unfilter(stream: bytes, height: int, row_bytes: int, bpp: int) -> np.ndarra
 
 def _samples16(data: bytes | memoryview) -> tuple[np.ndarray, dict[bytes, list[bytes]]] | None:
     """A 16-bit colour PNG's R, G, B samples (H×W×3 int64) and its chunks; ``None`` for an
-    interlaced one (not decoded here)."""
+    interlaced one (not decoded here).
+
+    Raises:
+        ValueError: no 13-byte IHDR, or image data that does not inflate to the rows IHDR
+            asks for. Inflating stops there: data that inflates to more (a zlib bomb behind
+            a small image that Pillow read) costs no more memory than the image.
+    """
     import zlib
 
     chunks = _chunks(data)
-    width, height, _, color_type, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    header = chunks.get(b"IHDR", [b""])[0]
+    if len(header) != 13:
+        raise ValueError(f"its IHDR chunk holds {len(header)} bytes, not 13")
+    width, height, _, color_type, _, _, interlace = struct.unpack(">IIBBBBB", header)
     if interlace or color_type not in (2, 6):
         return None
     channels = 3 if color_type == 2 else 4
-    stream = zlib.decompress(b"".join(chunks.get(b"IDAT", [])))
+    size = height * (width * 2 * channels + 1)
+    try:
+        stream = zlib.decompressobj().decompress(b"".join(chunks.get(b"IDAT", [])), max(size, 1))  # 0: no limit
+    except zlib.error as exc:
+        raise ValueError(f"its image data does not inflate: {exc}") from None
+    if len(stream) < size:
+        raise ValueError(f"its image data inflates to {len(stream)} bytes; its {width}×{height} "
+                         f"rows need {size}")
     rows = _unfilter(stream, height, width * 2 * channels, 2 * channels)
     values = rows.reshape(height, width, channels, 2).astype(np.int64)
     return ((values[..., 0] << 8) | values[..., 1])[:, :, :3], chunks

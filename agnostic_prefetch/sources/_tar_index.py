@@ -50,12 +50,20 @@ def _text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _number(field: bytes) -> int:
-    """A numeric header field: octal text, or GNU base-256 when the first byte's high bit is set."""
+def _number(field: bytes, what: str, where: str) -> int:
+    """A numeric header field: octal text, or GNU base-256 when the first byte's high bit is set.
+
+    Raises:
+        TarFormatError: text that is no octal number, naming the field and ``where``.
+    """
     if field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         return value - 256 ** (len(field) - 1) if field[0] == 0xFF else value
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    text = field.split(b"\0", 1)[0].strip() or b"0"
+    try:
+        return int(text, 8)  # what tarfile takes, "0o7" and "-1" included
+    except ValueError:
+        raise TarFormatError(f"{where}: its {what} field {text!r} is no octal number. {_REWRITE}") from None
 
 
 def _checksums(header: bytes) -> tuple[int, int]:
@@ -82,6 +90,14 @@ def _pax(data: bytes, where: str) -> dict[str, str]:
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out
+
+
+def _pax_size(text: str, where: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise TarFormatError(f"{where}: the pax header before it says size={text!r}, no decimal "
+                             f"number. {_REWRITE}") from None
 
 
 def _read_exact(f: IO[bytes], offset: int, n: int) -> bytes:
@@ -117,7 +133,8 @@ def scan_tar(path: str, storage_options: _storage.StorageOptions = None) -> list
                     f"{len(header)} of {_BLOCK} bytes; the file ends at byte {size}. {_REWRITE}")
             if header == _ZERO:
                 break  # end of archive (tarfile stops at the first zero block too)
-            stored = _number(header[148:156])
+            where = f"{path}: the tar header at byte {offset} (after {after})"
+            stored = _number(header[148:156], "checksum", where)
             if stored not in _checksums(header):
                 raise TarFormatError(
                     f"{path}: the tar header at byte {offset} (after {after}) has a bad checksum "
@@ -128,7 +145,7 @@ def scan_tar(path: str, storage_options: _storage.StorageOptions = None) -> list
             prefix = _text(header[345:500])
             if prefix and kind not in _GNU:
                 name = f"{prefix}/{name}"
-            length = int(pax["size"]) if "size" in pax else _number(header[124:136])
+            length = _pax_size(pax["size"], where) if "size" in pax else _number(header[124:136], "size", where)
             data = offset + _BLOCK
             if length < 0 or (kind not in _NO_DATA and data + length > size):
                 raise TarFormatError(

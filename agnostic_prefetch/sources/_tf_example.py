@@ -139,6 +139,18 @@ class _Feature:
 def _list_values(data: bytes, kind: int, start: int, stop: int) -> list[Any]:
     """The values of a BytesList, FloatList or Int64List message, in parts to concatenate."""
     parts: list[Any] = []
+    # values written one by one (unpacked) gather here and become one array per run: an array
+    # per value would cost ~100 bytes of object for each 2 to 5 bytes of input
+    single: list[int] = []  # int64 values, or the positions of float values
+
+    def end_run() -> None:
+        if single and kind == _FLOAT:
+            at = np.array(single, np.int64)[:, None] + np.arange(4)
+            parts.append(np.frombuffer(data, np.uint8)[at].view("<f4").reshape(-1).astype(np.float32))
+        elif single:
+            parts.append(np.array(single, np.uint64).view(np.int64))
+        single.clear()
+
     for number, wire, value, at in _fields(data, start, stop):
         if number != 1:
             continue
@@ -148,20 +160,23 @@ def _list_values(data: bytes, kind: int, start: int, stop: int) -> list[Any]:
             parts.append(data[value[0]:value[1]])
         elif kind == _FLOAT:
             if wire == 5:
-                parts.append(np.frombuffer(data, "<f4", 1, value).astype(np.float32))
+                single.append(value)
             elif wire == 2:
                 if (value[1] - value[0]) % 4:
                     raise ExampleParseError(f"a packed float list of {value[1] - value[0]} bytes, "
                                             "not a multiple of 4", at)
+                end_run()
                 parts.append(np.frombuffer(data, "<f4", (value[1] - value[0]) // 4, value[0]).astype(np.float32))
             else:
                 raise ExampleParseError(f"a float value with wire type {wire}", at)
         elif wire == 0:
-            parts.append(np.array([value], np.uint64).view(np.int64))
+            single.append(value)
         elif wire == 2:
+            end_run()
             parts.append(_packed_varints(data, *value))
         else:
             raise ExampleParseError(f"an int64 value with wire type {wire}", at)
+    end_run()
     return parts
 
 

@@ -16,6 +16,7 @@ Caffe ``Datum`` database by its first byte.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -86,22 +87,28 @@ def decode_record(buf: bytes | memoryview) -> dict[str, np.ndarray]:
     try:
         header = json.loads(bytes(view[start : start + header_len]))
         specs = header["fields"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: [[[[...
         raise RecordError(f"array record header is not valid: {exc}") from None
     payload = view[start + header_len :]
     out: dict[str, np.ndarray] = {}
+    end = 0  # fields lie in the payload in order, apart: their copies hold no more than it
     for spec in specs:
         try:
             name, dtype = str(spec["name"]), np.dtype(str(spec["dtype"]))
             shape = tuple(int(d) for d in spec["shape"])
             offset, nbytes = int(spec["offset"]), int(spec["nbytes"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: Infinity
             raise RecordError(f"array record field spec {spec!r} is not valid: {exc}") from None
         if dtype.kind not in _KINDS or dtype.fields is not None:
             raise RecordError(f"field {name!r} has dtype {dtype}; only numeric dtypes are allowed")
-        if any(d < 0 for d in shape) or nbytes != int(np.prod(shape)) * dtype.itemsize:
+        # Python's products: numpy's wrap around 2**63; numpy takes at most 32 dimensions, whose
+        # nonzero ones multiply to less than its index range
+        if (len(shape) > 32 or any(d < 0 for d in shape) or nbytes != math.prod(shape) * dtype.itemsize
+                or math.prod(max(d, 1) for d in shape) * dtype.itemsize >= 1 << 60):
             raise RecordError(f"field {name!r}: {nbytes} bytes do not fit shape {shape} of {dtype}")
-        if offset < 0 or offset + nbytes > len(payload):
-            raise RecordError(f"field {name!r} spans bytes outside the record")
+        if offset < end or offset + nbytes > len(payload):
+            raise RecordError(f"field {name!r} spans bytes {offset}..{offset + nbytes} of a payload of "
+                              f"{len(payload)}, overlapping the field before (ending at {end}) or past the end")
+        end = offset + nbytes
         out[name] = np.frombuffer(payload[offset : offset + nbytes], dtype=dtype).reshape(shape).copy()
     return out
