@@ -151,6 +151,7 @@ def test_a_child_alive_while_the_parent_closes_holds_none_of_the_workers_pipes_o
     worker processes after its grace, and worker threads never end)."""
     release_r, release_w = os.pipe()
     started_r, started_w = os.pipe()
+    earlier = set(threading.enumerate())  # (a worker thread of an earlier test, stuck in a record, is not this one)
     noted = functools.partial(note_clean_exit, str(tmp_path)) if backend == "process" else None
     loader = ap.Loader(numbered(90), 4, workers=2, backend=backend, stall_warning=None, worker_init=noted)
     next(iter(loader))
@@ -164,7 +165,8 @@ def test_a_child_alive_while_the_parent_closes_holds_none_of_the_workers_pipes_o
         loader.close()
         deadline = time.monotonic() + 10  # a busy machine: a thread in a batch ends after it
         while True:
-            workers = [t.name for t in threading.enumerate() if t.name.startswith("agnostic_prefetch-worker")]
+            workers = [t.name for t in threading.enumerate()
+                       if t not in earlier and t.name.startswith("agnostic_prefetch-worker")]
             if not workers or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
