@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -45,6 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling be
 import bench_s2_decode  # noqa: E402
 import bench_s6_data  # noqa: E402
 import bench_s6_peers as peers  # noqa: E402
+
+T = TypeVar("T")
 
 WORKERS = 2
 LEAD = 4  # untimed batches at the start of each window (drains the read-ahead built while idle)
@@ -149,10 +151,11 @@ def window(next_batch: Callable[[], Any], batches: int) -> Callable[[], float]:
     return run
 
 
-def interleave(runs: dict[str, Callable[[], float]], rounds: int, idle: float, log: Callable[[str], None]
-               ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Each run once per round, in turn, after ``idle`` seconds; one that raises drops out."""
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+def interleave(runs: dict[str, Callable[[], T]], rounds: int, idle: float, log: Callable[[str], None],
+               show: Callable[[T], str] | None = None) -> tuple[dict[str, list[T]], dict[str, str]]:
+    """Each run once per round, in turn, after ``idle`` seconds; one that raises drops out.
+    Logged per reading with ``show``, else per round; the readings of runs that did not fail."""
+    rates: dict[str, list[T]] = {name: [] for name in runs}
     failed: dict[str, str] = {}
     for r in range(rounds):
         for name, run in runs.items():
@@ -164,7 +167,12 @@ def interleave(runs: dict[str, Callable[[], float]], rounds: int, idle: float, l
             except Exception as exc:
                 failed[name] = f"failed in round {r + 1}: {type(exc).__name__}: {exc}"
                 log(f"  {name}: {failed[name]}")
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.3g}" for n, v in rates.items() if v and n not in failed))
+                continue
+            if show is not None:
+                log(f"  round {r + 1}: {name:<6} {show(rates[name][-1])}")
+        if show is None:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.3g}" for n, v in rates.items()
+                                                          if v and n not in failed))
     return {n: v for n, v in rates.items() if n not in failed}, failed
 
 

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -66,7 +66,6 @@ import bench_s2_decode  # noqa: E402
 import bench_s6_crops  # noqa: E402
 import bench_s6_data  # noqa: E402
 
-T = TypeVar("T")
 Log = Callable[[str], None]
 
 DEFAULT_PNG = os.path.join(REPO, "docs", "img", "peers.png")
@@ -163,26 +162,6 @@ def import_problem(needs: tuple[str, ...]) -> str | None:
     return None
 
 
-def interleave(runs: dict[str, Callable[[], T]], rounds: int, idle: float, log: Log,
-               show: Callable[[T], str]) -> tuple[dict[str, list[T]], dict[str, str]]:
-    """Each run once per round, in turn, after ``idle`` seconds; a run that raises drops out."""
-    readings: dict[str, list[T]] = {name: [] for name in runs}
-    failed: dict[str, str] = {}
-    for r in range(rounds):
-        for name, run in runs.items():
-            if name in failed:
-                continue
-            time.sleep(idle)
-            try:
-                readings[name].append(run())
-            except Exception as exc:
-                failed[name] = f"failed in round {r + 1}: {type(exc).__name__}: {exc}"
-                log(f"  {name}: {failed[name]}")
-                continue
-            log(f"  round {r + 1}: {name:<6} {show(readings[name][-1])}")
-    return readings, failed
-
-
 # ---- scenarios ------------------------------------------------------------------------------
 
 
@@ -267,7 +246,7 @@ def s2(cfg: Settings, skip: set[str], log: Log) -> Scenario:
                 log(f"  {key}: {scenario.skipped[key]}")
                 continue
             runs[key] = _rate(window)
-        readings, failed = interleave(runs, cfg.rounds, cfg.idle, log, lambda v: f"{v:9.0f} images/s")
+        readings, failed = bench_s6_crops.interleave(runs, cfg.rounds, cfg.idle, log, lambda v: f"{v:9.0f} images/s")
         scenario.skipped.update(failed)
         scenario.values.update({k: v for k, v in readings.items() if k not in failed})
         scenario.extra["records"] = len(source)
@@ -348,7 +327,7 @@ def s3(cfg: Settings, skip: set[str], log: Log) -> Scenario:
                 log(f"  {key}: skipped: {reason}")
             else:
                 runs[key] = run
-        readings, failed = interleave(
+        readings, failed = bench_s6_crops.interleave(
             runs, cfg.rounds, cfg.idle, log,
             lambda r: f"waited {100 * r['wait'] / r['wall']:5.1f} % of {r['wall']:.2f} s")
     scenario.skipped.update(failed)
@@ -401,7 +380,7 @@ def s6(cfg: Settings, skip: set[str], log: Log, *, root: str, train: bool) -> Sc
                 log(f"  {key}: {scenario.skipped[key]}")
                 continue
             runs[key] = bench_s6_crops.window(next_batch, cfg.s6_batches)
-        readings, failed = interleave(runs, cfg.rounds, cfg.idle, log, lambda v: f"{v:9.0f} images/s")
+        readings, failed = bench_s6_crops.interleave(runs, cfg.rounds, cfg.idle, log, lambda v: f"{v:9.0f} images/s")
     scenario.skipped.update(failed)
     scenario.values.update({k: v for k, v in readings.items() if k not in failed})
     return scenario
