@@ -13,7 +13,12 @@ CenterCrop(224), it times, per image (best of ``--rounds``):
         resize as torchvision does on PIL images)
     PSNR of the DCT-scaled outputs against the unscaled ones
 
-    python benchmarks/bench_decode_box.py [--images 200] [--rounds 3]
+    fit (``--fit``): per image, the region decode against simplejpeg's whole decode, for
+        the train boxes and for Caffe's 224 crops of 256×256 JPEGs; the least-squares model
+        of their ratio that ``_decode_box._region_pays`` uses, and what its choice costs
+        against always one, always the other, and the faster of the two per image
+
+    python benchmarks/bench_decode_box.py [--images 200] [--rounds 3] [--fit]
 """
 
 from __future__ import annotations
@@ -77,10 +82,55 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+def each_image(fn: Callable[[int], object], count: int, rounds: int) -> np.ndarray:
+    """Best-of-rounds milliseconds of each image on its own."""
+    best = np.full(count, math.inf)
+    for _ in range(rounds):
+        for i in range(count):
+            start = time.perf_counter()
+            fn(i)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best * 1e3
+
+
+def fit_region_rule(data: list[bytes], sizes: list[tuple[int, int]], boxes: list[tuple[int, int, int, int]],
+                    rounds: int) -> None:
+    """The region decode's time over the whole decode's, fitted as _region_pays models it."""
+    caffe = []  # Caffe's crop: 224 of the image made 256×256, at a random offset
+    rng = np.random.default_rng(2)
+    for d in data:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(d)).convert("RGB").resize((256, 256), Image.BILINEAR).save(buf, "JPEG", quality=90)
+        caffe.append(buf.getvalue())
+    cases = [(d, (h, w), b) for d, (h, w), b in zip(data, sizes, boxes, strict=True)]
+    cases += [(d, (256, 256), (int(rng.integers(33)), int(rng.integers(33)), 224, 224)) for d in caffe]
+    n = len(cases)
+    spans = [((t, t + bh), (left, left + bw)) for _, _, (t, left, bh, bw) in cases]
+    region = each_image(lambda i: _decode_box._decode_region(cases[i][0], *spans[i], False, cases[i][1][1]), n, rounds)
+    whole = each_image(lambda i: simplejpeg.decode_jpeg(cases[i][0]), n, rounds)
+    feats = []
+    for (_, (h, w), _), (rows, cols) in zip(cases, spans, strict=True):
+        first, last = _decode_box._region_columns(cols, w)
+        feats.append((rows[1] / h, (rows[1] - rows[0]) * (last - first) / (h * w), 1 / (h * w)))
+    x = np.asarray(feats)
+    design = np.column_stack([x[:, 0] * whole, x[:, 1] * whole, np.full(n, 1.0)])
+    (bottom, area, fixed), *_ = np.linalg.lstsq(design, region, rcond=None)
+    per_pixel = np.median(whole * x[:, 2])  # ms per pixel of the whole decode
+    print(f"\nregion / whole decode = {bottom:.2f} × rows to the bottom + {area:.2f} × area + "
+          f"{fixed * 1e3:.0f} µs (about {fixed / per_pixel:,.0f} pixels' worth), over {n} boxes")
+    chosen = [_decode_box._region_pays(*spans[i], cases[i][1]) for i in range(n)]
+    for label, part in (("train boxes", slice(0, len(data))), ("Caffe 224 of 256", slice(len(data), n))):
+        r, wh, c = region[part], whole[part], np.asarray(chosen[part])
+        print(f"  {label:18s} ms/image: always region {r.mean():.3f}, always whole {wh.mean():.3f}, "
+              f"the rule {np.where(c, r, wh).mean():.3f} (region for {c.mean():.0%}), "
+              f"the faster per image {np.minimum(r, wh).mean():.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fit", action="store_true", help="only fit the region-or-whole rule")
     args = parser.parse_args()
     data = imagenet_like(args.images)
     n = len(data)
@@ -96,6 +146,11 @@ def main() -> None:
 
     nv = _decode_box._import_region_library()
     decoder = _decode_box._region_decoder()
+    if args.fit:
+        if nv is None:
+            raise SystemExit("--fit needs nvidia-nvimgcodec-cu12 (the region decoder)")
+        fit_region_rule(data, sizes, train, args.rounds)
+        return
 
     def nv_region(d: bytes, box: tuple[int, int, int, int]) -> np.ndarray:
         top, left, h, w = box

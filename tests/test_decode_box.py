@@ -22,6 +22,16 @@ from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
 cv2 = pytest.importorskip("cv2")
 
 
+REGION_RULE = _decode_box._region_pays
+
+
+@pytest.fixture(autouse=True)
+def region_decode_always(monkeypatch):
+    """The region decoder on every box, however small: the rule that picks it over the whole
+    decode for speed would leave these small images to the whole decode (its own test below)."""
+    monkeypatch.setattr(_decode_box, "_region_pays", lambda rows, cols, stored: True)
+
+
 def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
     """Smooth colour gradients plus noise: JPEG-like content at any size."""
     rng = np.random.default_rng(seed)
@@ -167,3 +177,30 @@ def test_without_the_region_library_the_whole_image_is_decoded_and_it_warns_once
     assert _decode_box.box_decoder() == "simplejpeg"
     warnings = [r for r in caplog.records if "nvimgcodec" in r.getMessage()]
     assert len(warnings) == 1 and "decoded whole" in warnings[0].getMessage()
+
+
+def test_the_region_decode_is_chosen_where_it_is_faster_than_the_whole_decode():
+    # a train box in the middle of an ImageNet-sized image: region (rows below skipped)
+    assert REGION_RULE((100, 300), (120, 340), (375, 500))
+    # Caffe's 224 of 256: most of the image; whole
+    assert not REGION_RULE((16, 240), (16, 240), (256, 256))
+    # a box down to the bottom, most of the width: whole
+    assert not REGION_RULE((40, 375), (0, 480), (375, 500))
+    # a tiny image: the fixed cost decides; whole
+    assert not REGION_RULE((0, 10), (0, 10), (60, 60))
+
+
+def test_a_returned_box_never_changes_under_its_holder():
+    """The region decoder decodes into one buffer per thread: every box handed out is a copy
+    (a whole-width box is a contiguous view of that buffer, the case a copy-if-strided misses)."""
+    first_data, second_data = jpeg(photo(64, 96, 1)), jpeg(photo(64, 96, 2))
+    first = ap.decode_box(first_data, (8, 0, 40, 96))
+    kept = first.copy()
+    encoded = _decode_box.EncodedImage(first_data)
+    whole = encoded.decode((0, 0, 40, 96))
+    whole_kept = whole.copy()
+    for top in range(3):
+        ap.decode_box(second_data, (top, 0, 40, 96))
+        _decode_box.EncodedImage(second_data).decode((top, 0, 40, 96))
+    np.testing.assert_array_equal(first, kept)
+    np.testing.assert_array_equal(whole, whole_kept)

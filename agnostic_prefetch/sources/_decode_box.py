@@ -35,7 +35,7 @@ from PIL import Image
 from agnostic_prefetch.sources import images as _images
 from agnostic_prefetch.sources.images import ImageDecodeError, decode_image
 
-__all__ = ["EncodedImage", "ImageHeader", "box_decoder", "decode_box", "decode_box_of", "read_header"]
+__all__ = ["EncodedImage", "ImageHeader", "box_decoder", "box_pixels", "decode_box", "decode_box_of", "read_header"]
 
 log = logging.getLogger("agnostic_prefetch")
 
@@ -143,23 +143,49 @@ def box_decoder() -> str:
     return "nvimgcodec" if _import_region_library() is not None else _images.jpeg_decoder()
 
 
+def _region_pays(rows: tuple[int, int], cols: tuple[int, int], stored: tuple[int, int]) -> bool:
+    """Whether nvimgcodec's region decode beats simplejpeg's whole decode (then a cut).
+
+    Relative to the whole decode it costs about 0.56 × the fraction of rows down to the
+    region's bottom (entropy decoding: every column, rows below skipped) + 0.53 × the
+    fraction of the image in the region (IDCT, upsampling, colour) + a fixed 26 µs, about
+    6,500 pixels' worth: a least-squares fit over torchvision's train boxes on ImageNet-sized
+    JPEGs (``benchmarks/bench_decode_box.py --fit``). A crop keeping most of a small image,
+    as Caffe's 224 of 256, decodes faster whole."""
+    height, width = stored
+    first, last = _region_columns(cols, width)
+    pixels = height * width
+    return 0.56 * rows[1] / height + 0.53 * (rows[1] - rows[0]) * (last - first) / pixels + 6500 / pixels < 0.9
+
+
+def _region_columns(cols: tuple[int, int], width: int) -> tuple[int, int]:
+    """The columns the region decode asks for: libjpeg-turbo upsamples chroma without its
+    "fancy" filter when a cropped row holds two chroma samples or fewer, which changes those
+    pixels; a region at least 32 columns wide from an iMCU boundary (where libjpeg starts a
+    crop anyway) keeps the filter."""
+    first = cols[0] - cols[0] % 16
+    return first, min(width, max(cols[1], first + 32))
+
+
 def _decode_region(data: bytes | memoryview, rows: tuple[int, int], cols: tuple[int, int],
                    gray: bool, width: int) -> np.ndarray | None:
-    """libjpeg-turbo's region decode at scale 1, or None (no region library, or it declined)."""
+    """libjpeg-turbo's region decode at scale 1 (borrowed: valid until this thread's next
+    region decode), or None (no region library, or it declined)."""
     decoder = _region_decoder()
     if decoder is None:
         return None
     nv = _module
-    # libjpeg-turbo upsamples chroma without its "fancy" filter when a cropped row holds two
-    # chroma samples or fewer, which changes those pixels: a region at least 32 columns wide
-    # (from an iMCU boundary, where libjpeg starts a crop anyway) keeps the filter.
-    first = cols[0] - cols[0] % 16
-    last = min(width, max(cols[1], first + 32))
+    first, last = _region_columns(cols, width)
     stream = nv.CodeStream(data if isinstance(data, bytes) else bytes(data))
     region = stream.get_sub_code_stream(region=nv.Region(start=(rows[0], first), end=(rows[1], last)))
-    image = decoder.decode(region, params=_local.params[gray])
+    # The thread's last image is decoded into again: a fresh one costs nvimgcodec an
+    # allocation whose pages fault in on every decode, 20 % of a 224×224 region's time
+    # (benchmarks/bench_decode_box.py). So the result is a view of a buffer the next decode
+    # in this thread overwrites: a borrowed view, copied by every public caller.
+    image = decoder.decode(region, image=getattr(_local, "image", None), params=_local.params[gray])
     if image is None:  # corrupt, truncated, unusual: the whole-image path decides and names it
         return None
+    _local.image = image
     return np.asarray(image.cpu())[:, cols[0] - first : cols[1] - first]
 
 
@@ -240,18 +266,9 @@ def decode_box_of(data: bytes | memoryview, header: ImageHeader, box: Sequence[i
                   out: np.ndarray | None = None, color: bool | None = None, name: str = "image") -> np.ndarray:
     """:func:`decode_box` with the header already read (:func:`read_header`: its
     orientation is the one applied)."""
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES} (libjpeg's DCT scales), got {scale!r}")
-    top, left, height, width = _check_box(box, header, name)
-    rows, cols = _span(top, height, header.height, scale), _span(left, width, header.width, scale)
-    o = header.orientation
-    stored = (header.width, header.height) if o >= 5 else (header.height, header.width)
-    srows, scols = _stored_rect(rows, cols, o, -(-header.height // scale), -(-header.width // scale))
-    crop = _decode_stored(data, header, srows, scols, scale, color, name, stored)
-    if o != 1:
-        crop = _images._oriented(crop, o)
+    crop, borrowed = box_pixels(data, header, box, scale=scale, color=color, name=name)
     if out is None:
-        return np.ascontiguousarray(crop)
+        return np.array(crop) if borrowed else np.ascontiguousarray(crop)
     if not isinstance(out, np.ndarray) or out.shape != crop.shape or out.dtype != np.uint8:
         raise ValueError(
             f"out must be a uint8 array of shape {crop.shape} for box {tuple(box)} at scale {scale}, got "
@@ -260,28 +277,44 @@ def decode_box_of(data: bytes | memoryview, header: ImageHeader, box: Sequence[i
     return out
 
 
+def box_pixels(data: bytes | memoryview, header: ImageHeader, box: Sequence[int], *, scale: int = 1,
+               color: bool | None = None, name: str = "image") -> tuple[np.ndarray, bool]:
+    """:func:`decode_box_of` without the copy: the pixels (any strides) and whether they are
+    borrowed, a view that this thread's next box decode overwrites. For callers that consume
+    the pixels at once (a resize, a cast into the ring slot)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES} (libjpeg's DCT scales), got {scale!r}")
+    top, left, height, width = _check_box(box, header, name)
+    rows, cols = _span(top, height, header.height, scale), _span(left, width, header.width, scale)
+    o = header.orientation
+    stored = (header.width, header.height) if o >= 5 else (header.height, header.width)
+    srows, scols = _stored_rect(rows, cols, o, -(-header.height // scale), -(-header.width // scale))
+    crop, borrowed = _decode_stored(data, header, srows, scols, scale, color, name, stored)
+    return (_images._oriented(crop, o) if o != 1 else crop), borrowed
+
+
 def _decode_stored(data: bytes | memoryview, header: ImageHeader, rows: tuple[int, int],
                    cols: tuple[int, int], scale: int, color: bool | None, name: str,
-                   stored: tuple[int, int]) -> np.ndarray:
-    """Rows × cols of the stored image at 1/scale."""
+                   stored: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """Rows × cols of the stored image at 1/scale, and whether they are borrowed."""
     if header.fast:
         target = _images.fast_target(header.colorspace, color)
         if target is not None:
-            if scale == 1:
+            if scale == 1 and _region_pays(rows, cols, stored):
                 region = _decode_region(data, rows, cols, gray=target == "GRAY", width=stored[1])
                 if region is not None:
-                    return region
+                    return region, True
             whole = _images._decode_jpeg_fast(data, color, scale)
             if whole is not None:
-                return whole[rows[0]:rows[1], cols[0]:cols[1]]
+                return whole[rows[0]:rows[1], cols[0]:cols[1]], False
     elif header.jpeg and scale > 1 and _images._simplejpeg is None:
-        return _drafted(data, color, scale, name, stored)[rows[0]:rows[1], cols[0]:cols[1]]
+        return _drafted(data, color, scale, name, stored)[rows[0]:rows[1], cols[0]:cols[1]], False
     whole = decode_image(data, name=name, color=color)
     if scale > 1:
         img = Image.fromarray(whole[:, :, 0] if whole.shape[2] == 1 else whole)
         reduced = np.asarray(img.reduce(scale))
         whole = reduced if reduced.ndim == 3 else reduced[:, :, None]
-    return whole[rows[0]:rows[1], cols[0]:cols[1]]
+    return whole[rows[0]:rows[1], cols[0]:cols[1]], False
 
 
 def _drafted(data: bytes | memoryview, color: bool | None, scale: int, name: str,
@@ -320,12 +353,20 @@ class EncodedImage:
 
     def decode(self, box: Sequence[int] | None = None, header: ImageHeader | None = None) -> np.ndarray:
         """The whole image, or its ``box`` (top, left, height, width) alone, H×W×C uint8."""
+        arr, borrowed = self.pixels(box, header)
+        return np.array(arr) if borrowed else np.ascontiguousarray(arr)
+
+    def pixels(self, box: Sequence[int] | None = None,
+               header: ImageHeader | None = None) -> tuple[np.ndarray, bool]:
+        """:meth:`decode` without the copy: the pixels and whether they are borrowed (a view
+        this thread's next box decode overwrites; :func:`box_pixels`)."""
         header = header or self.header()
         box = (0, 0, header.height, header.width) if box is None else box
-        arr = decode_box_of(self.data, header, box, color=self.color, name=self.name)
+        arr, borrowed = box_pixels(self.data, header, box, color=self.color, name=self.name)
         if self.channel_order == "bgr" and arr.shape[2] >= 3:
-            arr = np.ascontiguousarray(arr[:, :, [2, 1, 0, 3][: arr.shape[2]]])
-        return arr
+            arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]  # fancy indexing: a copy, owned
+            borrowed = False
+        return arr, borrowed
 
     def __repr__(self) -> str:
         return f"EncodedImage({self.name}, {len(self.data)} bytes)"
