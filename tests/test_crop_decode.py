@@ -6,8 +6,10 @@ encoded Datums; deterministic; picklable."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import pickle
+import sys
 import tarfile
 
 import cloudpickle
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import agnostic_prefetch as ap
+from agnostic_prefetch.sources import _resample
 from agnostic_prefetch.sources._crop_sampling import centre_box, random_resized_box
 from agnostic_prefetch.sources.crops import _scale_for
 from agnostic_prefetch.sources.images import decode_image
@@ -98,9 +101,39 @@ def test_the_dct_scale_never_leaves_the_box_smaller_than_the_output(box_h, box_w
 def test_train_without_dct_scaling_equals_torchvisions_resized_crop_value_for_value(height, width, subsampling,
                                                                                    seed, size):
     data = jpeg(photo(height, width, seed % 7), subsampling)
-    got = ap.RandomResizedCropDecode(size, dct_scale=False)({"image": data}, np.random.default_rng(seed))["image"]
+    t = ap.RandomResizedCropDecode(size, dct_scale=False, resampler="pillow")
+    got = t({"image": data}, np.random.default_rng(seed))["image"]
     want, flip = torchvision_train(data, seed, size)
     np.testing.assert_array_equal(got, want[:, ::-1] if flip else want)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(24, 700), st.integers(24, 700), st.integers(0, 2**32 - 1), st.sampled_from([16, 57, 224]),
+       st.booleans(), st.sampled_from(["train", "eval"]))
+def test_the_fast_resampler_is_within_one_level_of_pillows(height, width, seed, size, dct_scale, kind):
+    """fast_image_resize computes Pillow's filter with 16-bit weights: off by one at most."""
+    pytest.importorskip("cykooz_resizer")
+    data = jpeg(photo(height, width, seed % 7))
+    make = ap.RandomResizedCropDecode if kind == "train" else ap.CenterCropDecode
+    fast, pillow = (make(size, dct_scale=dct_scale, resampler=r)({"image": data}, np.random.default_rng(seed))["image"]
+                    for r in ("fast", "pillow"))
+    diff = np.abs(fast.astype(int) - pillow)
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.3 * diff.size
+
+
+def test_without_the_fast_resizer_auto_uses_pillow_warning_once_and_fast_is_refused(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "cykooz_resizer", None)  # an import of it fails
+    monkeypatch.setattr(_resample, "_tried", False)
+    monkeypatch.setattr(_resample, "_module", None)
+    monkeypatch.setattr(_resample, "_warned", False)
+    with pytest.raises(ImportError, match=r"resampler='fast' needs cykooz.resizer .*agnostic_prefetch\[images\]"):
+        ap.RandomResizedCropDecode(32, resampler="fast")
+    data = jpeg(photo(90, 120))
+    with caplog.at_level(logging.WARNING, logger="agnostic_prefetch"):
+        got = [ap.CenterCropDecode(32)({"image": data}, None)["image"] for _ in range(3)]
+    np.testing.assert_array_equal(got[0], ap.CenterCropDecode(32, resampler="pillow")({"image": data}, None)["image"])
+    warnings = [r for r in caplog.records if "cykooz.resizer" in r.getMessage()]
+    assert len(warnings) == 1 and "resize with Pillow" in warnings[0].getMessage()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,7 +142,8 @@ def test_eval_without_dct_scaling_is_torchvisions_within_one_level_per_resamplin
                                                                                       sizes):
     size, shorter = sizes
     data = jpeg(photo(height, width, 1), subsampling)
-    got = ap.CenterCropDecode(size, resize=shorter, dct_scale=False)({"image": data}, None)["image"].astype(int)
+    t = ap.CenterCropDecode(size, resize=shorter, dct_scale=False, resampler="pillow")
+    got = t({"image": data}, None)["image"].astype(int)
     # Pillow places the filter from the crop's own start, torchvision's from the image's:
     # where two taps weigh exactly the same, the rounding can differ by one level, in each
     # of the two passes (horizontal, vertical).
@@ -119,7 +153,7 @@ def test_eval_without_dct_scaling_is_torchvisions_within_one_level_per_resamplin
 @pytest.mark.parametrize("height, width", [(375, 500), (500, 375), (333, 500), (500, 400), (683, 1024)])
 def test_eval_without_dct_scaling_differs_from_torchvision_at_rare_values_on_photo_sizes(height, width):
     data = jpeg(photo(height, width, 2))
-    got = ap.CenterCropDecode(224, dct_scale=False)({"image": data}, None)["image"].astype(int)
+    got = ap.CenterCropDecode(224, dct_scale=False, resampler="pillow")({"image": data}, None)["image"].astype(int)
     diff = np.abs(got - torchvision_eval(data, 256, 224))
     assert diff.max() <= 2 and np.count_nonzero(diff) <= 0.005 * diff.size
 
@@ -204,6 +238,7 @@ def test_gray_and_png_images_become_three_channels():
     (lambda: ap.RandomResizedCropDecode(224, dtype="float32", std=(1, 0, 1)), "std must be positive"),
     (lambda: ap.RandomResizedCropDecode(224, dtype="float32", mean=(1, 2)), "mean must be one number or three"),
     (lambda: ap.CenterCropDecode(224, resize=200), "resize .* must be an int >= the crop size 224"),
+    (lambda: ap.CenterCropDecode(224, resampler="bicubic"), r"resampler must be one of \('auto', 'fast', 'pillow'\)"),
 ])
 def test_bad_arguments_are_refused_with_what_is_allowed(make, message):
     with pytest.raises(ValueError, match=message):
