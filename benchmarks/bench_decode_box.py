@@ -34,7 +34,7 @@ import simplejpeg
 from PIL import Image
 
 import agnostic_prefetch as ap
-from agnostic_prefetch.sources import _decode_box
+from agnostic_prefetch.sources import _decode_box, _resample
 from agnostic_prefetch.sources._crop_sampling import centre_box, random_resized_box
 from agnostic_prefetch.sources.crops import _scale_for
 from agnostic_prefetch.sources.images import decode_image
@@ -206,24 +206,35 @@ def main() -> None:
 
     on_t, off_t = ap.RandomResizedCropDecode(224), ap.RandomResizedCropDecode(224, dct_scale=False)
     on_e, off_e = ap.CenterCropDecode(224), ap.CenterCropDecode(224, dct_scale=False)
+    pil_t, pil_e = (ap.RandomResizedCropDecode(224, dct_scale=False, resampler="pillow"),
+                    ap.CenterCropDecode(224, dct_scale=False, resampler="pillow"))
+    pil_on_t, pil_on_e = ap.RandomResizedCropDecode(224, resampler="pillow"), ap.CenterCropDecode(224, resampler="pillow")
     results = {}
     for name, fn in (("train: full decode + crop + resize", full_train),
-                     ("train: RandomResizedCropDecode, dct_scale=False", lambda i: off_t({"image": data[i]}, seeds[i])),
-                     ("train: RandomResizedCropDecode (dct_scale=True)", lambda i: on_t({"image": data[i]}, seeds[i])),
+                     ("train: dct_scale=False, resampler='pillow'", lambda i: pil_t({"image": data[i]}, seeds[i])),
+                     ("train: resampler='pillow'", lambda i: pil_on_t({"image": data[i]}, seeds[i])),
+                     ("train: dct_scale=False", lambda i: off_t({"image": data[i]}, seeds[i])),
+                     ("train: RandomResizedCropDecode(224), the defaults", lambda i: on_t({"image": data[i]}, seeds[i])),
                      ("eval: full decode + resize + crop", full_eval),
-                     ("eval: CenterCropDecode, dct_scale=False", lambda i: off_e({"image": data[i]}, None)),
-                     ("eval: CenterCropDecode (dct_scale=True)", lambda i: on_e({"image": data[i]}, None))):
+                     ("eval: dct_scale=False, resampler='pillow'", lambda i: pil_e({"image": data[i]}, None)),
+                     ("eval: resampler='pillow'", lambda i: pil_on_e({"image": data[i]}, None)),
+                     ("eval: dct_scale=False", lambda i: off_e({"image": data[i]}, None)),
+                     ("eval: CenterCropDecode(224), the defaults", lambda i: on_e({"image": data[i]}, None))):
         results[name] = per_image(fn, n, args.rounds)
         print(f"  {name:50s} {results[name]:.3f}")
-    psnr_t = [psnr(on_t({"image": d}, np.random.default_rng(i))["image"], off_t({"image": d}, np.random.default_rng(i))["image"])
-              for i, d in enumerate(data)]
-    psnr_e = [psnr(on_e({"image": d}, None)["image"], off_e({"image": d}, None)["image"]) for d in data]
-    for name, values in (("train", psnr_t), ("eval", psnr_e)):
-        finite = [v for v in values if math.isfinite(v)]
-        print(f"PSNR of dct_scale=True against False, {name}: {sum(not math.isfinite(v) for v in values)} of {n} "
-              f"identical (scale 1); over the others median {np.median(finite):.1f} dB, min {min(finite):.1f} dB"
-              if finite else f"PSNR {name}: all identical")
-
+    print(f"resampler here: {'fast (cykooz.resizer)' if _resample._import_fast(warn=False) else 'Pillow (no cykooz.resizer)'}")
+    comparisons = (("dct_scale=True against False (the same resampler)", (on_t, off_t), (on_e, off_e)),
+                   ("the defaults against torchvision's values (dct_scale=False, resampler='pillow')",
+                    (on_t, pil_t), (on_e, pil_e)))
+    for label, (t_a, t_b), (e_a, e_b) in comparisons:
+        psnr_t = [psnr(t_a({"image": d}, np.random.default_rng(i))["image"], t_b({"image": d}, np.random.default_rng(i))["image"])
+                  for i, d in enumerate(data)]
+        psnr_e = [psnr(e_a({"image": d}, None)["image"], e_b({"image": d}, None)["image"]) for d in data]
+        for name, values in (("train", psnr_t), ("eval", psnr_e)):
+            finite = [v for v in values if math.isfinite(v)]
+            print(f"PSNR of {label}, {name}: {sum(not math.isfinite(v) for v in values)} of {n} identical; "
+                  f"over the others median {np.median(finite):.1f} dB, min {min(finite):.1f} dB"
+                  if finite else f"PSNR of {label}, {name}: all identical")
 
 if __name__ == "__main__":
     main()
