@@ -65,12 +65,12 @@ def ours_loader(root: str, train: bool, workers: int, stack: ExitStack) -> Calla
     return _our_stream(root, transform, workers, stack)
 
 
-def fused_transform(train: bool, *, dct_scale: bool) -> Any:
+def fused_transform(train: bool, *, dct_scale: bool, resampler: str = "auto") -> Any:
     """Ours: the fused transform with the peers' output (mean and std in pixel units)."""
     import agnostic_prefetch as ap
 
     options = {"dtype": "float32", "layout": "CHW", "mean": [255 * m for m in peers.MEAN],
-               "std": [255 * s for s in peers.STD], "dct_scale": dct_scale}
+               "std": [255 * s for s in peers.STD], "dct_scale": dct_scale, "resampler": resampler}
     if train:
         return ap.RandomResizedCropDecode(peers.SIZE, scale=peers.SCALE, ratio=peers.RATIO, **options)
     return ap.CenterCropDecode(peers.SIZE, resize=peers.RESIZE, **options)

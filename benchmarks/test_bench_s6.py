@@ -85,10 +85,10 @@ def test_full_decode_eval_equals_torchvisions_pipeline_on_the_same_image(tmp_pat
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_our_fused_transform_without_dct_scale_does_the_full_decode_paths_work(tmp_path: Path, train: bool) -> None:
+def test_our_fused_transform_without_dct_scale_with_pillow_does_the_full_decode_paths_work(tmp_path: Path, train: bool) -> None:
     bench_s6_data.write_folder(str(tmp_path), 8, 5)
     folder = ImageFolderSource(str(tmp_path), decode=False)
-    fused = bench_s6_crops.fused_transform(train, dct_scale=False)
+    fused = bench_s6_crops.fused_transform(train, dct_scale=False, resampler="pillow")
     full = peers.FullDecodeTrain() if train else peers.FullDecodeEval()
     to_pixels = 255 * np.array(peers.STD, np.float32)[:, None, None]  # normalised units → grey levels
     off = 0

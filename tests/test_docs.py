@@ -31,3 +31,18 @@ def test_a_docs_example_runs_as_written(name, code, tmp_path):
 
 def test_the_docs_have_examples():
     assert any(name.startswith("sequences.md") for name, _ in examples())
+
+
+def test_no_text_file_keeps_a_merge_conflict():
+    root = DOCS.parent
+    skip = {".git", ".venv", "build", "dist", "node_modules", "__pycache__"}
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    found = []
+    for path in root.rglob("*"):
+        if path.suffix not in {".py", ".md", ".toml", ".txt", ".cfg", ".yaml", ".yml"} and path.name != "Makefile":
+            continue
+        if skip.intersection(path.relative_to(root).parts) or not path.is_file():
+            continue
+        if marker.search(path.read_text(errors="replace")):
+            found.append(str(path.relative_to(root)))
+    assert not found, f"merge-conflict markers left in {found}"
