@@ -13,15 +13,16 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["RESAMPLERS", "check_resampler", "resize_region"]
+__all__ = ["RESAMPLERS", "Resampler", "check_resampler", "resize_region"]
 
 log = logging.getLogger("agnostic_prefetch")
 
+Resampler = Literal["auto", "fast", "pillow"]
 RESAMPLERS = ("auto", "fast", "pillow")
 
 _lock = threading.Lock()
@@ -52,14 +53,14 @@ def _import_fast(warn: bool) -> Any:
     return _module
 
 
-def check_resampler(resampler: str) -> str:
+def check_resampler(resampler: str) -> Resampler:
     """``resampler`` validated; ``"fast"`` needs its library here (the workers import it too)."""
     if resampler not in RESAMPLERS:
         raise ValueError(f"resampler must be one of {RESAMPLERS}, got {resampler!r}")
     if resampler == "fast" and _import_fast(warn=False) is None:
         raise ImportError("resampler='fast' needs cykooz.resizer (fast_image_resize): "
                           "pip install 'agnostic_prefetch[images]'; or resampler='auto' to fall back to Pillow")
-    return resampler
+    return cast(Resampler, resampler)
 
 
 def _fast_resizer() -> Any:

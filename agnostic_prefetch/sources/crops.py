@@ -26,7 +26,7 @@ from agnostic_prefetch.sources._decode_box import (
     decode_box,
     read_header,
 )
-from agnostic_prefetch.sources._resample import check_resampler, resize_region
+from agnostic_prefetch.sources._resample import Resampler, check_resampler, resize_region
 
 __all__ = ["CenterCropDecode", "EncodedImage", "RandomResizedCropDecode", "decode_box"]
 
@@ -75,7 +75,7 @@ class _CropDecode:
 
     def __init__(self, size: int | Sequence[int], *, flip: bool, dtype: str, layout: str,
                  mean: float | Sequence[float] | None, std: float | Sequence[float] | None,
-                 dct_scale: bool, resampler: str, key: str) -> None:
+                 dct_scale: bool, resampler: Resampler, key: str) -> None:
         self.size = _pair(size, "size")
         self.resampler = check_resampler(resampler)
         dtype = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
@@ -214,7 +214,7 @@ class RandomResizedCropDecode(_CropDecode):
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, dtype: str = "uint8",
                  layout: str = "HWC", mean: float | Sequence[float] | None = None,
                  std: float | Sequence[float] | None = None, dct_scale: bool = True,
-                 resampler: str = "auto", key: str = "image") -> None:
+                 resampler: Resampler = "auto", key: str = "image") -> None:
         super().__init__(size, flip=flip, dtype=dtype, layout=layout, mean=mean, std=std,
                          dct_scale=dct_scale, resampler=resampler, key=key)
         self.scale = _range(scale, "scale")
@@ -270,7 +270,7 @@ class CenterCropDecode(_CropDecode):
     def __init__(self, size: int | Sequence[int], *, resize: int | None = None, flip: bool = False,
                  dtype: str = "uint8", layout: str = "HWC", mean: float | Sequence[float] | None = None,
                  std: float | Sequence[float] | None = None, dct_scale: bool = True,
-                 resampler: str = "auto", key: str = "image") -> None:
+                 resampler: Resampler = "auto", key: str = "image") -> None:
         super().__init__(size, flip=flip, dtype=dtype, layout=layout, mean=mean, std=std,
                          dct_scale=dct_scale, resampler=resampler, key=key)
         if resize is None:
