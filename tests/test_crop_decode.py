@@ -110,15 +110,30 @@ def test_train_without_dct_scaling_equals_torchvisions_resized_crop_value_for_va
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(24, 700), st.integers(24, 700), st.integers(0, 2**32 - 1), st.sampled_from([16, 57, 224]),
        st.booleans(), st.sampled_from(["train", "eval"]))
-def test_the_fast_resampler_is_within_one_level_of_pillows(height, width, seed, size, dct_scale, kind):
-    """fast_image_resize computes Pillow's filter with 16-bit weights: off by one at most."""
+def test_the_fast_resampler_is_within_one_level_of_pillows_per_pass(height, width, seed, size, dct_scale, kind):
+    """fast_image_resize computes Pillow's filter with 16-bit weights: each of the two passes
+    rounds within one level of Pillow's, so two at most (small synthetic images reach it)."""
     pytest.importorskip("cykooz_resizer")
     data = jpeg(photo(height, width, seed % 7))
     make = ap.RandomResizedCropDecode if kind == "train" else ap.CenterCropDecode
     fast, pillow = (make(size, dct_scale=dct_scale, resampler=r)({"image": data}, np.random.default_rng(seed))["image"]
                     for r in ("fast", "pillow"))
-    diff = np.abs(fast.astype(int) - pillow)
-    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.3 * diff.size
+    assert np.abs(fast.astype(int) - pillow).max() <= 2
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "rocket"])
+def test_on_photographs_the_fast_resampler_differs_from_pillow_at_a_minority_of_values(name):
+    pytest.importorskip("cykooz_resizer")
+    skimage_data = pytest.importorskip("skimage.data")
+    photo_ = getattr(skimage_data, name)()[:, :, :3]
+    for height, width in ((375, 500), (500, 375), (683, 1024)):
+        data = jpeg(np.asarray(Image.fromarray(photo_).resize((width, height), Image.BICUBIC)))
+        for make in (ap.RandomResizedCropDecode, ap.CenterCropDecode):
+            fast, pillow = (make(224, resampler=r)({"image": data}, np.random.default_rng(5))["image"]
+                            for r in ("fast", "pillow"))
+            diff = np.abs(fast.astype(int) - pillow)
+            # one level at most and 5-19 % of the values on these (docs/images.md)
+            assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.25 * diff.size
 
 
 def test_without_the_fast_resizer_auto_uses_pillow_warning_once_and_fast_is_refused(monkeypatch, caplog):

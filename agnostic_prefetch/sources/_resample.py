@@ -3,9 +3,9 @@ fast_image_resize (the ``cykooz.resizer`` wheel), three times faster.
 
 fast_image_resize computes Pillow's convolution (the same triangle kernel, support, pixel
 centres and fractional source box) with SIMD over 16-bit fixed-point weights where Pillow
-keeps 22 bits, so a value near a half grey level can round the other way: every value
-within one grey level of Pillow's, about 12 % of them off by one (tests/test_crop_decode.py;
-docs/images.md). ``"pillow"`` is the resize torchvision's PIL path does, value for value.
+keeps 22 bits, so a value near a half grey level can round the other way: within one grey
+level of Pillow's per pass (horizontal, then vertical: at most two), one on photographs,
+where 5-19 % of the values are off by one (tests/test_crop_decode.py; docs/images.md). ``"pillow"`` is the resize torchvision's PIL path does, value for value.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def _import_fast(warn: bool) -> Any:
     if _module is None and warn and not _warned:
         _warned = True
         log.warning(
-            "cykooz.resizer is not importable: the crop transforms resize with Pillow (within one "
-            "grey level of the fast resizer's values, about 3x slower). Remedy: pip install "
+            "cykooz.resizer is not importable: the crop transforms resize with Pillow (within a grey "
+            "level per pass of the fast resizer's values, about 3x slower). Remedy: pip install "
             "'agnostic_prefetch[images]', or resampler='pillow' to choose Pillow.")
     return _module
 

@@ -179,7 +179,7 @@ class RandomResizedCropDecode(_CropDecode):
     ``dtype`` and ``layout``: ``(pixel - mean) / std`` in float32 for the float dtypes
     (mean and std in pixel units, 0-255). With ``dct_scale=False, resampler="pillow"`` the
     pixels equal torchvision's ``resized_crop`` of the same box on the PIL image; with the
-    fast resampler each is within one grey level of them (docs/images.md).
+    fast resampler each is within one grey level of them per resampling pass (docs/images.md).
 
     Args:
         size: output side, or (height, width).
@@ -192,8 +192,8 @@ class RandomResizedCropDecode(_CropDecode):
         dct_scale: decode at a reduced DCT scale where the box allows (faster; a small
             difference from the full-resolution resize, docs/images.md).
         resampler: ``"fast"``: fast_image_resize (the ``cykooz.resizer`` wheel, the
-            ``images`` extra), Pillow's filter in 16-bit fixed point, every value within one
-            grey level of Pillow's, three times faster; ``"pillow"``: Pillow's resize, value
+            ``images`` extra), Pillow's filter in 16-bit fixed point, within one grey level
+            of Pillow's per pass (one on photographs), three times faster; ``"pillow"``: Pillow's resize, value
             for value torchvision's; ``"auto"``: fast where installed (else Pillow, warning once).
         key: the leaf holding the encoded image; other leaves pass through.
 
