@@ -62,6 +62,7 @@ class Recovery:
     skip: bool = False  # on_error="skip": a record found to kill is left out
     deaths: list[Death] = field(default_factory=list)
     _strikes: dict[int, list[Death]] = field(default_factory=dict)  # record -> the deaths on it
+    _culprits: set[int] = field(default_factory=set)  # records found to kill their worker
     _oom: int | None = field(default_factory=lambda: oom_kills())
 
     def reason(self, exit_reason: str) -> str:
@@ -90,8 +91,11 @@ class Recovery:
         if seq is not None and record is not None:
             strikes = self._strikes.setdefault(record, [])
             strikes.append(death)
-            if probe:
+            # A culprit kills again where a batch holding it was ordered before it was found:
+            # explained at once, not probed (the probe would skip it, as left out, and clear it).
+            if probe or record in self._culprits:
                 action = CULPRIT
+                self._culprits.add(record)
                 for d in strikes:
                     d.blamed = True
             elif len(strikes) >= 2:

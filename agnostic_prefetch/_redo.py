@@ -56,10 +56,13 @@ class Redo:
         worker.outstanding.clear()
         seq = record = step = None
         probe = False
-        if orders and not orders[0].stale:
-            step = self._item_on(orders[0])
+        # Oldest first, the worker fills them in turn: the first one begun and not finished is
+        # the one it died in (an older one may be finished with its answer still unread).
+        for order in orders:
+            step = None if order.stale else self._item_on(order)
             if step is not None:
-                seq, record, probe = orders[0].seq, int(orders[0].indices[step]), orders[0].probe
+                seq, record, probe = order.seq, int(order.indices[step]), order.probe
+                break
         words = self._headers
         for order in orders:  # a redone batch's slot must not show the dead worker's progress
             if words is not None:
@@ -79,7 +82,7 @@ class Redo:
             self._pending.discard(s)
             self._dispatch_seq = min(self._dispatch_seq, s)
         if action == PROBE:
-            assert seq is not None and step is not None and orders[0] is not None
+            assert seq is not None and step is not None
             self._probe(seq, step, new)
         recent = sum(1 for d in recovery.deaths if d.at > death.at - 60 and not d.blamed)
         warn_death(death, new.describe() if new is not None else "no worker (it was retiring)", recent,

@@ -141,3 +141,21 @@ def test_a_death_says_whether_the_oom_killer_did_it(monkeypatch):
     killed = "was killed by SIGKILL (SIGKILL is what the kernel's OOM killer sends: check memory)"
     assert "not by the OOM killer" in recovery.reason(killed)
     assert "the kernel's OOM killer (this cgroup counts 1 more oom_kill)" in recovery.reason(killed)
+
+
+def test_a_found_culprit_that_kills_again_from_a_batch_ordered_earlier_is_blamed_at_once():
+    """A batch holding the record may have been ordered before the probe found it: that death
+    is the record's too, so it neither counts against the limit nor starts another probe."""
+    from agnostic_prefetch._recovery import CULPRIT, PROBE, REDO, Death, Recovery
+
+    recovery = Recovery(max_deaths=2, skip=True)
+
+    def death(at):
+        return Death(at, f"worker {at}", "killed by SIGSEGV", [(0, 1)], "record 6")
+
+    assert recovery.died(death(1.0), seq=1, record=6, probe=False) == REDO
+    assert recovery.died(death(2.0), seq=1, record=6, probe=False) == PROBE
+    assert recovery.died(death(3.0), seq=1, record=6, probe=True) == CULPRIT
+    # a batch of the next epoch, ordered before the probe answered, reaches record 6 again
+    assert recovery.died(death(4.0), seq=9, record=6, probe=False) == CULPRIT
+    assert all(d.blamed for d in recovery.deaths)
