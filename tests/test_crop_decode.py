@@ -265,6 +265,8 @@ def test_a_missing_leaf_or_a_non_image_is_named():
         ap.CenterCropDecode(32)({"jpg": b""}, None)
     with pytest.raises(TypeError, match="must be encoded image bytes"):
         ap.CenterCropDecode(32)({"image": 3}, None)
+    with pytest.raises(ValueError, match="the 'image' image has neither bytes nor a path"):
+        ap.CenterCropDecode(32)({"image": {"bytes": None, "path": None}}, None)
 
 
 def test_the_transforms_pickle_and_give_the_same_output_after():
@@ -324,3 +326,32 @@ def test_through_the_loader_over_a_webdataset_shard(tmp_path):
         got = [np.array(b["jpg"]) for b in loader]
     want = [t({"jpg": data}, None)["jpg"] for data in files]
     np.testing.assert_array_equal(np.concatenate(got), np.stack(want))
+
+
+def test_through_the_loader_over_parquet_arrayrecord_and_hugging_face_image_columns(tmp_path):
+    """The formats' encoded-image columns: a Parquet binary column, ArrayRecord's records,
+    a Hugging Face Image(decode=False) column ({"bytes", "path"}, one of them a path only)."""
+    (tmp_path / "f").mkdir()
+    files = _folder(tmp_path / "f")
+    t = ap.CenterCropDecode(32, key="image")
+    want = np.stack([t({"image": data}, None)["image"] for data in files])
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"jpeg": files, "label": list(range(len(files)))}), tmp_path / "a.parquet")
+    sources = {"parquet": (ap.ParquetSource(str(tmp_path / "a.parquet")), "jpeg")}
+    array_record = pytest.importorskip("array_record.python.array_record_module")
+    writer = array_record.ArrayRecordWriter(str(tmp_path / "a.array_record"), "group_size:1")
+    for data in files:
+        writer.write(data)
+    writer.close()
+    sources["arrayrecord"] = (ap.ArrayRecordSource(str(tmp_path / "a.array_record")), "bytes")
+    datasets = pytest.importorskip("datasets")
+    on_disk = tmp_path / "first.jpg"
+    on_disk.write_bytes(files[0])
+    rows = [{"bytes": None, "path": str(on_disk)}] + [{"bytes": d, "path": None} for d in files[1:]]
+    features = datasets.Features({"image": datasets.Image(decode=False)})
+    sources["hf"] = (ap.HuggingFaceSource(datasets.Dataset.from_dict({"image": rows}, features=features)), "image")
+    for name, (source, key) in sources.items():
+        with ap.Loader(source, 4, workers=2, transform=ap.CenterCropDecode(32, key=key)) as loader:
+            got = np.concatenate([np.array(b[key]) for b in loader])
+        np.testing.assert_array_equal(got, want, err_msg=name)

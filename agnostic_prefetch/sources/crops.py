@@ -59,6 +59,18 @@ def _channels(value: float | Sequence[float] | None, what: str, default: float) 
     return arr
 
 
+def _struct_bytes(value: dict[str, Any], key: str) -> bytes:
+    """The encoded image of a Hugging Face ``Image(decode=False)`` value: its bytes, or the
+    file at its path where the dataset keeps only that."""
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        return data
+    if path:
+        with open(path, "rb") as f:
+            return f.read()
+    raise ValueError(f"the {key!r} image has neither bytes nor a path ({value!r})")
+
+
 def _scale_for(box_h: float, box_w: float, out_h: int, out_w: int) -> int:
     """The largest DCT scale that leaves the box at least the output's size in both dimensions."""
     scale = 1
@@ -111,14 +123,17 @@ class _CropDecode:
                            "remedy: key='<the image leaf>'") from None
         if isinstance(value, EncodedImage):  # a source's decode=False: its bytes, decoded as RGB here
             return value.data, value.header()
+        if isinstance(value, dict) and "bytes" in value:  # a Hugging Face Image(decode=False) value
+            value = _struct_bytes(value, self.key)
         if isinstance(value, np.ndarray) and value.ndim in (2, 3) and value.dtype == np.uint8:
             pixels = value if value.ndim == 3 else value[:, :, None]
             return pixels, ImageHeader(pixels.shape[0], pixels.shape[1])
         if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype == np.uint8:
             value = memoryview(value)
         if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError(f"the {self.key!r} leaf must be encoded image bytes (bytes or a 1-D uint8 "
-                            f"array) or H×W×C uint8 pixels, got {type(value).__name__}")
+            raise TypeError(f"the {self.key!r} leaf must be encoded image bytes (bytes, a 1-D uint8 "
+                            f"array or a Hugging Face image's {{'bytes', 'path'}}) or H×W×C uint8 pixels, "
+                            f"got {type(value).__name__}")
         return value, read_header(value, name=f"the {self.key!r} image")
 
     def _region(self, data: Any, header: ImageHeader, rows: tuple[int, int], cols: tuple[int, int],
