@@ -191,8 +191,8 @@ def test_the_region_decode_is_chosen_where_it_is_faster_than_the_whole_decode():
 
 
 def test_a_returned_box_never_changes_under_its_holder():
-    """The region decoder decodes into one buffer per thread: every box handed out is a copy
-    (a whole-width box is a contiguous view of that buffer, the case a copy-if-strided misses)."""
+    """Every box handed out is its own (a whole-width box is a contiguous region: a decoder
+    that reused one buffer would hand out the same memory twice)."""
     first_data, second_data = jpeg(photo(64, 96, 1)), jpeg(photo(64, 96, 2))
     first = ap.decode_box(first_data, (8, 0, 40, 96))
     kept = first.copy()

@@ -166,7 +166,7 @@ class CaffeTransform:
         # Crop and mirror are views of the input; the only pass over the pixels writes the
         # laid-out output at once, casting (and subtracting the mean) on the way.
         if encoded is not None:
-            crop, _ = encoded.pixels((top, left, size_h, size_w), header)  # read once, by _fill below
+            crop = encoded.pixels((top, left, size_h, size_w), header)  # a view: _fill below copies it
             c = crop.shape[2]
         else:
             crop = image[top : top + size_h, left : left + size_w]

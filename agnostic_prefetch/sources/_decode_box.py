@@ -169,8 +169,7 @@ def _region_columns(cols: tuple[int, int], width: int) -> tuple[int, int]:
 
 def _decode_region(data: bytes | memoryview, rows: tuple[int, int], cols: tuple[int, int],
                    gray: bool, width: int) -> np.ndarray | None:
-    """libjpeg-turbo's region decode at scale 1 (borrowed: valid until this thread's next
-    region decode), or None (no region library, or it declined)."""
+    """libjpeg-turbo's region decode at scale 1, or None (no region library, or it declined)."""
     decoder = _region_decoder()
     if decoder is None:
         return None
@@ -178,14 +177,9 @@ def _decode_region(data: bytes | memoryview, rows: tuple[int, int], cols: tuple[
     first, last = _region_columns(cols, width)
     stream = nv.CodeStream(data if isinstance(data, bytes) else bytes(data))
     region = stream.get_sub_code_stream(region=nv.Region(start=(rows[0], first), end=(rows[1], last)))
-    # The thread's last image is decoded into again: a fresh one costs nvimgcodec an
-    # allocation whose pages fault in on every decode, 20 % of a 224×224 region's time
-    # (benchmarks/bench_decode_box.py). So the result is a view of a buffer the next decode
-    # in this thread overwrites: a borrowed view, copied by every public caller.
-    image = decoder.decode(region, image=getattr(_local, "image", None), params=_local.params[gray])
+    image = decoder.decode(region, params=_local.params[gray])
     if image is None:  # corrupt, truncated, unusual: the whole-image path decides and names it
         return None
-    _local.image = image
     return np.asarray(image.cpu())[:, cols[0] - first : cols[1] - first]
 
 
@@ -266,9 +260,9 @@ def decode_box_of(data: bytes | memoryview, header: ImageHeader, box: Sequence[i
                   out: np.ndarray | None = None, color: bool | None = None, name: str = "image") -> np.ndarray:
     """:func:`decode_box` with the header already read (:func:`read_header`: its
     orientation is the one applied)."""
-    crop, borrowed = box_pixels(data, header, box, scale=scale, color=color, name=name)
+    crop = box_pixels(data, header, box, scale=scale, color=color, name=name)
     if out is None:
-        return np.array(crop) if borrowed else np.ascontiguousarray(crop)
+        return np.ascontiguousarray(crop)
     if not isinstance(out, np.ndarray) or out.shape != crop.shape or out.dtype != np.uint8:
         raise ValueError(
             f"out must be a uint8 array of shape {crop.shape} for box {tuple(box)} at scale {scale}, got "
@@ -278,10 +272,9 @@ def decode_box_of(data: bytes | memoryview, header: ImageHeader, box: Sequence[i
 
 
 def box_pixels(data: bytes | memoryview, header: ImageHeader, box: Sequence[int], *, scale: int = 1,
-               color: bool | None = None, name: str = "image") -> tuple[np.ndarray, bool]:
-    """:func:`decode_box_of` without the copy: the pixels (any strides) and whether they are
-    borrowed, a view that this thread's next box decode overwrites. For callers that consume
-    the pixels at once (a resize, a cast into the ring slot)."""
+               color: bool | None = None, name: str = "image") -> np.ndarray:
+    """:func:`decode_box_of` without its copy into a contiguous array: a view, of any
+    strides, of the decoded region or image (for a caller that reads it once anyway)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES} (libjpeg's DCT scales), got {scale!r}")
     top, left, height, width = _check_box(box, header, name)
@@ -289,32 +282,32 @@ def box_pixels(data: bytes | memoryview, header: ImageHeader, box: Sequence[int]
     o = header.orientation
     stored = (header.width, header.height) if o >= 5 else (header.height, header.width)
     srows, scols = _stored_rect(rows, cols, o, -(-header.height // scale), -(-header.width // scale))
-    crop, borrowed = _decode_stored(data, header, srows, scols, scale, color, name, stored)
-    return (_images._oriented(crop, o) if o != 1 else crop), borrowed
+    crop = _decode_stored(data, header, srows, scols, scale, color, name, stored)
+    return _images._oriented(crop, o) if o != 1 else crop
 
 
 def _decode_stored(data: bytes | memoryview, header: ImageHeader, rows: tuple[int, int],
                    cols: tuple[int, int], scale: int, color: bool | None, name: str,
-                   stored: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """Rows × cols of the stored image at 1/scale, and whether they are borrowed."""
+                   stored: tuple[int, int]) -> np.ndarray:
+    """Rows × cols of the stored image at 1/scale."""
     if header.fast:
         target = _images.fast_target(header.colorspace, color)
         if target is not None:
             if scale == 1 and _region_pays(rows, cols, stored):
                 region = _decode_region(data, rows, cols, gray=target == "GRAY", width=stored[1])
                 if region is not None:
-                    return region, True
+                    return region
             whole = _images._decode_jpeg_fast(data, color, scale)
             if whole is not None:
-                return whole[rows[0]:rows[1], cols[0]:cols[1]], False
+                return whole[rows[0]:rows[1], cols[0]:cols[1]]
     elif header.jpeg and scale > 1 and _images._simplejpeg is None:
-        return _drafted(data, color, scale, name, stored)[rows[0]:rows[1], cols[0]:cols[1]], False
+        return _drafted(data, color, scale, name, stored)[rows[0]:rows[1], cols[0]:cols[1]]
     whole = decode_image(data, name=name, color=color)
     if scale > 1:
         img = Image.fromarray(whole[:, :, 0] if whole.shape[2] == 1 else whole)
         reduced = np.asarray(img.reduce(scale))
         whole = reduced if reduced.ndim == 3 else reduced[:, :, None]
-    return whole[rows[0]:rows[1], cols[0]:cols[1]], False
+    return whole[rows[0]:rows[1], cols[0]:cols[1]]
 
 
 def _drafted(data: bytes | memoryview, color: bool | None, scale: int, name: str,
@@ -353,20 +346,16 @@ class EncodedImage:
 
     def decode(self, box: Sequence[int] | None = None, header: ImageHeader | None = None) -> np.ndarray:
         """The whole image, or its ``box`` (top, left, height, width) alone, H×W×C uint8."""
-        arr, borrowed = self.pixels(box, header)
-        return np.array(arr) if borrowed else np.ascontiguousarray(arr)
+        return np.ascontiguousarray(self.pixels(box, header))
 
-    def pixels(self, box: Sequence[int] | None = None,
-               header: ImageHeader | None = None) -> tuple[np.ndarray, bool]:
-        """:meth:`decode` without the copy: the pixels and whether they are borrowed (a view
-        this thread's next box decode overwrites; :func:`box_pixels`)."""
+    def pixels(self, box: Sequence[int] | None = None, header: ImageHeader | None = None) -> np.ndarray:
+        """:meth:`decode` without its copy into a contiguous array (:func:`box_pixels`)."""
         header = header or self.header()
         box = (0, 0, header.height, header.width) if box is None else box
-        arr, borrowed = box_pixels(self.data, header, box, color=self.color, name=self.name)
+        arr = box_pixels(self.data, header, box, color=self.color, name=self.name)
         if self.channel_order == "bgr" and arr.shape[2] >= 3:
-            arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]  # fancy indexing: a copy, owned
-            borrowed = False
-        return arr, borrowed
+            arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]
+        return arr
 
     def __repr__(self) -> str:
         return f"EncodedImage({self.name}, {len(self.data)} bytes)"

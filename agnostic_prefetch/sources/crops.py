@@ -143,11 +143,10 @@ class _CropDecode:
             region = data[rows[0]:rows[1], cols[0]:cols[1]]
             return np.repeat(region, 3, axis=2) if region.shape[2] == 1 else region[:, :, :3]
         box = (rows[0], cols[0], rows[1] - rows[0], cols[1] - cols[0])
-        # Borrowed pixels are fine: the caller's resize reads them before any other decode.
         # Contiguous, because Pillow takes a strided array through numpy's tobytes, ten times
         # slower than this copy.
-        pixels, _ = box_pixels(data, header, box, scale=scale, color=True, name=f"the {self.key!r} image")
-        return np.ascontiguousarray(pixels)
+        return np.ascontiguousarray(box_pixels(data, header, box, scale=scale, color=True,
+                                               name=f"the {self.key!r} image"))
 
     def _write(self, example: dict[str, Any], pixels: Image.Image, flip: bool,
                out: dict[str, Any] | None) -> dict[str, Any]:
