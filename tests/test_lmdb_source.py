@@ -550,3 +550,33 @@ def test_a_loader_that_fails_to_construct_lets_go_of_the_database(tmp_path, imag
         ap.Loader(LMDBSource(path), 2, workers=workers, backend=backend, transform=refuse)
     lmdb.open(path, readonly=True, lock=False).close()
     assert failure.traceback  # kept until here, as a notebook keeps its last traceback
+
+
+def test_a_source_finalized_by_the_collector_while_another_opens_does_not_hang(tmp_path, images, monkeypatch):
+    """The collector may run a dropped source's finalizer (release_env) on the thread that is
+    inside acquire_env, opening another database: the registry's lock must let it through."""
+    import threading
+
+    from agnostic_prefetch.caffe import _lmdb_env
+
+    # A fresh lock of the registry's own kind: if it deadlocked, only this one stays held.
+    same_kind = threading.RLock if type(_lmdb_env._envs_lock) is type(threading.RLock()) else threading.Lock
+    monkeypatch.setattr(_lmdb_env, "_envs_lock", same_kind())
+    first = LMDBSource(write_db(tmp_path / "a", [raw_datum(im, i) for i, im in enumerate(images)]))
+    second_path = write_db(tmp_path / "b", [raw_datum(im, i) for i, im in enumerate(images)])
+    first[0]  # holds its environment now
+    real_open = lmdb.open
+
+    def open_while_collecting(*args, **kwargs):
+        first._finalizer()  # what the collector does to a source dropped in a cycle
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(_lmdb_env.lmdb, "open", open_while_collecting)
+    opened = []
+    thread = threading.Thread(target=lambda: opened.append(LMDBSource(second_path)), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert opened, "LMDBSource hung: the finalizer waited on the lock its own thread held"
+    monkeypatch.undo()
+    assert len(opened[0]) == len(images)
+    lmdb.open(str(tmp_path / "a"), readonly=True, lock=False).close()  # the first was let go

@@ -18,7 +18,9 @@ import lmdb
 __all__ = ["acquire_env", "release_env"]
 
 _envs: dict[tuple[int, str], list[Any]] = {}
-_envs_lock = threading.Lock()
+# Reentrant: a source's finalizer (release_env) can run inside acquire_env on the same thread,
+# whenever the collector runs there (lmdb.open allocates), and would otherwise wait on itself.
+_envs_lock = threading.RLock()
 
 
 def acquire_env(path: str, *, subdir: bool, readahead: bool) -> Any:
@@ -79,7 +81,7 @@ def _close_inherited_envs() -> None:
     may have been held by another parent thread at the moment of the fork.
     """
     global _envs_lock
-    _envs_lock = threading.Lock()
+    _envs_lock = threading.RLock()
     inherited = [env for env, _ in _envs.values()]
     _envs.clear()
     for env in inherited:
